@@ -1,0 +1,192 @@
+"""The run's configuration schema (Hydra ConfigStore) and the checks that need more than a type.
+
+Types and enumerations are checked by OmegaConf when Hydra composes the config, so `train.steps=abc`
+or `precision=fp8` fail before any work with the key and the allowed values. The group options
+(`dataset`, `schedule`, `weighting`, `model`, `optimizer`) are validated by Hydra (unknown option →
+list of available ones) and by the constructors they instantiate. `validate` adds cross-field checks.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from diffrun.errors import ConfigError
+
+META_KEYS = ("name", "citation", "paper", "notes")
+
+
+class Precision(str, Enum):
+    auto = "auto"    # bf16 autocast on CUDA, fp32 on CPU
+    fp32 = "fp32"
+    bf16 = "bf16"    # autocast, fp32 master weights
+    fp16 = "fp16"    # autocast + GradScaler
+
+
+class SamplerName(str, Enum):
+    ddim = "ddim"    # Song et al. 2021, η = sample.eta
+    ddpm = "ddpm"    # ancestral (Ho et al. 2020), posterior variance
+
+
+class NanPolicy(str, Enum):
+    skip = "skip"    # skip the update on the device and count it
+    halt = "halt"    # stop at the next flush with a checkpoint of the last good state
+
+
+class OnUnavailable(str, Enum):
+    skip = "skip"    # train anyway, report that FID was skipped and why
+    fail = "fail"
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1500                 # optimizer steps
+    batch_size: int = 64              # global batch (split across ranks under DDP)
+    log_every: int = 50               # host reads metrics / NaN counters only every N steps
+    grad_clip: float = 1.0            # max global grad-norm; 0 disables
+    compile: bool = False             # torch.compile the denoiser
+    channels_last: bool = False       # memory format (helps convolutions on CUDA)
+    nan_policy: NanPolicy = NanPolicy.skip
+    max_skipped_fraction: float = 0.1  # halt anyway if more than this fraction of steps were non-finite
+    progress: bool = True             # tqdm progress bar
+
+
+@dataclass
+class EMAConfig:
+    decay: float = 0.999              # EMA decay per step
+    warmup: bool = True               # decay_n = min(decay, (1+n)/(10+n)) (Tarvainen & Valpola 2017 style)
+
+
+@dataclass
+class SampleConfig:
+    sampler: SamplerName = SamplerName.ddim
+    steps: int = 50                   # number of denoising steps
+    eta: float = 0.0                  # DDIM stochasticity (0 = deterministic)
+    num_images: int = 64              # images in the sample grid
+    every_steps: int = 0              # also sample during training every N steps (0: only at the end)
+    clip_x0: bool = True              # clip predicted x0 to [−1, 1] at each step
+    seed: int = 0                     # sample seed (grids comparable across runs)
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 500
+    keep: int = 3                     # keep the last K checkpoints
+
+
+@dataclass
+class EvalConfig:
+    enabled: bool = True
+    every_steps: int = 0              # FID during training every N steps (0: only at the end)
+    num_samples: int = 500            # 50,000 for paper numbers
+    sampler: SamplerName = SamplerName.ddim
+    steps: int = 50
+    batch_size: int = 250
+    kid_subset_size: int = 100
+    inception_weights: Optional[str] = None  # path to torch-fidelity-format Inception weights
+    cache_dir: Optional[str] = None   # reference statistics and converted weights (default ~/.cache/diffrun)
+    on_unavailable: OnUnavailable = OnUnavailable.skip
+
+
+@dataclass
+class StatsConfig:
+    bins: int = 64                    # log-SNR bins for per-bin loss statistics
+    logsnr_min: float = -20.0
+    logsnr_max: float = 20.0
+
+
+@dataclass
+class WandbConfig:
+    mode: Optional[str] = None        # online | offline | disabled; None: online if WANDB_API_KEY is set, else disabled
+    project: str = "diffrun"
+    entity: Optional[str] = None
+    group: Optional[str] = None       # default: the sweep name (runs of a sweep share a group)
+    tags: list = field(default_factory=list)
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    seed: int = 0
+    device: str = "auto"              # auto | cpu | cuda | cuda:N
+    precision: Precision = Precision.auto
+    deterministic: bool = False       # torch deterministic algorithms (bit-identical resume on CPU)
+    resume: str = "auto"              # auto | never | /path/to/checkpoint.pt
+    sweep_name: str = "sweep"
+    experiment: Optional[str] = None  # name of the conf/experiment preset, if any
+    train: TrainConfig = field(default_factory=TrainConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    stats: StatsConfig = field(default_factory=StatsConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    dataset: Any = None
+    schedule: Any = None
+    weighting: Any = None
+    model: Any = None
+    optimizer: Any = None
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="run_schema", node=RunConfig)
+
+
+def build(node: DictConfig, **kwargs: Any) -> Any:
+    """Hydra `instantiate` of a group node, without the descriptive keys (name, citation, ...)."""
+    spec = OmegaConf.to_container(node, resolve=True)
+    meta_ok = kwargs.pop("_keep_meta", ())
+    for key in META_KEYS:
+        if key not in meta_ok:
+            spec.pop(key, None)
+    try:
+        return instantiate(spec, **kwargs)
+    except ConfigError:
+        raise
+    except Exception as exc:  # Hydra wraps constructor errors; unwrap ours so the message stays clean
+        cause = exc.__cause__ or exc.__context__
+        while cause is not None:
+            if isinstance(cause, ConfigError):
+                raise cause from None
+            cause = cause.__cause__ or cause.__context__
+        raise ConfigError(f"cannot build {spec.get('_target_', node)}: {exc}") from exc
+
+
+def _positive(cfg: DictConfig, key: str, allow_zero: bool = False) -> None:
+    value = OmegaConf.select(cfg, key)
+    if value is None or value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{key}={value} is out of range: must be {bound}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Cross-field checks that types alone cannot express. Raise ConfigError naming key and value."""
+    for key in ("train.steps", "train.batch_size", "train.log_every", "sample.steps", "checkpoint.keep",
+                "eval.num_samples", "eval.batch_size", "stats.bins"):
+        _positive(cfg, key)
+    for key in ("train.grad_clip", "checkpoint.every_steps", "sample.every_steps", "eval.every_steps",
+                "sample.num_images"):
+        _positive(cfg, key, allow_zero=True)
+    if not 0.0 <= cfg.ema.decay < 1.0:
+        raise ConfigError(f"ema.decay={cfg.ema.decay} is out of range: must be in [0, 1)")
+    warmup = OmegaConf.select(cfg, "optimizer.warmup_steps", default=0) or 0
+    if warmup >= cfg.train.steps:
+        raise ConfigError(
+            f"optimizer.warmup_steps={warmup} is not shorter than train.steps={cfg.train.steps}: "
+            f"the learning rate would never reach its peak; use warmup_steps < train.steps"
+        )
+    if cfg.stats.logsnr_min >= cfg.stats.logsnr_max:
+        raise ConfigError(f"stats.logsnr_min={cfg.stats.logsnr_min} must be < stats.logsnr_max={cfg.stats.logsnr_max}")
+    if cfg.eval.kid_subset_size > cfg.eval.num_samples:
+        raise ConfigError(
+            f"eval.kid_subset_size={cfg.eval.kid_subset_size} exceeds eval.num_samples={cfg.eval.num_samples}"
+        )
+    if not (cfg.resume in ("auto", "never") or cfg.resume.endswith((".pt", ".pth"))):
+        raise ConfigError(f"resume={cfg.resume!r}: allowed auto, never, or a path to a .pt checkpoint")
+    device = str(cfg.device)
+    if not (device in ("auto", "cpu", "cuda", "mps") or device.startswith("cuda:")):
+        raise ConfigError(f"device={device!r}: allowed auto, cpu, cuda, cuda:N, mps")

@@ -1,0 +1,65 @@
+"""Per-log-SNR-bin loss statistics, accumulated on the device with no host sync.
+
+Each step adds, per bin of λ: the count, Σℓ, Σℓ² of the unweighted per-sample loss, Σwℓ and
+Σ(wℓ)² of the weighted loss, and Σw of the applied weight. Mean and variance per bin follow at
+flush time (every `log_every` steps), when the host reads the sums once and resets them.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+FIELDS = ("count", "loss_sum", "loss_sq_sum", "wloss_sum", "wloss_sq_sum", "weight_sum")
+
+
+class LogSNRStats:
+    def __init__(self, bins: int = 64, logsnr_min: float = -20.0, logsnr_max: float = 20.0, device="cpu"):
+        self.bins, self.lo, self.hi = bins, logsnr_min, logsnr_max
+        self.edges = torch.linspace(logsnr_min, logsnr_max, bins + 1)
+        self.sums = torch.zeros(len(FIELDS), bins, dtype=torch.float64, device=device)
+
+    @property
+    def centers(self) -> Tensor:
+        return 0.5 * (self.edges[1:] + self.edges[:-1])
+
+    def bin_index(self, logsnr: Tensor) -> Tensor:
+        """Bin of each λ; values outside [lo, hi] go to the first/last bin."""
+        scaled = (logsnr.float() - self.lo) / (self.hi - self.lo) * self.bins
+        return scaled.floor().long().clamp(0, self.bins - 1)
+
+    @torch.no_grad()
+    def update(self, logsnr: Tensor, loss: Tensor, weight: Tensor) -> None:
+        index = self.bin_index(logsnr)
+        loss, weight = loss.double(), weight.double()
+        wloss = weight * loss
+        values = torch.stack([torch.ones_like(loss), loss, loss**2, wloss, wloss**2, weight])
+        self.sums.index_add_(1, index, values)
+
+    def to(self, device) -> "LogSNRStats":
+        self.sums = self.sums.to(device)
+        return self
+
+    def reduce_(self, reducer) -> None:
+        """Sum across ranks (DDP): pass e.g. `torch.distributed.all_reduce`."""
+        reducer(self.sums)
+
+    def flush(self) -> dict[str, Tensor]:
+        """Read the window's statistics (one host transfer) and reset. Empty bins give NaN means."""
+        sums = self.sums.cpu()
+        self.sums.zero_()
+        count, loss_sum, loss_sq, wloss_sum, wloss_sq, weight_sum = sums
+        safe = count.clamp(min=1)
+        nan = torch.full_like(count, float("nan"))
+        has = count > 0
+        mean = torch.where(has, loss_sum / safe, nan)
+        wmean = torch.where(has, wloss_sum / safe, nan)
+        var = torch.where(count > 1, (loss_sq - count * mean.nan_to_num() ** 2) / (count - 1).clamp(min=1), nan)
+        wvar = torch.where(count > 1, (wloss_sq - count * wmean.nan_to_num() ** 2) / (count - 1).clamp(min=1), nan)
+        return {
+            "count": count,
+            "loss_mean": mean,
+            "loss_var": var.clamp(min=0),
+            "wloss_mean": wmean,
+            "wloss_var": wvar.clamp(min=0),
+            "weight_mean": torch.where(has, weight_sum / safe, nan),
+        }
