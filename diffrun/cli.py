@@ -48,7 +48,10 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict:
     if status.get("state") == "finished" and cfg.resume != "never" and status.get("total_steps") == cfg.train.steps:
         log.info("run %s already finished (%s/status.json); skipping. Use resume=never to train it again.", cfg.name, run_dir)
         return status
+    from diffrun.training.callbacks import default_callbacks
+
     trainer = Trainer(cfg, run_dir)
+    trainer.callbacks.extend(default_callbacks(cfg, trainer))
     return trainer.fit()
 
 
