@@ -15,7 +15,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from diffrun.errors import ConfigError
+from diffrun.errors import ConfigError, DiffrunError
 
 META_KEYS = ("name", "citation", "paper", "notes")
 
@@ -145,12 +145,12 @@ def build(node: DictConfig, **kwargs: Any) -> Any:
             spec.pop(key, None)
     try:
         return instantiate(spec, **kwargs)
-    except ConfigError:
+    except DiffrunError:
         raise
     except Exception as exc:  # Hydra wraps constructor errors; unwrap ours so the message stays clean
         cause = exc.__cause__ or exc.__context__
         while cause is not None:
-            if isinstance(cause, ConfigError):
+            if isinstance(cause, DiffrunError):
                 raise cause from None
             cause = cause.__cause__ or cause.__context__
         raise ConfigError(f"cannot build {spec.get('_target_', node)}: {exc}") from exc

@@ -56,11 +56,12 @@ def _download_cifar(name: str, root: Path) -> None:
         tar.extractall(root, filter="data")
 
 
-def load_cifar(name: str, root: str, split: str = "train", download: bool = True,
+def load_cifar(release: str, root: str, split: str = "train", download: bool = True,
                random_flip: bool = True, limit: int | None = None) -> InMemoryImages:
     """The official python-pickle release of CIFAR-10/100, read from `root/<folder>/`."""
+    name = release
     if name not in CIFAR:
-        raise ConfigError(f"dataset.name={name!r}: CIFAR loader supports {', '.join(CIFAR)}")
+        raise ConfigError(f"dataset.loader.release={name!r}: allowed {', '.join(CIFAR)}")
     if split not in ("train", "test"):
         raise ConfigError(f"dataset.split={split!r}: allowed train, test")
     folder, train_files, label_key, url, archive = CIFAR[name]

@@ -40,7 +40,16 @@ class Trainer:
     def __init__(self, cfg: DictConfig, run_dir: str | Path):
         validate(cfg)
         self.cfg, self.run_dir = cfg, Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            probe = self.run_dir / ".write_test"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as exc:
+            raise DiffrunError(
+                f"run directory {self.run_dir} is not writable ({exc.strerror or exc}); "
+                f"set hydra.run.dir (or hydra.sweep.dir) to a writable location with free space"
+            ) from exc
         self.rank, self.world_size = 0, 1
         self.device = resolve_device(cfg.device)
         self.autocast_dtype, use_scaler = resolve_precision(cfg.precision, self.device)

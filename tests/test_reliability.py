@@ -1,0 +1,171 @@
+"""Fault injection: NaN losses, corrupt checkpoints, full disks, signals and SIGKILL lose no finished work."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from diffrun.cli import train
+from diffrun.errors import CheckpointError, DiffrunError
+from diffrun.monitoring.metrics import read_jsonl
+from diffrun.training import checkpoint as ckpt_module
+from diffrun.training.checkpoint import CheckpointManager
+from diffrun.training.trainer import NonFiniteLossError, Trainer
+
+from conftest import FAST
+
+
+def nan_at(trainer, bad_steps):
+    """Make the loss weights NaN on the given (1-based) steps."""
+    original = trainer.strategy.loss_weights
+
+    def patched(draw, loss):
+        w = original(draw, loss)
+        return w * float("nan") if trainer.step + 1 in bad_steps else w
+
+    trainer.strategy.loss_weights = patched
+
+
+def test_nan_skip_counts_and_continues(make_cfg, tmp_path):
+    cfg = make_cfg(["train.steps=9", "train.max_skipped_fraction=0.5", "sample.num_images=0"])
+    trainer = Trainer(cfg, tmp_path)
+    nan_at(trainer, {4})
+    before = None
+    trainer.fit()
+    records = read_jsonl(tmp_path / "metrics.jsonl")
+    assert records[-1]["nonfinite_steps"] == 1
+    assert all(torch.isfinite(p).all() for p in trainer.denoiser.parameters())
+    assert float(trainer.optimizer.state_dict()["state"][0]["step"]) == 8  # the NaN step was not applied
+    assert json.loads((tmp_path / "status.json").read_text())["state"] == "finished"
+
+
+def test_nan_halt_saves_last_good_state(make_cfg, tmp_path):
+    cfg = make_cfg(["train.steps=9", "train.nan_policy=halt", "checkpoint.every_steps=0"])
+    trainer = Trainer(cfg, tmp_path)
+    nan_at(trainer, {5})
+    with pytest.raises(NonFiniteLossError, match="at step 5"):
+        trainer.fit()
+    status = json.loads((tmp_path / "status.json").read_text())
+    assert status["state"] == "halted" and "step 5" in status["error"]
+    state, _ = CheckpointManager(tmp_path / "checkpoints").load_latest()
+    assert state["step"] == 6  # detected at the flush after the bad step
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_too_many_skips_halt_even_with_skip_policy(make_cfg, tmp_path):
+    trainer = Trainer(make_cfg(["train.steps=9"]), tmp_path)
+    nan_at(trainer, {1, 2, 3})
+    with pytest.raises(NonFiniteLossError):
+        trainer.fit()
+
+
+def test_corrupt_latest_checkpoint_falls_back(make_cfg, tmp_path, caplog):
+    train(make_cfg(["train.steps=6", "checkpoint.every_steps=3", "checkpoint.keep=5"]), tmp_path)
+    manager = CheckpointManager(tmp_path / "checkpoints")
+    latest = manager.list()[-1]
+    latest.write_bytes(latest.read_bytes()[: latest.stat().st_size // 2])  # truncated
+    with pytest.raises(CheckpointError, match="corrupt"):
+        CheckpointManager.verify_and_load(latest)
+    state, path = manager.load_latest()
+    assert state["step"] == 3 and path.name == "ckpt_00000003.pt"
+    assert "falling back" in caplog.text
+
+
+def test_garbage_checkpoint_without_hash_is_detected(tmp_path):
+    (tmp_path / "ckpt_00000001.pt").write_bytes(b"\x00garbage")
+    with pytest.raises(CheckpointError, match="cannot be loaded"):
+        CheckpointManager.verify_and_load(tmp_path / "ckpt_00000001.pt")
+    assert CheckpointManager(tmp_path).load_latest() is None
+
+
+def test_disk_full_keeps_previous_checkpoint(make_cfg, tmp_path, monkeypatch):
+    train(make_cfg(["train.steps=3", "checkpoint.every_steps=0"]), tmp_path)
+    manager = CheckpointManager(tmp_path / "checkpoints")
+    good = manager.list()[-1].read_bytes()
+    real_write = ckpt_module.atomic_write_bytes
+
+    def full_disk(path, data):
+        if path.suffix == ".pt":
+            with open(path.with_name(f".{path.name}.tmp.{os.getpid()}"), "wb") as fh:
+                fh.write(data[:10])  # partial write, then the disk fills
+            raise OSError(28, "No space left on device")
+        return real_write(path, data)
+
+    monkeypatch.setattr(ckpt_module, "atomic_write_bytes", full_disk)
+    with pytest.raises(CheckpointError, match="No space left on device.*untouched"):
+        manager.save({"step": 99}, 99)
+    monkeypatch.setattr(ckpt_module, "atomic_write_bytes", real_write)
+    assert manager.list()[-1].read_bytes() == good
+    assert manager.load_latest()[0]["step"] == 3
+
+
+def test_unwritable_run_dir(make_cfg, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(DiffrunError, match="not writable"):
+        Trainer(make_cfg(), blocker / "run")
+
+
+def cli(tmp_path, *overrides):
+    args = [sys.executable, "-m", "diffrun.cli", *FAST, f"hydra.run.dir={tmp_path}", *overrides]
+    return subprocess.Popen(args, cwd=tmp_path.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for(predicate, timeout=120):
+    start = time.time()
+    while time.time() - start < timeout:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise TimeoutError
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_checkpoints_and_resume_finishes(tmp_path, sig):
+    run = tmp_path / "run"
+    proc = cli(run, "train.steps=100000", "checkpoint.every_steps=0", "train.log_every=5")
+    wait_for(lambda: (run / "metrics.jsonl").exists() and (run / "metrics.jsonl").stat().st_size > 0)
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig, out
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "interrupted"
+    state, _ = CheckpointManager(run / "checkpoints").load_latest()
+    assert state["step"] == status["step"] > 0
+    stopped = status["step"]
+    proc = cli(run, f"train.steps={stopped + 4}")
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 0, out
+    assert f"resumed from" in out and f"at step {stopped}" in out
+    assert json.loads((run / "status.json").read_text())["state"] == "finished"
+
+
+@pytest.mark.slow
+def test_sigkill_resumes_from_last_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    proc = cli(run, "train.steps=100000", "checkpoint.every_steps=10", "checkpoint.keep=2")
+    wait_for(lambda: len(CheckpointManager(run / "checkpoints").list()) >= 2)
+    proc.kill()
+    proc.communicate(timeout=60)
+    state, path = CheckpointManager(run / "checkpoints").load_latest()
+    saved = state["step"]
+    assert saved >= 20
+    proc = cli(run, f"train.steps={saved + 3}")
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 0, out
+    assert f"at step {saved}" in out
+    records = read_jsonl(run / "metrics.jsonl")
+    assert records[-1]["step"] == saved + 3
+
+
+def test_bad_config_exits_nonzero_with_message(tmp_path):
+    proc = cli(tmp_path / "r", "train.batch_size=5000")
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 1
+    assert "train.batch_size=5000 is larger than dataset digits (1797 images)" in out
+    assert "Traceback" not in out
