@@ -92,20 +92,41 @@ class EvalConfig:
     on_unavailable: OnUnavailable = OnUnavailable.skip
 
 
+class StatsRange(str, Enum):
+    fixed = "fixed"        # bins span [stats.logsnr_min, stats.logsnr_max]
+    schedule = "schedule"  # bins span the schedule's own λ range [λ(1), λ(0)]
+
+
 @dataclass
 class StatsConfig:
-    bins: int = 64                    # log-SNR bins for per-bin loss statistics
+    bins: int = 64                    # log-SNR bins for per-bin loss statistics (λ outside the range → edge bins)
     logsnr_min: float = -20.0
     logsnr_max: float = 20.0
+    range: StatsRange = StatsRange.fixed
+    write: bool = True                # append the per-bin arrays to <run>/logsnr_stats.npz at every flush
+
+
+class WandbMode(str, Enum):
+    online = "online"
+    offline = "offline"    # files under <run>/wandb/offline-run-*; upload later with `wandb sync`
+    disabled = "disabled"
 
 
 @dataclass
 class WandbConfig:
-    mode: Optional[str] = None        # online | offline | disabled; None: online if WANDB_API_KEY is set, else disabled
+    mode: Optional[WandbMode] = None  # None: $WANDB_MODE if set, else online if WANDB_API_KEY is set, else disabled
     project: str = "diffrun"
     entity: Optional[str] = None
-    group: Optional[str] = None       # default: the sweep name (runs of a sweep share a group)
-    tags: list = field(default_factory=list)
+    group: Optional[str] = None       # default: `experiment`, or `sweep_name` in a multirun, else no group
+    tags: list = field(default_factory=list)  # added to the automatic strategy/dataset/seed/schedule/model tags
+    plots_every: int = 5              # per-bin line plots and the variance heatmap every N flushes (and the last)
+    init_timeout: float = 60.0        # seconds wandb.init may wait for the server before falling back to offline
+
+
+@dataclass
+class ReportConfig:
+    baseline: str = "uniform"         # strategy the others are compared against
+    target_fid: Optional[float] = None  # "steps to reach FID ≤ target" column (convergence speed)
 
 
 @dataclass
@@ -125,6 +146,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     stats: StatsConfig = field(default_factory=StatsConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
     dataset: Any = None
     schedule: Any = None
     weighting: Any = None
