@@ -1,0 +1,309 @@
+"""The report's figures, as PNG files. Object-oriented matplotlib (`Figure`, no pyplot): no global state.
+
+Each `plot_*` writes one PNG and returns a `Plot` (file name + caption), or None when the sweep has
+nothing to draw (no FID, no logsnr_stats.npz) — the report then says which figure is missing and why.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.colors import LogNorm
+from matplotlib.figure import Figure
+
+from diffrun.reporting.collect import RunRecord
+from diffrun.reporting.stats import Analysis
+
+LAMBDA_LABEL = "log-SNR  λ = log(α²/σ²)"
+STEP_LABEL = "training step (optimizer updates)"
+DPI = 120
+LAST_FLUSHES = 5             # loss-vs-λ: pool the last few flushes (one flush has few samples per bin)
+
+
+@dataclass
+class Plot:
+    file: str                # name inside the report folder
+    title: str
+    caption: str
+
+
+def colors(strategies: list[str]) -> dict[str, tuple]:
+    cmap = colormaps["tab10" if len(strategies) <= 10 else "tab20"]
+    return {s: cmap(i % cmap.N) for i, s in enumerate(strategies)}
+
+
+def styles(strategies: list[str]) -> dict[str, str]:
+    """Line styles cycled alongside the colours, so curves that coincide stay distinguishable."""
+    cycle = ["-", "--", "-.", ":"]
+    return {s: cycle[i % len(cycle)] for i, s in enumerate(strategies)}
+
+
+def add_legend(ax, count: int) -> None:
+    if count <= 6:
+        ax.legend(fontsize=8, loc="best", framealpha=0.85)
+    else:
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, framealpha=0.85)
+
+
+def band(curves: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, str]:
+    """Aggregate per-seed curves on the union of their steps: (steps, mean, lo, hi, kind).
+
+    kind is "mean ± std" with ≥ 3 seeds and "min–max" with fewer (a std of two values says little).
+    """
+    by_step: dict[int, list[float]] = {}
+    for steps, values in curves:
+        for s, v in zip(steps, values):
+            if math.isfinite(v):
+                by_step.setdefault(int(s), []).append(float(v))
+    steps = np.array(sorted(by_step))
+    vals = [np.array(by_step[s]) for s in steps]
+    centre = np.array([v.mean() for v in vals])
+    if len(curves) >= 3:
+        spread = np.array([v.std(ddof=1) if len(v) > 1 else 0.0 for v in vals])
+        return steps, centre, centre - spread, centre + spread, "mean ± std"
+    return steps, centre, np.array([v.min() for v in vals]), np.array([v.max() for v in vals]), "min–max"
+
+
+def save(fig: Figure, path: Path) -> None:
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")
+
+
+def _curves_plot(analysis: Analysis, path: Path, series, ylabel: str, title: str,
+                 target: Optional[float] = None) -> Optional[str]:
+    """Shared body of the FID and loss curves: one line + band per strategy. Returns the band kinds used."""
+    palette = colors([s.strategy for s in analysis.summaries])
+    dashes = styles([s.strategy for s in analysis.summaries])
+    fig = Figure(figsize=(8.5, 4.8))
+    ax = fig.add_subplot()
+    kinds, drawn, lows, highs = set(), 0, [], []
+    for s in analysis.summaries:
+        curves = [series(r) for r in s.runs]
+        curves = [c for c in curves if len(c[0])]
+        if not curves:
+            continue
+        steps, centre, lo, hi, kind = band(curves)
+        kinds.add(kind)
+        ax.plot(steps, centre, marker="o", ms=3, lw=1.6, color=palette[s.strategy], ls=dashes[s.strategy],
+                label=f"{s.strategy} (n={len(curves)}, {kind})")
+        if len(curves) > 1:
+            ax.fill_between(steps, lo, hi, color=palette[s.strategy], alpha=0.2, lw=0)
+        lows.append(np.nanmin(lo)), highs.append(np.nanmax(hi))
+        drawn += 1
+    if not drawn:
+        return None
+    if target is not None:
+        ax.axhline(target, color="0.3", ls="--", lw=1, label=f"target FID = {target:g}")
+    positive = min(lows) > 0
+    if positive and max(highs) / min(lows) > 4:
+        ax.set_yscale("log")
+    ax.set_xlabel(STEP_LABEL)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which="both")
+    add_legend(ax, drawn + (target is not None))
+    save(fig, path)
+    return " and ".join(sorted(kinds))
+
+
+def plot_fid_curves(analysis: Analysis, out_dir: Path) -> Optional[Plot]:
+    kinds = _curves_plot(analysis, out_dir / "fid_curves.png", lambda r: r.fid_curve(),
+                         "FID (lower is better)", f"FID vs step — {analysis.sweep.name}", analysis.target_fid)
+    if kinds is None:
+        return None
+    return Plot("fid_curves.png", "FID vs training step",
+                f"Line: mean over seeds; band: {kinds} over seeds (min–max when a strategy has < 3 seeds). "
+                f"Finished runs only." + (f" Dashed: target FID {analysis.target_fid:g}." if analysis.target_fid else ""))
+
+
+def plot_loss_curves(analysis: Analysis, out_dir: Path) -> Optional[Plot]:
+    kinds = _curves_plot(analysis, out_dir / "loss_curves.png", lambda r: r.train_series("loss"),
+                         "unweighted training loss (target-space MSE)", f"Training loss vs step — {analysis.sweep.name}")
+    if kinds is None:
+        return None
+    return Plot("loss_curves.png", "Unweighted training loss vs step",
+                f"Mean of the per-sample unweighted loss over each logging window; line: mean over seeds, band: "
+                f"{kinds}. Comparable across strategies only for the same prediction target.")
+
+
+# ------------------------------------------------------------------------------------------------
+# per-log-SNR statistics (logsnr_stats.npz)
+# ------------------------------------------------------------------------------------------------
+def stats_runs(analysis: Analysis) -> dict[str, list[RunRecord]]:
+    return {s.strategy: [r for r in s.runs if r.stats is not None] for s in analysis.summaries
+            if any(r.stats is not None for r in s.runs)}
+
+
+def occupied_range(groups: dict[str, list[RunRecord]]) -> tuple[float, float]:
+    """λ range of the bins that ever received a sample (plots crop to it; the default bins span ±20)."""
+    lo, hi = math.inf, -math.inf
+    for runs in groups.values():
+        for r in runs:
+            edges, count = r.stats["edges"], np.nansum(r.stats["count"], axis=0)
+            used = np.nonzero(count > 0)[0]
+            if len(used):
+                lo, hi = min(lo, edges[used[0]]), max(hi, edges[used[-1] + 1])
+    return (lo, hi) if lo < hi else (-20.0, 20.0)
+
+
+def pooled_last(stats: dict, key: str, last: int = LAST_FLUSHES) -> np.ndarray:
+    """Count-weighted mean of a per-bin mean over the last `last` flushes (NaN where no sample fell)."""
+    count = np.nan_to_num(stats["count"][-last:])
+    values = stats[key][-last:]
+    total = count.sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        pooled = np.nansum(np.where(count > 0, values, 0.0) * count, axis=0) / total
+    return np.where(total > 0, pooled, np.nan)
+
+
+def plot_loss_vs_logsnr(analysis: Analysis, out_dir: Path) -> Optional[Plot]:
+    groups = stats_runs(analysis)
+    if not groups:
+        return None
+    palette = colors([s.strategy for s in analysis.summaries])
+    dashes = styles([s.strategy for s in analysis.summaries])
+    panels = [("loss_mean", "unweighted loss ℓ(λ)"), ("wloss_mean", "weighted loss w·ℓ(λ)"),
+              ("weight_mean", "applied weight w(λ)")]
+    fig = Figure(figsize=(15, 4.4), layout="constrained")
+    axes = fig.subplots(1, 3)
+    lo, hi = occupied_range(groups)
+    for ax, (key, label) in zip(axes, panels):
+        for strategy, runs in groups.items():
+            curves = [pooled_last(r.stats, key) for r in runs if key in r.stats]
+            if not curves:
+                continue
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # bins empty in every seed stay NaN
+                y = np.nanmean(np.vstack(curves), axis=0)
+            y = np.where(y > 0, y, np.nan)
+            ax.plot(runs[0].stats["centers"], y, lw=1.6, color=palette[strategy], ls=dashes[strategy], label=f"{strategy} (n={len(curves)})")
+        ax.set_yscale("log")
+        ax.set_xlim(lo, hi)
+        ax.set_xlabel(LAMBDA_LABEL)
+        ax.set_title(label, fontsize=11)
+        ax.grid(alpha=0.3, which="both")
+    axes[0].set_ylabel("per-bin mean (log scale)")
+    add_legend(axes[-1], len(groups))
+    fig.suptitle(f"Loss vs log-SNR, last {LAST_FLUSHES} logging windows pooled, mean over seeds — {analysis.sweep.name}")
+    save(fig, out_dir / "loss_vs_logsnr.png")
+    return Plot("loss_vs_logsnr.png", "Loss vs log-SNR (end of training)",
+                f"Per-bin means of the last {LAST_FLUSHES} logging windows of each run (count-weighted), then the mean "
+                f"over seeds. Unweighted ℓ is in the prediction-target space; w·ℓ is what each strategy minimises.")
+
+
+def mean_over_seeds(runs: list[RunRecord], key: str) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, values[step, bin]): nan-mean over the seeds that flushed at each step."""
+    by_step: dict[int, list[np.ndarray]] = {}
+    for r in runs:
+        if key not in r.stats:
+            continue
+        for s, row in zip(r.stats["steps"], r.stats[key]):
+            by_step.setdefault(int(s), []).append(row)
+    steps = np.array(sorted(by_step))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN bins stay NaN
+        grid = np.vstack([np.nanmean(np.vstack(by_step[s]), axis=0) for s in steps]) if len(steps) else np.zeros((0, 0))
+    return steps, grid
+
+
+def plot_variance_heatmaps(analysis: Analysis, out_dir: Path, key: str = "loss_var") -> Optional[Plot]:
+    groups = stats_runs(analysis)
+    data = {}
+    for strategy, runs in groups.items():
+        steps, grid = mean_over_seeds(runs, key)
+        if len(steps):
+            data[strategy] = (runs[0].stats["edges"], steps, grid, len(runs))
+    if not data:
+        return None
+    values = np.concatenate([g[np.isfinite(g) & (g > 0)] for _, _, g, _ in data.values()])
+    if not len(values):
+        return None
+    vmin, vmax = np.percentile(values, [1, 99])
+    vmax = max(vmax, vmin * 1.01)
+    norm = LogNorm(vmin=vmin, vmax=vmax)
+    cmap = colormaps["viridis"].with_extremes(bad="0.85")
+    n = len(data)
+    ncols = min(n, 4)
+    nrows = math.ceil(n / ncols)
+    fig = Figure(figsize=(3.6 * ncols + 1.4, 3.0 * nrows + 0.8), layout="constrained")
+    fig.get_layout_engine().set(wspace=0.06, hspace=0.04)   # keep "1000" and the next panel's "0" apart
+    axes = fig.subplots(nrows, ncols, sharex=True, sharey=True, squeeze=False).ravel()
+    lo, hi = occupied_range(groups)
+    mesh = None
+    for i, (ax, (strategy, (edges, steps, grid, nseeds))) in enumerate(zip(axes, data.items())):
+        x_edges = np.concatenate([[0], steps])
+        masked = np.ma.masked_where(~(np.isfinite(grid) & (grid > 0)), grid)
+        mesh = ax.pcolormesh(x_edges, edges, masked.T, cmap=cmap, norm=norm, shading="flat")
+        ax.set_title(f"{strategy} (n={nseeds})", fontsize=10)
+        ax.set_ylim(lo, hi)
+        bottom = i + ncols >= n                 # no panel below: this one carries the step axis
+        ax.tick_params(labelbottom=bottom)
+        if bottom:
+            ax.set_xlabel("training step")
+        if i % ncols == 0:
+            ax.set_ylabel("log-SNR λ")
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    what = "unweighted loss ℓ" if key == "loss_var" else "weighted loss w·ℓ"
+    cbar = fig.colorbar(mesh, ax=list(axes[:n]), shrink=0.95, extend="both")
+    cbar.set_label(f"variance of the {what} per bin (log scale)")
+    fig.suptitle(f"Per-bin variance of the {what} vs step (mean over seeds, shared colour scale) — {analysis.sweep.name}",
+                 fontsize=11)
+    name = f"{key}_heatmap.png"
+    save(fig, out_dir / name)
+    return Plot(name, f"Variance of the {what} per log-SNR bin vs step",
+                f"One panel per strategy, shared logarithmic colour scale (1st–99th percentile of all panels; "
+                f"beyond it: clipped). Each column is one logging window; grey = no sample in that bin.")
+
+
+def plot_logsnr_density(analysis: Analysis, out_dir: Path) -> Optional[Plot]:
+    groups = stats_runs(analysis)
+    if not groups:
+        return None
+    palette = colors([s.strategy for s in analysis.summaries])
+    dashes = styles([s.strategy for s in analysis.summaries])
+    fig = Figure(figsize=(8.5, 4.6))
+    ax = fig.add_subplot()
+    for strategy, runs in groups.items():
+        edges = runs[0].stats["edges"]
+        count = sum(np.nansum(r.stats["count"], axis=0) for r in runs)
+        if count.sum() <= 0:
+            continue
+        density = count / (count.sum() * np.diff(edges))
+        ax.stairs(density, edges, lw=1.6, color=palette[strategy], ls=dashes[strategy], label=f"{strategy} (n={len(runs)})")
+    ax.set_xlim(*occupied_range(groups))
+    ax.set_xlabel(LAMBDA_LABEL)
+    ax.set_ylabel("density of sampled λ (per unit λ)")
+    ax.set_title(f"Sampled log-SNR density (all steps, all seeds) — {analysis.sweep.name}")
+    ax.grid(alpha=0.3)
+    add_legend(ax, len(groups))
+    save(fig, out_dir / "logsnr_density.png")
+    return Plot("logsnr_density.png", "Sampled log-SNR density",
+                "Histogram of the λ drawn during training, counts summed over every logging window and seed, "
+                "normalised to unit area. Adaptive samplers change it over training; this is the whole-run average.")
+
+
+def make_figures(analysis: Analysis, out_dir: Path) -> tuple[list[Plot], list[str]]:
+    """All figures; returns the plots written and one line per figure that could not be drawn."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plots, missing = [], []
+    no_npz = "no logsnr_stats.npz in the finished runs"
+    why_var = no_npz if not stats_runs(analysis) else "no bin with ≥ 2 samples"
+    for title, fn, why in [
+        ("FID vs step", plot_fid_curves, "no FID evaluation in the finished runs (eval disabled or skipped)"),
+        ("Training loss vs step", plot_loss_curves, "no training record in the finished runs"),
+        ("Loss vs log-SNR", plot_loss_vs_logsnr, no_npz),
+        ("Loss-variance heatmaps", lambda a, d: plot_variance_heatmaps(a, d, "loss_var"), why_var),
+        ("Weighted-loss-variance heatmaps", lambda a, d: plot_variance_heatmaps(a, d, "wloss_var"), why_var),
+        ("Sampled log-SNR density", plot_logsnr_density, no_npz),
+    ]:
+        plot = fn(analysis, out_dir)
+        if plot is None:
+            missing.append(f"{title}: {why}")
+        else:
+            plots.append(plot)
+    return plots, missing

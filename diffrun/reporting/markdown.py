@@ -1,0 +1,266 @@
+"""The report: `report.md` (tables, comparison, figures with relative links) and `summary.json` beside it."""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+from pathlib import Path
+from typing import Optional
+
+from diffrun.reporting.collect import RunRecord, dotted, first_line, to_float
+from diffrun.reporting.figures import Plot
+from diffrun.reporting.stats import ALPHA, BOOTSTRAP_SAMPLES, BOOTSTRAP_SEED, Analysis, mean, std
+
+DASH = "—"
+
+
+def conf_dir() -> Path:
+    """The Hydra config folder (same rule as `diffrun.cli.CONF_DIR`, without importing Hydra)."""
+    return Path(os.environ.get("DIFFRUN_CONF", str(Path(__file__).resolve().parents[2] / "conf")))
+
+
+def preset_comment(experiment: Optional[str], root: Optional[Path] = None) -> Optional[str]:
+    """The leading comment block of conf/experiment/<experiment>.yaml (without `# @package`), verbatim."""
+    if not experiment:
+        return None
+    path = (root or conf_dir()) / "experiment" / f"{experiment}.yaml"
+    if not path.exists():
+        return None
+    lines = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        if not line.startswith("# @package"):
+            lines.append(line)
+    return "\n".join(lines) or None
+
+
+def fmt(value, spec: str = ".2f") -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return DASH
+    return format(value, spec)
+
+
+def pm(values, spec: str) -> str:
+    """"mean ± std" (std over seeds, ddof = 1; just the mean for one seed)."""
+    m, s = mean(values), std(values)
+    if not math.isfinite(m):
+        return DASH
+    return f"{m:{spec}} ± {s:{spec}}" if math.isfinite(s) else f"{m:{spec}}"
+
+
+def cell(text) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def table(header: list[str], rows: list[list]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
+    return out
+
+
+def failed_cell(summary) -> str:
+    if not summary.failed:
+        return "0"
+    return f"{len(summary.failed)}: {summary.first_error}"
+
+
+def run_dates(runs: list[RunRecord]) -> str:
+    times = [to_float(r2.get("time")) for r in runs for r2 in r.train[:1] + r.train[-1:]]
+    times = [t for t in times if math.isfinite(t)]
+    if not times:
+        return ""
+    f = lambda t: _dt.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M")  # noqa: E731
+    return f"{f(min(times))} → {f(max(times))}"
+
+
+# ------------------------------------------------------------------------------------------------
+# sections
+# ------------------------------------------------------------------------------------------------
+def header(a: Analysis, now: str) -> list[str]:
+    sw = a.sweep
+    runs = sw.runs
+    finished = sum(r.finished for r in runs)
+    seeds = sorted({r.seed for r in runs if r.seed is not None})
+    steps = {dotted(r.config, "train.steps") for r in runs} - {None}
+    batch = {dotted(r.config, "train.batch_size") for r in runs} - {None}
+    prediction = {r.prediction for r in runs} - {None}
+    lines = [f"# Sweep report: {sw.name}", "",
+             f"- **Sweep**: `{sw.name}` (`{sw.source}`)",
+             f"- **Experiment**: {sw.experiment or DASH}",
+             f"- **Dataset**: {sw.dataset or DASH}",
+             f"- **Jobs**: {len(runs)} ({finished} finished, {len(runs) - finished} failed or incomplete) — "
+             f"{len(sw.strategies)} strategies × seeds {', '.join(map(str, seeds)) or DASH}"]
+    if steps or batch:
+        lines.append(f"- **Budget**: {', '.join(map(str, sorted(steps))) or '?'} steps × batch "
+                     f"{', '.join(map(str, sorted(batch))) or '?'}"
+                     + (f", {', '.join(sorted(prediction))}-prediction" if prediction else ""))
+    lines.append(f"- **Baseline**: {a.baseline}; **target FID**: "
+                 f"{fmt(a.target_fid, 'g') if a.target_fid is not None else 'none (set report.target_fid or --target-fid)'}")
+    dates = run_dates(runs)
+    lines.append(f"- **Date**: report generated {now}" + (f"; training logged {dates}" if dates else ""))
+    lines += ["", "## Reference (from the preset)", ""]
+    comment = preset_comment(sw.experiment)
+    if comment:
+        lines += [f"Header comment of `conf/experiment/{sw.experiment}.yaml`, verbatim:", "", "```text", comment, "```"]
+    elif sw.experiment:
+        lines.append(f"No comment block found in `conf/experiment/{sw.experiment}.yaml` (or the file does not exist).")
+    else:
+        lines.append("The sweep did not use an experiment preset; no reference numbers.")
+    return lines
+
+
+def results_table(a: Analysis) -> list[str]:
+    lines = ["", "## Results per strategy", ""]
+    if a.mode == "fid":
+        target = a.target_fid
+        head = ["strategy", "seeds", "final FID (mean ± std)", "best FID (mean)",
+                f"steps to FID ≤ {target:g} (mean; reached)" if target is not None else "steps to target FID",
+                "images/s (median)", "failed jobs"]
+        rows = []
+        for s in a.summaries:
+            if target is None:
+                reach = "n/a (no target)"
+            elif not s.fid_runs:
+                reach = DASH
+            else:
+                reach = f"{fmt(s.steps_to_target_mean, '.0f')} ({s.reached}/{len(s.fid_runs)} seeds reached)"
+            rows.append([f"**{s.strategy}**" if s.strategy == a.baseline else s.strategy,
+                         s.n if len(s.fid_runs) == s.n else f"{s.n} ({len(s.fid_runs)} with FID)",
+                         pm(s.final_fids, ".2f"), fmt(s.best_fid_mean), reach,
+                         fmt(s.images_per_sec, ".1f"), failed_cell(s)])
+        lines += table(head, rows)
+        lines += ["", "Final FID: the last evaluation of each finished run; mean ± sample std (ddof = 1) over seeds. "
+                  "Best FID: the minimum over a run's evaluations, averaged over seeds. Steps to target: the step of "
+                  "the first evaluation with FID ≤ target, averaged over the seeds that reached it. Images/s: median "
+                  "over a run's training records, averaged over seeds. Baseline in bold. Lower FID is better."]
+    else:
+        head = ["strategy", "seeds", "final unweighted loss (mean ± std)", "final weighted loss (mean ± std)",
+                "images/s (median)", "failed jobs"]
+        rows = [[f"**{s.strategy}**" if s.strategy == a.baseline else s.strategy, s.n,
+                 pm(s.final_losses("loss"), ".4g"), pm(s.final_losses("weighted_loss"), ".4g"),
+                 fmt(s.images_per_sec, ".1f"), failed_cell(s)] for s in a.summaries]
+        lines += table(head, rows)
+        lines += ["", "**No FID in this sweep** (evaluation disabled or skipped), so the FID columns are replaced by "
+                  "the final training loss (the last logging window of each finished run; mean ± std over seeds). "
+                  "Weighted losses of different weightings are not comparable with each other."]
+        reasons = skip_reasons(a)
+        if reasons:
+            lines += ["", "Why there is no FID: " + "; ".join(reasons) + "."]
+    return lines
+
+
+def skip_reasons(a: Analysis) -> list[str]:
+    reasons = set()
+    for r in a.sweep.runs:
+        if dotted(r.config, "eval.enabled") is False:
+            reasons.add("`eval.enabled=false`")
+        for key, value in r.status.items():
+            if ("skip" in key or key.startswith("eval") or key.startswith("fid")) and isinstance(value, str):
+                reasons.add(f"status.json `{key}`: {first_line(value)}")
+    return sorted(reasons)
+
+
+def comparison(a: Analysis) -> list[str]:
+    lines = ["", f"## Comparison against the baseline ({a.baseline})", ""]
+    metric = "final FID" if a.mode == "fid" else "final unweighted training loss"
+    for remark in a.remarks:
+        lines += [remark, ""]
+    if a.comparisons:
+        lines += [f"Metric: **{metric}** over seeds. **Better = lower {'FID' if a.mode == 'fid' else 'loss'}**; "
+                  f"Δ = mean(strategy) − mean({a.baseline}), so a negative Δ favours the strategy. "
+                  f"Welch's t-test (unequal variances, two-sided; `scipy.stats.ttest_ind(equal_var=False)`) and a "
+                  f"percentile bootstrap 95% CI of Δ ({BOOTSTRAP_SAMPLES} resamples, RNG seed {BOOTSTRAP_SEED}). "
+                  f"Significant means p < {ALPHA}.", ""]
+        rows = []
+        for c in a.comparisons:
+            ci = DASH if not math.isfinite(c.ci[0]) else f"[{c.ci[0]:+.3g}, {c.ci[1]:+.3g}]"
+            rows.append([c.strategy, f"{len(c.values)} vs {len(c.baseline_values)}",
+                         fmt(mean(c.values), ".4g"), fmt(mean(c.baseline_values), ".4g"),
+                         fmt(c.diff, "+.3g"), ci, fmt(c.t, ".3f"), fmt(c.p, ".3g"),
+                         "yes" if c.significant else "no", c.verdict])
+        lines += table(["strategy", "n (strategy vs baseline)", "mean", "baseline mean", "Δ", "bootstrap 95% CI of Δ",
+                        "Welch t", "p", f"p < {ALPHA}", "verdict"], rows)
+        lines += ["", "With 2–5 seeds these tests have little power and the bootstrap CI is too narrow (it resamples "
+                  "few values); read a non-significant result as \"not shown\", not as \"no difference\". Runs with the same seed "
+                  "share data order and noise draws across strategies; the unpaired Welch test ignores that pairing "
+                  "(conservative)."]
+    if not a.comparisons and not a.remarks:
+        lines.append("Nothing to compare: the sweep has a single strategy.")
+    return lines
+
+
+def failures(a: Analysis) -> list[str]:
+    failed = [r for r in a.sweep.runs if not r.finished]
+    lines = ["", "## Failed or incomplete jobs", ""]
+    if not failed:
+        return lines + ["None: every job finished."]
+    rows = [[r.name, r.strategy, fmt(r.seed, "d") if r.seed is not None else DASH, r.state,
+             f"{r.step if r.step is not None else '?'}/{r.total_steps if r.total_steps is not None else '?'}",
+             r.error or DASH] for r in failed]
+    return lines + table(["job", "strategy", "seed", "state", "step", "error (first line)"], rows) + [
+        "", "These jobs are left out of every statistic above."]
+
+
+def figures(plots: list[Plot], missing: list[str]) -> list[str]:
+    lines = ["", "## Figures"]
+    for p in plots:
+        lines += ["", f"### {p.title}", "", f"![{p.title}]({p.file})", "", p.caption]
+    if missing:
+        lines += ["", "Not drawn:", ""] + [f"- {m}" for m in missing]
+    return lines
+
+
+def runs_table(a: Analysis) -> list[str]:
+    rows = []
+    for r in a.sweep.runs:
+        rows.append([r.name, r.strategy, r.seed if r.seed is not None else DASH, r.state,
+                     fmt(r.final_fid), fmt(r.best_fid),
+                     fmt(r.steps_to_fid(a.target_fid), "d") if r.steps_to_fid(a.target_fid) is not None else DASH,
+                     fmt(r.final_train("loss"), ".4g"), fmt(r.final_train("weighted_loss"), ".4g"),
+                     fmt(r.images_per_sec, ".1f"), "yes" if r.stats is not None else "no"])
+    return ["", "## All jobs", ""] + table(
+        ["job", "strategy", "seed", "state", "final FID", "best FID", "steps to target", "final loss",
+         "final weighted loss", "images/s", "logsnr_stats.npz"], rows)
+
+
+def render(a: Analysis, plots: list[Plot], missing: list[str], now: Optional[str] = None) -> str:
+    now = now or _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
+    lines = header(a, now) + results_table(a) + comparison(a) + failures(a) + figures(plots, missing) + runs_table(a)
+    if a.sweep.notes:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in a.sweep.notes]
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------
+# machine-readable twin of the tables
+# ------------------------------------------------------------------------------------------------
+def _num(x):
+    return None if x is None or (isinstance(x, float) and not math.isfinite(x)) else x
+
+
+def summary_dict(a: Analysis) -> dict:
+    return {
+        "sweep": a.sweep.name, "source": a.sweep.source, "experiment": a.sweep.experiment,
+        "dataset": a.sweep.dataset, "baseline": a.baseline, "target_fid": a.target_fid, "mode": a.mode,
+        "strategies": {s.strategy: {
+            "seeds": s.seeds, "final_fid": [_num(v) for v in s.final_fids],
+            "final_fid_mean": _num(s.final_fid_mean), "final_fid_std": _num(s.final_fid_std),
+            "best_fid_mean": _num(s.best_fid_mean), "steps_to_target": s.steps_to_target if a.target_fid is not None else None,
+            "steps_to_target_mean": _num(s.steps_to_target_mean), "reached": s.reached,
+            "images_per_sec": _num(s.images_per_sec), "final_loss": [_num(v) for v in s.final_losses("loss")],
+            "failed": [{"job": r.name, "state": r.state, "error": r.error} for r in s.failed],
+        } for s in a.summaries},
+        "comparisons": [{"strategy": c.strategy, "metric": c.metric, "diff": _num(c.diff), "t": _num(c.t),
+                         "p": _num(c.p), "ci": [_num(c.ci[0]), _num(c.ci[1])], "note": c.note,
+                         "verdict": c.verdict} for c in a.comparisons],
+    }
+
+
+def write_report(a: Analysis, plots: list[Plot], missing: list[str], out_dir: Path) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "report.md"
+    path.write_text(render(a, plots, missing))
+    (out_dir / "summary.json").write_text(json.dumps(summary_dict(a), indent=2))
+    return path

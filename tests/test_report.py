@@ -1,0 +1,343 @@
+"""diffrun-report on synthetic sweep directories (known FID curves, a failed job, per-λ statistics),
+and end to end on a real `smoke` multirun (slow).
+
+Expected numbers are recomputed here straight from the files each job wrote, with plain json/numpy,
+not with the reporting code, and compared with what report.md prints.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from diffrun.reporting.cli import main as report_main
+from diffrun.reporting.collect import ReportError, collect_wandb
+
+STRATEGIES = {"uniform": 32.0, "min_snr": 20.0, "lognormal": 26.0}   # strategy → FID floor
+SEEDS = (0, 1, 2)
+EVAL_STEPS = list(range(100, 1001, 100))
+TARGET = 35.0
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------------------------
+# a synthetic sweep in the on-disk format the trainer writes
+# ------------------------------------------------------------------------------------------------
+def fid_at(strategy: str, seed: int, step: int) -> float:
+    return STRATEGIES[strategy] + 60.0 * math.exp(-step / 250.0) + 1.3 * seed + 1.0 * (step == 1000)  # last eval worse than the best
+
+
+def write_config(job: Path, strategy: str, seed: int, experiment: str = "min_snr_cifar10") -> None:
+    job.mkdir(parents=True, exist_ok=True)
+    job.joinpath("config.yaml").write_text(
+        f"name: cifar10_{strategy}_seed{seed}\nseed: {seed}\nsweep_name: synth\nexperiment: {experiment}\n"
+        f"train:\n  steps: 1000\n  batch_size: 128\n"
+        f"report:\n  baseline: uniform\n  target_fid: {TARGET}\n"
+        f"dataset:\n  name: cifar10\nmodel:\n  prediction: eps\n"
+        f"weighting:\n  name: {strategy}\n")
+
+
+def write_npz(job: Path, strategy: str, seed: int, flushes: int = 10, bins: int = 32) -> None:
+    rng = np.random.default_rng(seed)
+    edges = np.linspace(-20, 20, bins + 1)
+    centers = 0.5 * (edges[1:] + edges[:-1])
+    peak = {"uniform": 0.0, "min_snr": 2.0, "lognormal": -2.0}[strategy]
+    density = np.exp(-0.5 * ((centers - peak) / 4.0) ** 2) * (np.abs(centers) < 14)
+    count = np.vstack([rng.poisson(400 * density / density.sum()) for _ in range(flushes)]).astype(float)
+    steps = np.arange(1, flushes + 1) * 100
+    decay = np.exp(-steps / 500.0)[:, None]
+    loss_mean = (1.0 / (1.0 + np.exp(centers)))[None, :] * (0.5 + decay)
+    weight = np.minimum(np.exp(centers), 5.0) / np.exp(centers) if strategy == "min_snr" else np.ones(bins)
+    has, has2 = count > 0, count > 1
+    nan = np.full_like(count, np.nan)
+    np.savez(job / "logsnr_stats.npz", steps=steps, edges=edges, centers=centers, count=count,
+             loss_mean=np.where(has, loss_mean, nan), loss_var=np.where(has2, 0.3 * loss_mean ** 2, nan),
+             wloss_mean=np.where(has, loss_mean * weight, nan),
+             wloss_var=np.where(has2, 0.3 * (loss_mean * weight) ** 2, nan),
+             weight_mean=np.where(has, weight[None, :], nan))
+
+
+def write_job(sweep: Path, num: int, strategy: str, seed: int, fid: bool = True, npz: bool = True,
+              state: str = "finished", error: str | None = None, steps: int = 1000) -> Path:
+    job = sweep / f"{num}_{strategy}_seed{seed}"
+    write_config(job, strategy, seed)
+    lines = []
+    for step in range(50, steps + 1, 50):
+        loss = 0.05 + 0.5 * math.exp(-step / 300) + 0.001 * seed + 0.002 * len(strategy)
+        lines.append({"step": step, "images_seen": step * 128, "loss": loss, "weighted_loss": loss * 0.8,
+                      "grad_norm": 1.0, "lr": 2e-4, "images_per_sec": 1000.0 + 10 * seed + (step % 150),
+                      "nonfinite_steps": 0, "time": 1.7e9 + step})
+        if fid and step in EVAL_STEPS:
+            lines.append({"step": step, "images_seen": step * 128, "fid": fid_at(strategy, seed, step),
+                          "kid_mean": 0.01, "kid_std": 0.001, "fid_num_samples": 1000, "eval_seconds": 3.0})
+    text = "".join(json.dumps(r) + "\n" for r in lines)
+    job.joinpath("metrics.jsonl").write_text(text + '{"step": 10')   # torn last line: a job killed mid-write
+    status = {"state": state, "step": steps, "total_steps": 1000}
+    if error:
+        status["error"] = error
+    job.joinpath("status.json").write_text(json.dumps(status))
+    if npz:
+        write_npz(job, strategy, seed)
+    return job
+
+
+def make_sweep(root: Path, fid: bool = True, npz: bool = True) -> Path:
+    sweep = root / "synth"
+    num = 0
+    for strategy in STRATEGIES:
+        for seed in SEEDS:
+            write_job(sweep, num, strategy, seed, fid=fid, npz=npz)
+            num += 1
+    write_job(sweep, num, "min_snr", 3, fid=False, npz=False, state="failed", steps=350,
+              error="RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB\nTraceback (most recent call last): ...")
+    (sweep / "multirun.yaml").write_text("hydra: {}\n")
+    return sweep
+
+
+# ------------------------------------------------------------------------------------------------
+# ground truth, read straight from the job folders
+# ------------------------------------------------------------------------------------------------
+def truth(sweep: Path) -> dict:
+    """strategy → per-seed final/best FID, steps to target, median images/s, final loss (finished jobs only)."""
+    out: dict = {}
+    for job in sorted(p for p in sweep.iterdir() if p.is_dir() and p.name != "report"):
+        status = json.loads((job / "status.json").read_text())
+        if status["state"] != "finished":
+            continue
+        strategy = re.match(r"\d+_(.+)_seed\d+", job.name)[1]
+        recs = []
+        for line in (job / "metrics.jsonl").read_text().splitlines():
+            try:
+                recs.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+        evals = sorted((r for r in recs if "fid" in r), key=lambda r: r["step"])
+        train = [r for r in recs if "loss" in r]
+        d = out.setdefault(strategy, {"final": [], "best": [], "reach": [], "ips": [], "loss": []})
+        if evals:
+            d["final"].append(evals[-1]["fid"])
+            d["best"].append(min(r["fid"] for r in evals))
+            d["reach"].append(next((r["step"] for r in evals if r["fid"] <= TARGET), None))
+        d["ips"].append(float(np.median([r["images_per_sec"] for r in train])))
+        d["loss"].append(train[-1]["loss"])
+    return out
+
+
+def table_rows(report: str, section: str) -> dict[str, list[str]]:
+    """First column (without bold) → cells, for the table under `## section`."""
+    body = report.split(f"## {section}", 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in body.splitlines():
+        if line.startswith("| ") and not line.startswith("|---"):
+            cells = [c.strip() for c in line.strip("|").split(" | ")]
+            rows[cells[0].strip("*")] = cells
+    return rows
+
+
+def run_report(sweep: Path, *args: str, figures: bool = False) -> str:
+    assert report_main([str(sweep), *args, *([] if figures else ["--no-figures"])]) == 0
+    return (sweep / "report" / "report.md").read_text()
+
+
+# ------------------------------------------------------------------------------------------------
+# tests
+# ------------------------------------------------------------------------------------------------
+def test_table_matches_per_run_files(tmp_path):
+    sweep = make_sweep(tmp_path)
+    report = run_report(sweep)
+    rows = table_rows(report, "Results per strategy")
+    for strategy, t in truth(sweep).items():
+        cells = rows[strategy]
+        assert cells[1] == "3"
+        assert cells[2] == f"{np.mean(t['final']):.2f} ± {np.std(t['final'], ddof=1):.2f}"
+        assert cells[3] == f"{np.mean(t['best']):.2f}"
+        reached = [s for s in t["reach"] if s is not None]
+        assert cells[4] == (f"{np.mean(reached):.0f} ({len(reached)}/3 seeds reached)" if reached
+                            else "— (0/3 seeds reached)")
+        assert cells[5] == f"{np.mean(t['ips']):.1f}"
+    # the seeds straddle the target for some strategies: the k/n column is exercised both ways
+    assert "(3/3 seeds reached)" in report and re.search(r"\((1|2)/3 seeds reached\)", report)
+    assert "FID ≤ 35" in report
+    summary = json.loads((sweep / "report" / "summary.json").read_text())
+    t = truth(sweep)["min_snr"]
+    assert summary["strategies"]["min_snr"]["final_fid_mean"] == pytest.approx(np.mean(t["final"]))
+    assert summary["strategies"]["min_snr"]["steps_to_target"] == t["reach"]
+
+
+def test_failed_job_listed_with_first_error_line(tmp_path):
+    sweep = make_sweep(tmp_path)
+    report = run_report(sweep)
+    err = "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"
+    assert table_rows(report, "Results per strategy")["min_snr"][6] == f"1: 9_min_snr_seed3: {err}"
+    failed = table_rows(report, "Failed or incomplete jobs")["9_min_snr_seed3"]
+    assert failed[3:] == ["failed", "350/1000", err]
+    assert "Traceback" not in report
+    # a job dir without status.json is incomplete too
+    (sweep / "10_uniform_seed9").mkdir()
+    write_config(sweep / "10_uniform_seed9", "uniform", 9)
+    report = run_report(sweep)
+    assert "no status.json" in table_rows(report, "Failed or incomplete jobs")["10_uniform_seed9"][5]
+
+
+def test_welch_and_bootstrap_against_scipy(tmp_path):
+    sweep = make_sweep(tmp_path)
+    report = run_report(sweep)
+    summary = json.loads((sweep / "report" / "summary.json").read_text())
+    t = truth(sweep)
+    rows = table_rows(report, "Comparison against the baseline (uniform)")
+    assert "Better = lower FID" in report
+    for c in summary["comparisons"]:
+        ref = stats.ttest_ind(t[c["strategy"]]["final"], t["uniform"]["final"], equal_var=False)
+        assert c["p"] == pytest.approx(ref.pvalue, rel=1e-12)
+        assert c["t"] == pytest.approx(ref.statistic, rel=1e-12)
+        diff = np.mean(t[c["strategy"]]["final"]) - np.mean(t["uniform"]["final"])
+        assert c["diff"] == pytest.approx(diff)
+        assert c["ci"][0] <= diff <= c["ci"][1]
+        cells = rows[c["strategy"]]
+        assert cells[7] == f"{ref.pvalue:.3g}"
+        assert cells[8] == ("yes" if ref.pvalue < 0.05 else "no")
+    # min_snr's floor is 10 FID lower with a 1.3-per-seed spread: significantly better
+    assert rows["min_snr"][9].startswith("better (lower final FID), p < 0.05")
+    # reproducible: a second report gives the same CI
+    again = json.loads(json.dumps(summary["comparisons"]))
+    run_report(sweep)
+    assert json.loads((sweep / "report" / "summary.json").read_text())["comparisons"] == again
+
+
+def test_fewer_than_two_seeds_is_not_tested(tmp_path):
+    sweep = tmp_path / "few"
+    write_job(sweep, 0, "uniform", 0)
+    write_job(sweep, 1, "uniform", 1)
+    write_job(sweep, 2, "min_snr", 0)
+    report = run_report(sweep)
+    row = table_rows(report, "Comparison against the baseline (uniform)")["min_snr"]
+    assert row[-1] == "n/a (need ≥ 2 seeds)" and row[7] == "—"
+
+
+def test_figures_exist_and_are_linked(tmp_path):
+    sweep = make_sweep(tmp_path)
+    report = run_report(sweep, figures=True)
+    names = ["fid_curves.png", "loss_curves.png", "loss_vs_logsnr.png", "loss_var_heatmap.png",
+             "wloss_var_heatmap.png", "logsnr_density.png"]
+    for name in names:
+        path = sweep / "report" / name
+        assert path.exists() and path.stat().st_size > 10_000, name
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"]({name})" in report          # relative link
+    assert "Not drawn" not in report
+
+
+def test_header_quotes_the_preset(tmp_path):
+    sweep = make_sweep(tmp_path)
+    report = run_report(sweep)
+    assert report.startswith("# Sweep report: synth")
+    assert "**Experiment**: min_snr_cifar10" in report and "**Dataset**: cifar10" in report
+    assert "**Jobs**: 10 (9 finished, 1 failed or incomplete)" in report
+    preset = (REPO / "conf/experiment/min_snr_cifar10.yaml").read_text().splitlines()
+    comment = [ln for ln in preset[1:] if ln.startswith("#")]
+    reference = report.split("## Reference (from the preset)", 1)[1].split("\n## ", 1)[0]
+    assert "\n".join(comment[:4]) in reference
+
+
+def test_without_npz(tmp_path):
+    sweep = make_sweep(tmp_path, npz=False)
+    report = run_report(sweep, figures=True)
+    assert (sweep / "report" / "fid_curves.png").exists()
+    assert not (sweep / "report" / "loss_var_heatmap.png").exists()
+    assert "Loss-variance heatmaps: no logsnr_stats.npz" in report
+    # a torn npz reads as absent
+    (sweep / "0_uniform_seed0" / "logsnr_stats.npz").write_bytes(b"PK\x03\x04 torn")
+    run_report(sweep, figures=True)
+
+
+def test_without_fid_compares_loss(tmp_path):
+    sweep = make_sweep(tmp_path, fid=False)
+    report = run_report(sweep, figures=True)
+    assert "No FID in this sweep" in report and "unweighted training loss" in report
+    assert not (sweep / "report" / "fid_curves.png").exists()
+    rows = table_rows(report, "Results per strategy")
+    summary = json.loads((sweep / "report" / "summary.json").read_text())
+    t = truth(sweep)
+    for strategy in STRATEGIES:
+        losses = t[strategy]["loss"]
+        assert rows[strategy][2] == f"{np.mean(losses):.4g} ± {np.std(losses, ddof=1):.4g}"
+    for c in summary["comparisons"]:
+        assert c["metric"] == "final training loss"
+        ref = stats.ttest_ind(t[c["strategy"]]["loss"], t["uniform"]["loss"], equal_var=False)
+        assert c["p"] == pytest.approx(ref.pvalue, rel=1e-12)
+
+
+def test_different_targets_are_not_compared(tmp_path):
+    sweep = make_sweep(tmp_path, fid=False, npz=False)
+    cfg = sweep / "3_min_snr_seed0" / "config.yaml"
+    cfg.write_text(cfg.read_text().replace("prediction: eps", "prediction: v"))
+    report = run_report(sweep)
+    assert "not comparable" in report and "eps, v" in report
+    assert json.loads((sweep / "report" / "summary.json").read_text())["comparisons"] == []
+
+
+def test_index_overrides_folder_names_and_cli_options(tmp_path):
+    sweep = make_sweep(tmp_path, npz=False)
+    index = [{"dir": p.name, "weighting": "renamed" if p.name.startswith("0_") else p.name.split("_seed")[0].split("_", 1)[1],
+              "seed": int(p.name.rsplit("seed", 1)[1])} for p in sweep.iterdir() if p.is_dir()]
+    (sweep / "index.json").write_text(json.dumps(index))
+    out = tmp_path / "elsewhere"
+    assert report_main([str(sweep), "--out", str(out), "--baseline", "min_snr", "--target-fid", "40"]) == 0
+    report = (out / "report.md").read_text()
+    rows = table_rows(report, "Results per strategy")
+    assert rows["renamed"][1] == "1" and rows["uniform"][1] == "2"
+    assert "FID ≤ 40" in report and "## Comparison against the baseline (min_snr)" in report
+
+
+def test_errors_are_clear(tmp_path, monkeypatch, capsys):
+    assert report_main([str(tmp_path / "nope")]) == 1
+    assert "does not exist" in capsys.readouterr().err
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    with pytest.raises(ReportError, match="network access and an API key"):
+        collect_wandb("team/project", "g")
+    assert report_main(["--wandb", "team/project", "--group", "g"]) == 1
+    assert "diffrun-report outputs/sweeps/" in capsys.readouterr().err
+    with pytest.raises(ReportError, match="ENTITY/PROJECT"):
+        collect_wandb("justproject", "g")
+
+
+# ------------------------------------------------------------------------------------------------
+# end to end: a real smoke multirun (eval disabled → the loss-based comparison)
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_smoke_sweep_report_end_to_end(tmp_path):
+    sweep = tmp_path / "smoke"
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "diffrun.cli", "-m", "experiment=smoke", f"hydra.sweep.dir={sweep}",
+           "eval.enabled=false", "train.steps=20", "checkpoint.every_steps=10",
+           # smaller than the preset so the test stays well under a minute on 2 shared cores
+           "train.batch_size=8", "train.log_every=5", "sample.num_images=4", "sample.steps=2", "device=cpu"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = subprocess.run([sys.executable, "-m", "diffrun.reporting.cli", str(sweep)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = (sweep / "report" / "report.md").read_text()
+    assert "# Sweep report: smoke" in report and "**Jobs**: 4 (4 finished, 0 failed or incomplete)" in report
+    assert "No FID in this sweep" in report and "`eval.enabled=false`" in report
+    rows = table_rows(report, "Results per strategy")
+    assert set(rows) >= {"uniform", "min_snr"}
+    t = truth(sweep)
+    for strategy in ("uniform", "min_snr"):
+        losses = t[strategy]["loss"]
+        assert rows[strategy][1] == "2"
+        assert rows[strategy][2] == f"{np.mean(losses):.4g} ± {np.std(losses, ddof=1):.4g}"
+        assert rows[strategy][4] == f"{np.mean(t[strategy]['ips']):.1f}"
+    summary = json.loads((sweep / "report" / "summary.json").read_text())
+    (c,) = summary["comparisons"]
+    ref = stats.ttest_ind(t["min_snr"]["loss"], t["uniform"]["loss"], equal_var=False)
+    assert c["strategy"] == "min_snr" and c["p"] == pytest.approx(ref.pvalue, rel=1e-12)
+    assert (sweep / "report" / "loss_curves.png").stat().st_size > 0
