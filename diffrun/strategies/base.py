@@ -3,9 +3,10 @@
 A strategy answers two questions per batch (NVlabs/edm `training/loss.py` style):
   1. which noise levels to train on: `sample(x0)` → a `NoiseDraw` (log-SNR λ per sample, plus the
      importance correction when the proposal differs from the density the objective is defined by);
-  2. how much each sample counts: `loss_weights(draw, loss, target)` → per-sample weights in the
+  2. how much each sample counts: `loss_weights(draw, loss)` → per-sample weights in the
      space of the model's prediction target. The weight formula `weight(λ)` is written once, in the
-     space the paper uses (`space`), and converted (see `models.parameterization.convert_weight`).
+     space the paper uses (`space`), and converted in log space by `weight_in` (r_src / r_dst, see
+     `models.parameterization.log_loss_ratio`).
 After the optimizer step it is told the unweighted per-sample losses (`observe`), so adaptive
 methods can update their state. State lives in buffers (saved in checkpoints, moved with `.to`).
 
@@ -19,8 +20,16 @@ import torch
 from torch import Tensor, nn
 
 from diffrun.errors import ConfigError
-from diffrun.models.parameterization import WEIGHT_SPACES, convert_weight
+from diffrun.models.parameterization import WEIGHT_SPACES, log_loss_ratio
 from diffrun.schedules import NoiseSchedule
+
+
+def uniform_t_log_density(schedule: NoiseSchedule, logsnr: Tensor, h: float = 1e-3) -> Tensor:
+    """log |dt/dλ|: the log-SNR density of t ~ U[0, 1] on `schedule` (central difference of t(λ), float64)."""
+    dtype = torch.float32 if logsnr.device.type == "mps" else torch.float64
+    lam = logsnr.to(dtype)
+    dt = schedule.t_of_logsnr(lam - h) - schedule.t_of_logsnr(lam + h)
+    return torch.log(dt.clamp(min=0.0) / (2 * h)).to(logsnr.dtype)
 
 
 @dataclass
@@ -68,12 +77,33 @@ class Strategy(nn.Module):
         """w(λ) in `self.space`. Constant 1 by default."""
         return torch.ones_like(logsnr)
 
+    def log_weight(self, logsnr: Tensor) -> Tensor:
+        """log w(λ) in `self.space`. Override where w itself overflows (e.g. SNR = e^λ at large λ)."""
+        return torch.log(self.weight(logsnr))
+
+    def weight_in(self, space: str, logsnr: Tensor) -> Tensor:
+        """w(λ) re-expressed for a loss in `space`: w_dst = w_src · r_src / r_dst, computed in log space
+        so that it stays finite wherever the converted formula is (e.g. SNR on a v-loss at λ = 100)."""
+        src = self.prediction if self.space == "target" else self.space
+        # |λ| ≤ 1e4 stands for ±∞: e^{±1e4} over/underflows, so each formula lands on its limit, and
+        # Min-SNR on ε at SNR = 0 gives min(SNR, γ)/SNR → 1 (Hang et al.'s terminal-SNR guard, PR #4).
+        logsnr = logsnr.clamp(-1e4, 1e4)
+        log_w = self.log_weight(logsnr)
+        if src == space:
+            return log_w.exp()
+        total = log_w + log_loss_ratio(src, logsnr, self.sigma_data) - log_loss_ratio(space, logsnr, self.sigma_data)
+        # 0·∞ from weights that overflow in `weight` (not written in log space): use 1, as convert_weight does.
+        undefined = torch.isnan(total) & ~torch.isnan(log_w)
+        return torch.where(undefined, torch.zeros_like(total), total).exp()
+
     def loss_weights(self, draw: NoiseDraw, loss: Tensor) -> Tensor:
         """Per-sample weight on the target-space loss, including the proposal correction."""
-        w = self.weight(draw.logsnr)
-        if self.space != "target":
-            w = convert_weight(w, draw.logsnr, self.space, self.prediction, self.sigma_data)
-        return w * draw.proposal_weight
+        return self.weight_in(self.prediction, draw.logsnr) * draw.proposal_weight
+
+    def log_density(self, logsnr: Tensor) -> Tensor:
+        """log p(λ) of the density the *objective* is defined under (for importance-corrected samplers
+        that is not the proposal). Default: t ~ U[0, 1] pushed through the schedule."""
+        return uniform_t_log_density(self.schedule, logsnr)
 
     # --- 3. feedback --------------------------------------------------------------------------
     @torch.no_grad()
