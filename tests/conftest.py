@@ -4,12 +4,21 @@ from __future__ import annotations
 import pickle
 from pathlib import Path
 
+import os
+
 import numpy as np
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from diffrun.cli import CONF_DIR
+
+# Tests never talk to W&B's cloud, wherever they run; W&B tests opt into offline mode themselves.
+os.environ["WANDB_MODE"] = "disabled"
+os.environ.pop("WANDB_API_KEY", None)
+# Tiny convolutions: one thread avoids oversubscription when tests spawn training subprocesses.
+torch.set_num_threads(1)
 
 # Overrides that make any run finish in seconds on a 2-core CPU.
 FAST = [

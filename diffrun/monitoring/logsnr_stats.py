@@ -6,6 +6,8 @@ flush time (every `log_every` steps), when the host reads the sums once and rese
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -17,6 +19,12 @@ class LogSNRStats:
         self.bins, self.lo, self.hi = bins, logsnr_min, logsnr_max
         self.edges = torch.linspace(logsnr_min, logsnr_max, bins + 1)
         self.sums = torch.zeros(len(FIELDS), bins, dtype=torch.float64, device=device)
+
+    @classmethod
+    def from_config(cls, stats_cfg, schedule=None, device="cpu") -> "LogSNRStats":
+        """Bins from `cfg.stats`: [logsnr_min, logsnr_max], or the schedule's own [λ(1), λ(0)] with range=schedule."""
+        lo, hi = stats_range(stats_cfg, schedule)
+        return cls(stats_cfg.bins, lo, hi, device)
 
     @property
     def centers(self) -> Tensor:
@@ -45,7 +53,7 @@ class LogSNRStats:
 
     def flush(self) -> dict[str, Tensor]:
         """Read the window's statistics (one host transfer) and reset. Empty bins give NaN means."""
-        sums = self.sums.cpu()
+        sums = self.sums.to("cpu", copy=True)  # a copy: on CPU `.cpu()` would alias the sums zeroed below
         self.sums.zero_()
         count, loss_sum, loss_sq, wloss_sum, wloss_sq, weight_sum = sums
         safe = count.clamp(min=1)
@@ -63,3 +71,14 @@ class LogSNRStats:
             "wloss_var": wvar.clamp(min=0),
             "weight_mean": torch.where(has, weight_sum / safe, nan),
         }
+
+
+def stats_range(stats_cfg, schedule=None) -> tuple[float, float]:
+    """The λ range the bins span: [stats.logsnr_min, stats.logsnr_max], or with `stats.range=schedule`
+    the schedule's own [λ(t=1), λ(t=0)] (falls back to the fixed range if that is not finite)."""
+    mode = stats_cfg.get("range", "fixed")
+    if str(getattr(mode, "value", mode)) == "schedule" and schedule is not None:
+        lo, hi = float(schedule.logsnr_min), float(schedule.logsnr_max)
+        if math.isfinite(lo) and math.isfinite(hi) and lo < hi:
+            return lo, hi
+    return float(stats_cfg.logsnr_min), float(stats_cfg.logsnr_max)

@@ -13,4 +13,20 @@ from omegaconf import DictConfig
 
 def default_callbacks(cfg: DictConfig, trainer) -> list:
     callbacks: list = []
+
+    # --- per-log-SNR statistics → <run>/logsnr_stats.npz --------------------------------------------
+    writer = None
+    if trainer.rank == 0 and cfg.stats.get("write", True):
+        from diffrun.monitoring.stats_writer import StatsWriter
+
+        writer = StatsWriter(trainer.run_dir, trainer.stats.edges.numpy(), run_name=str(cfg.name),
+                             strategy=str(cfg.weighting.get("name", "")))
+        callbacks.append(writer)
+
+    # --- Weights & Biases (rank 0; None when disabled) ----------------------------------------------
+    from diffrun.monitoring.wandb_logger import WandbLogger
+
+    logger = WandbLogger.create(cfg, trainer, stats_source=writer)
+    if logger is not None:
+        callbacks.append(logger)
     return callbacks

@@ -54,6 +54,8 @@ class Trainer:
         self.device = resolve_device(cfg.device)
         self.autocast_dtype, use_scaler = resolve_precision(cfg.precision, self.device)
         seed_everything(cfg.seed + self.rank, cfg.deterministic)
+        if self.device.type == "cuda" and not cfg.deterministic:
+            torch.backends.cudnn.benchmark = True   # fixed shapes: cuDNN times its conv algorithms once, keeps the fastest
 
         # --- data ----------------------------------------------------------------------------------
         self.data: InMemoryImages = build(cfg.dataset.loader)
@@ -86,7 +88,7 @@ class Trainer:
         self.step = 0
         self.images_seen = 0
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", cfg.checkpoint.keep)
-        self.stats = LogSNRStats(cfg.stats.bins, cfg.stats.logsnr_min, cfg.stats.logsnr_max, self.device)
+        self.stats = LogSNRStats.from_config(cfg.stats, self.schedule, self.device)
         self._acc = torch.zeros(3, dtype=torch.float64, device=self.device)  # Σloss, Σweighted loss, Σgrad-norm
         self._nonfinite = torch.zeros((), dtype=torch.long, device=self.device)
         self._first_bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
