@@ -82,11 +82,13 @@ class CheckpointConfig:
 class EvalConfig:
     enabled: bool = True
     every_steps: int = 0              # FID during training every N steps (0: only at the end)
-    num_samples: int = 500            # 50,000 for paper numbers
+    num_samples: int = 200            # generated images; 50,000 for paper numbers
+    num_reference: Optional[int] = None  # training images as reference; None: min(num_samples, dataset size)
     sampler: SamplerName = SamplerName.ddim
     steps: int = 50
-    batch_size: int = 250
-    kid_subset_size: int = 100
+    batch_size: int = 100
+    kid_subset_size: int = 100        # KID subset size (≤ num_samples)
+    seed: int = 12345                 # sample seed for FID (same images across runs and steps)
     inception_weights: Optional[str] = None  # path to torch-fidelity-format Inception weights
     cache_dir: Optional[str] = None   # reference statistics and converted weights (default ~/.cache/diffrun)
     on_unavailable: OnUnavailable = OnUnavailable.skip

@@ -29,4 +29,10 @@ def default_callbacks(cfg: DictConfig, trainer) -> list:
     logger = WandbLogger.create(cfg, trainer, stats_source=writer)
     if logger is not None:
         callbacks.append(logger)
+
+    # --- FID / KID with torch-fidelity (rank 0; skipped with a reason when Inception is unavailable)
+    if cfg.eval.enabled and trainer.rank == 0:
+        from diffrun.evaluation.callback import FIDCallback
+
+        callbacks.append(FIDCallback(cfg, trainer))
     return callbacks

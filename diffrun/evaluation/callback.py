@@ -1,0 +1,107 @@
+"""FID/KID of the EMA model during and at the end of training (a Trainer callback).
+
+Samples come from `Trainer.generate` with a fixed seed per batch, so every evaluation of every run
+scores the same noise. The reference side is a fixed, seeded subset of the run's training images,
+whose Inception statistics torch-fidelity caches after the first evaluation.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from diffrun.errors import DiffrunError
+from diffrun.evaluation.fid import compute_fid_kid_from_sampler
+from diffrun.evaluation.inception import InceptionWeightsUnavailable, resolve_inception_weights
+
+log = logging.getLogger(__name__)
+
+
+def reference_images(trainer, num_reference: int | None, num_samples: int) -> torch.Tensor:
+    """A seeded subset of the training images (uint8, CPU): min(num_reference or num_samples, N)."""
+    images = trainer.data.images
+    count = min(num_reference or num_samples, images.shape[0])
+    if count == images.shape[0]:
+        return images.cpu()
+    index = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(0))[:count]
+    return images.cpu()[index.sort().values]
+
+
+def evaluate(trainer, eval_cfg) -> dict:
+    """Sample `eval.num_samples` images from the EMA model and score them. Raises on missing weights."""
+    weights = resolve_inception_weights(eval_cfg.inception_weights, cache_dir=eval_cfg.cache_dir)
+    reference = reference_images(trainer, eval_cfg.num_reference, eval_cfg.num_samples)
+    batch_counter = iter(range(10**9))
+
+    def sample_fn(n: int) -> torch.Tensor:
+        seed = eval_cfg.seed + next(batch_counter)
+        return trainer.generate(n, eval_cfg.steps, eval_cfg.sampler, seed).cpu()
+
+    dataset_cfg = trainer.cfg.dataset
+    start = time.perf_counter()
+    metrics = compute_fid_kid_from_sampler(
+        sample_fn, eval_cfg.num_samples, reference,
+        reference_name=f"{dataset_cfg.name}-train-{dataset_cfg.image_size}px",
+        weights_path=weights, batch_size=eval_cfg.batch_size, device=str(trainer.device),
+        kid_subset_size=min(eval_cfg.kid_subset_size, eval_cfg.num_samples, reference.shape[0]),
+        cache_dir=eval_cfg.cache_dir,
+    )
+    return {
+        "step": trainer.step,
+        "images_seen": trainer.images_seen,
+        "fid": metrics["fid"],
+        "kid_mean": metrics["kid_mean"],
+        "kid_std": metrics["kid_std"],
+        "fid_num_samples": metrics["num_samples"],
+        "fid_num_reference": metrics["num_reference"],
+        "fid_sampler": f"{getattr(eval_cfg.sampler, 'value', eval_cfg.sampler)}-{eval_cfg.steps}",
+        "inception_weights": weights.source,
+        "eval_seconds": time.perf_counter() - start,
+    }
+
+
+class FIDCallback:
+    """Runs `evaluate` every `eval.every_steps` steps and at the end; logs to metrics.jsonl and W&B."""
+
+    def __init__(self, cfg, trainer):
+        self.cfg = cfg.eval
+        self.last_step = -1
+        self.skipped_reason: str | None = None
+
+    def _run(self, trainer) -> dict:
+        if self.skipped_reason is not None:
+            return {}
+        try:
+            record = evaluate(trainer, self.cfg)
+        except InceptionWeightsUnavailable as exc:
+            if str(getattr(self.cfg.on_unavailable, "value", self.cfg.on_unavailable)) == "fail":
+                raise
+            self.skipped_reason = str(exc).splitlines()[0]
+            log.warning("FID skipped (eval.on_unavailable=skip): %s", exc)
+            return {}
+        self.last_step = trainer.step
+        log.info("step %d: FID %.3f, KID %.5f ± %.5f (%d EMA samples, %s, vs %d training images; %.0fs)",
+                 record["step"], record["fid"], record["kid_mean"], record["kid_std"], record["fid_num_samples"],
+                 record["fid_sampler"], record["fid_num_reference"], record["eval_seconds"])
+        if trainer.metrics is not None:
+            trainer.metrics.write(record)
+        for cb in trainer.callbacks:
+            if hasattr(cb, "log_metrics"):
+                cb.log_metrics({k: v for k, v in record.items() if k not in ("step", "fid_sampler", "inception_weights")},
+                               step=record["step"])
+        return record
+
+    def on_step(self, trainer) -> None:
+        every = self.cfg.every_steps
+        if every and trainer.step % every == 0:
+            self._run(trainer)
+
+    def on_train_end(self, trainer) -> dict:
+        if self.last_step != trainer.step:
+            record = self._run(trainer)
+        else:
+            record = {"fid": None}
+        if self.skipped_reason is not None:
+            return {"fid_skipped": self.skipped_reason}
+        return {k: record[k] for k in ("fid", "kid_mean", "kid_std", "fid_num_samples") if k in record} if record else {}

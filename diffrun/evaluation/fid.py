@@ -1,0 +1,167 @@
+"""FID and KID of generated images against a reference set, computed by torch-fidelity.
+
+torch-fidelity does the arithmetic (resize, Inception, statistics, KID subsets); this module only
+feeds it uint8 images and names the reference side so that its features are computed once per
+(dataset, split, contents, weights, extractor) and read from disk afterwards. Repeated evaluations
+during training then pay only for the generated samples.
+
+Cache files (torch-fidelity writes them under `<cache_dir>/fidelity/`):
+    diffrun-<reference_name>-<N>x<C>x<H>x<W>-<data sha1[:12]>-w<weights sha256[:8]>
+        -<extractor>-features-2048.pt     (KID; FID reads its statistics from the next one)
+        -<extractor>-stat-fid-2048.pt
+A changed reference set or weights file gets a new name, so a stale entry is never read back.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+from typing import Callable
+
+import torch
+import torch_fidelity
+from torch.utils.data import Dataset
+from torch_fidelity.generative_model_base import GenerativeModelBase
+
+from diffrun.errors import ConfigError
+from diffrun.evaluation.inception import (HeadlessInceptionError, InceptionWeights, default_cache_dir,
+                                          resolve_inception_weights)
+
+KID_SUBSET_SIZE_MAX = 1000   # torch-fidelity's default, the KID paper's (arXiv:1801.01401) choice
+
+
+def _as_rgb(images: torch.Tensor) -> torch.Tensor:
+    """Inception sees RGB: a grey channel is repeated, as torchvision's Grayscale(3) would."""
+    if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"expected uint8 images N x {{1,3}} x H x W, got {images.dtype} {tuple(images.shape)}")
+    return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
+
+
+class UInt8Images(Dataset):
+    """An in-memory N x C x H x W uint8 tensor as the Dataset torch-fidelity reads."""
+
+    def __init__(self, images: torch.Tensor):
+        self.images = _as_rgb(images).cpu()
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.images[index]
+
+
+class SampledImages(GenerativeModelBase):
+    """Generated images drawn batch by batch from `sample_fn(n) -> n x C x H x W uint8`, so that
+    50k samples never sit in memory at once. torch-fidelity's noise `z` only sets the batch size;
+    seeding is the sampler's business."""
+
+    def __init__(self, sample_fn: Callable[[int], torch.Tensor], num_samples: int):
+        super().__init__()
+        self.sample_fn, self.num_samples = sample_fn, int(num_samples)
+
+    z_size = property(lambda self: 1)
+    z_type = property(lambda self: "normal")
+    num_classes = property(lambda self: 0)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        images = self.sample_fn(z.shape[0])
+        if images.shape[0] != z.shape[0]:
+            raise ValueError(f"sample_fn({z.shape[0]}) returned {images.shape[0]} images")
+        return _as_rgb(images).to(z.device)
+
+
+def reference_cache_name(reference: torch.Tensor, reference_name: str, weights: InceptionWeights) -> str:
+    """The input2 cache name: who the reference is, what it contains, which weights saw it."""
+    if not re.fullmatch(r"[A-Za-z0-9._]+(-[A-Za-z0-9._]+)*", reference_name):
+        raise ConfigError(f"reference_name={reference_name!r}: use letters, digits, '.', '_' and '-', "
+                          f"e.g. 'cifar10-train'")
+    data = hashlib.sha1(reference.contiguous().cpu().numpy().tobytes()).hexdigest()[:12]
+    shape = "x".join(str(s) for s in reference.shape)
+    return f"diffrun-{reference_name}-{shape}-{data}-w{weights.digest}"
+
+
+def compute_fid_kid(generated: torch.Tensor | Dataset | SampledImages,
+                    reference: torch.Tensor, *,
+                    reference_name: str,
+                    weights_path: str | os.PathLike | InceptionWeights | None = None,
+                    batch_size: int = 64,
+                    device: str = "cpu",
+                    kid: bool = True,
+                    kid_subset_size: int | None = None,
+                    kid_subsets: int = 100,
+                    isc: bool = False,
+                    cache_dir: str | os.PathLike | None = None,
+                    verbose: bool = False) -> dict[str, float | int]:
+    """FID (and KID, ISC on request) of `generated` against the uint8 tensor `reference`.
+
+    `generated`: an N x {1,3} x H x W uint8 tensor, a Dataset of 3 x H x W uint8 tensors, or
+    `SampledImages`. `reference_name` names dataset and split ("cifar10-train"); `weights_path=None`
+    resolves the Inception weights (inception.py). `kid_subset_size=None`: min(1000, both sizes).
+    Returns fid, kid_mean, kid_std, num_samples, num_reference (+ isc_mean, isc_std).
+    """
+    weights = _weights(weights_path, cache_dir)
+    if isc and not weights.has_classifier_head:
+        raise HeadlessInceptionError(f"isc=True needs Inception weights with the classifier head; "
+                                     f"{weights.path} ({weights.source}) has none. FID/KID work without it.")
+    if isinstance(generated, torch.Tensor):
+        generated = UInt8Images(generated)
+    num_samples = generated.num_samples if isinstance(generated, SampledImages) else len(generated)
+    num_reference = reference.shape[0]
+    if kid_subset_size is None:
+        kid_subset_size = min(KID_SUBSET_SIZE_MAX, num_samples, num_reference)
+    if kid and kid_subset_size > min(num_samples, num_reference):
+        raise ConfigError(f"kid_subset_size={kid_subset_size} exceeds the number of samples ({num_samples}) "
+                          f"or reference images ({num_reference})")
+
+    with _on_device(device) as cuda:
+        metrics = torch_fidelity.calculate_metrics(
+            input1=generated,
+            input1_model_num_samples=num_samples,
+            input2=UInt8Images(reference),
+            input2_cache_name=reference_cache_name(reference, reference_name, weights),
+            cache=True,
+            cache_root=str(default_cache_dir(cache_dir) / "fidelity"),
+            feature_extractor=weights.feature_extractor,
+            feature_extractor_weights_path=str(weights.path),
+            fid=True, kid=kid, isc=isc,
+            kid_subset_size=kid_subset_size, kid_subsets=kid_subsets,
+            batch_size=batch_size, cuda=cuda,
+            save_cpu_ram=True,   # images are in memory already: DataLoader worker processes only add forks
+            verbose=verbose,
+        )
+    out = {"fid": metrics[torch_fidelity.KEY_METRIC_FID]}
+    if kid:
+        out["kid_mean"] = metrics[torch_fidelity.KEY_METRIC_KID_MEAN]
+        out["kid_std"] = metrics[torch_fidelity.KEY_METRIC_KID_STD]
+    if isc:
+        out["isc_mean"] = metrics[torch_fidelity.KEY_METRIC_ISC_MEAN]
+        out["isc_std"] = metrics[torch_fidelity.KEY_METRIC_ISC_STD]
+    return {**out, "num_samples": num_samples, "num_reference": num_reference}
+
+
+def compute_fid_kid_from_sampler(sample_fn: Callable[[int], torch.Tensor], num_samples: int,
+                                 reference: torch.Tensor, **kwargs) -> dict[str, float | int]:
+    """`compute_fid_kid` with generated images pulled from `sample_fn(n)` in batches of `batch_size`."""
+    return compute_fid_kid(SampledImages(sample_fn, num_samples), reference, **kwargs)
+
+
+def _weights(weights_path, cache_dir) -> InceptionWeights:
+    if isinstance(weights_path, InceptionWeights):
+        return weights_path
+    if weights_path is None:
+        return resolve_inception_weights(cache_dir=cache_dir)
+    return resolve_inception_weights(weights_path)
+
+
+@contextlib.contextmanager
+def _on_device(device: str):
+    """torch-fidelity knows only `cuda=True` (the current device); 'cuda:1' selects the current one."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        yield False
+    elif device.type == "cuda":
+        with torch.cuda.device(device.index if device.index is not None else torch.cuda.current_device()):
+            yield True
+    else:
+        raise ConfigError(f"device={device}: torch-fidelity runs on 'cpu' or 'cuda[:N]' only")
