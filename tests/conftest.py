@@ -6,6 +6,10 @@ from pathlib import Path
 
 import os
 
+# One intra-op thread per process, inherited by the training subprocesses the tests spawn: tiny
+# convolutions on 2 shared cores are far slower with oversubscribed OpenMP threads.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import numpy as np
 import pytest
 import torch

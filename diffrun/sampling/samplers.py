@@ -82,6 +82,10 @@ def save_grid(images_uint8: Tensor, path: str | Path, nrow: int | None = None) -
     path.parent.mkdir(parents=True, exist_ok=True)
     n = images_uint8.shape[0]
     nrow = nrow or max(1, int(round(n**0.5)))
-    grid = make_grid(images_uint8.cpu(), nrow=nrow, padding=1, pad_value=255)
+    images = images_uint8.cpu()
+    scale = max(1, 64 // images.shape[-1])  # small images (digits 16px) are enlarged, pixel-exact, to be seen
+    if scale > 1:
+        images = images.repeat_interleave(scale, dim=-1).repeat_interleave(scale, dim=-2)
+    grid = make_grid(images, nrow=nrow, padding=scale, pad_value=255)
     Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
     return path
