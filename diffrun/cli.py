@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -14,9 +15,9 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from diffrun.config import register_configs
+from diffrun.config import DistConfig, register_configs
 from diffrun.errors import DiffrunError
 
 log = logging.getLogger("diffrun")
@@ -48,15 +49,53 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict:
     if status.get("state") == "finished" and cfg.resume != "never" and status.get("total_steps") == cfg.train.steps:
         log.info("run %s already finished (%s/status.json); skipping. Use resume=never to train it again.", cfg.name, run_dir)
         return status
+    from diffrun.launching import distributed
     from diffrun.training.callbacks import default_callbacks
+    from diffrun.training.environment import resolve_device
 
-    trainer = Trainer(cfg, run_dir)
-    trainer.callbacks.extend(default_callbacks(cfg, trainer))
-    return trainer.fit()
+    dist_cfg = cfg.get("dist") or DistConfig()
+    if dist_cfg.devices > 1 and not distributed.env_info().enabled:
+        # dist.devices=N: this process is rank 0, ranks 1..N-1 run this same function (resolved config: no
+        # second ${now:} in the children)
+        cfg = copy.deepcopy(cfg)
+        OmegaConf.resolve(cfg)
+        with distributed.local_ranks(dist_cfg.devices, "diffrun.cli:train", (cfg, run_dir)):
+            return train(cfg, run_dir)
+    with distributed.session(resolve_device(cfg.device), dist_cfg.backend, dist_cfg.timeout_s) as ranks:
+        try:
+            trainer = Trainer(cfg, run_dir)
+            trainer.callbacks.extend(default_callbacks(cfg, trainer))
+        except Exception as exc:  # a job of a sweep that cannot even start still says why in its folder
+            if ranks.is_main:
+                write_failed_status(run_dir, status, cfg, exc)
+            raise
+        return trainer.fit()
+
+
+def write_failed_status(run_dir: Path, previous: dict, cfg: DictConfig, exc: BaseException) -> None:
+    from diffrun.training.checkpoint import atomic_write_json
+
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(run_dir / "status.json", {"state": "failed", "step": previous.get("step", 0),
+                                                    "total_steps": cfg.train.steps, "error": f"{type(exc).__name__}: {exc}"})
+    except OSError:
+        pass  # the run directory itself is the problem; the exception says so
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> float | None:
+    from diffrun.launching import distributed
+    from diffrun.launching.sweep import pin_sweep_name, record_job_start
+
+    pin_sweep_name(cfg)
+    if distributed.env_info().rank == 0:
+        record_job_start(cfg, previous_state=read_status(run_dir_of(cfg)).get("state"))  # multirun: <sweep>/index.jsonl
+    else:  # torchrun / srun ranks > 0: warnings only, and not into rank 0's log file
+        root = logging.getLogger()
+        for handler in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
+            root.removeHandler(handler)
+        root.setLevel(logging.WARNING)
     try:
         summary = train(cfg)
     except DiffrunError as exc:

@@ -132,6 +132,15 @@ class ReportConfig:
 
 
 @dataclass
+class DistConfig:
+    """Data-parallel training (torch DDP); see diffrun/launching/distributed.py and docs/sweeps.md."""
+    devices: int = 1                  # ranks this process starts on its machine (1: no DDP); torchrun/srun set their own
+    backend: str = "auto"             # auto: nccl on CUDA, gloo on CPU
+    timeout_s: float = 1800.0         # a collective waiting longer than this fails the run (a rank died or hangs)
+    interrupt_check_every: int = 10   # steps between the ranks' agreement on a pending signal (a host sync)
+
+
+@dataclass
 class RunConfig:
     name: str = "run"
     seed: int = 0
@@ -149,6 +158,7 @@ class RunConfig:
     stats: StatsConfig = field(default_factory=StatsConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
     dataset: Any = None
     schedule: Any = None
     weighting: Any = None
@@ -190,7 +200,7 @@ def _positive(cfg: DictConfig, key: str, allow_zero: bool = False) -> None:
 def validate(cfg: DictConfig) -> None:
     """Cross-field checks that types alone cannot express. Raise ConfigError naming key and value."""
     for key in ("train.steps", "train.batch_size", "train.log_every", "sample.steps", "checkpoint.keep",
-                "eval.num_samples", "eval.batch_size", "stats.bins"):
+                "eval.num_samples", "eval.batch_size", "stats.bins", "dist.devices", "dist.interrupt_check_every"):
         _positive(cfg, key)
     for key in ("train.grad_clip", "checkpoint.every_steps", "sample.every_steps", "eval.every_steps",
                 "sample.num_images"):

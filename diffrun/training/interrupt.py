@@ -16,13 +16,17 @@ SIGNALS = tuple(s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGU
 
 
 class GracefulInterrupt:
+    # False in DDP ranks started by rank 0 (dist.devices=N): rank 0 owns the signals and the ranks agree
+    # on stopping through the process group (Trainer.stop_requested); those processes ignore signals.
+    install_handlers = True
+
     def __init__(self):
         self.signum: int | None = None
         self._previous: dict[int, object] = {}
         self._frame = None
 
     def __enter__(self) -> "GracefulInterrupt":
-        if threading.current_thread() is threading.main_thread():
+        if self.install_handlers and threading.current_thread() is threading.main_thread():
             for sig in SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
@@ -42,10 +46,17 @@ class GracefulInterrupt:
         return self.signum is not None
 
     def resume_default(self) -> None:
-        """After checkpointing: pass the signal on to the previous handler, or exit."""
+        """After checkpointing: pass the signal on to the previous handler, or exit.
+
+        On SLURM the previous handler is submitit's: for SIGUSR2 it pickles the job again (the
+        launcher's `checkpoint()`), runs `scontrol requeue` and exits; for SIGTERM it only logs, and we
+        exit 128+15. The requeued job reruns the same Hydra job in the same directory: resume=auto.
+        """
         signum = self.signum
         previous = self._previous.get(signum)
         self.__exit__()
+        if signum is None:  # DDP: another rank got the signal; this one just stops
+            return
         if callable(previous) and previous not in (signal.default_int_handler,):
             previous(signum, self._frame)
         sys.exit(128 + signum)

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from diffrun.config import build, validate
 from diffrun.data import InMemoryImages
 from diffrun.errors import ConfigError, DiffrunError
+from diffrun.launching import distributed
 from diffrun.models.parameterization import Denoiser
 from diffrun.monitoring.logsnr_stats import LogSNRStats
 from diffrun.monitoring.metrics import JsonlWriter
@@ -40,20 +41,26 @@ class Trainer:
     def __init__(self, cfg: DictConfig, run_dir: str | Path):
         validate(cfg)
         self.cfg, self.run_dir = cfg, Path(run_dir)
+        ranks = distributed.info()  # DDP: set up by diffrun.cli.train (launching/distributed.py); one rank otherwise
+        self.rank, self.world_size = ranks.rank, ranks.world_size
         try:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            probe = self.run_dir / ".write_test"
-            probe.write_text("ok")
-            probe.unlink()
+            if self.rank == 0:  # only rank 0 writes files
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                probe = self.run_dir / ".write_test"
+                probe.write_text("ok")
+                probe.unlink()
         except OSError as exc:
             raise DiffrunError(
                 f"run directory {self.run_dir} is not writable ({exc.strerror or exc}); "
                 f"set hydra.run.dir (or hydra.sweep.dir) to a writable location with free space"
             ) from exc
-        self.rank, self.world_size = 0, 1
-        self.device = resolve_device(cfg.device)
+        if cfg.train.batch_size % self.world_size:
+            raise ConfigError(f"train.batch_size={cfg.train.batch_size} is the global batch and must be divisible by the "
+                              f"{self.world_size} ranks (each draws batch_size / world_size)")
+        self.local_batch_size = cfg.train.batch_size // self.world_size
+        self.device = distributed.rank_device(resolve_device(cfg.device), ranks)
         self.autocast_dtype, use_scaler = resolve_precision(cfg.precision, self.device)
-        seed_everything(cfg.seed + self.rank, cfg.deterministic)
+        seed_everything(cfg.seed, cfg.deterministic)   # the same model init on every rank
         if self.device.type == "cuda" and not cfg.deterministic:
             torch.backends.cudnn.benchmark = True   # fixed shapes: cuDNN times its conv algorithms once, keeps the fastest
 
@@ -74,7 +81,13 @@ class Trainer:
         if cfg.train.channels_last:
             self.denoiser = self.denoiser.to(memory_format=torch.channels_last)
         self.ema = EMA(self.denoiser, cfg.ema.decay, cfg.ema.warmup)
-        self.model = torch.compile(self.denoiser) if cfg.train.compile else self.denoiser
+        self.model = self.denoiser
+        if self.world_size > 1:  # gradients averaged over ranks; DDP also broadcasts rank 0's weights
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.model = DistributedDataParallel(self.denoiser, device_ids=[self.device] if self.device.type == "cuda" else None)
+            seed_everything(cfg.seed + self.rank)         # data and noise: a different stream per rank
+        self.model = torch.compile(self.model) if cfg.train.compile else self.model
         self.strategy = build(cfg.weighting, _keep_meta=("name", "citation"))
         self.strategy.bind(self.schedule, cfg.model.prediction, cfg.model.sigma_data).to(self.device)
 
@@ -109,9 +122,10 @@ class Trainer:
             "lr_schedule": self.lr_schedule.state_dict(),
             "scaler": self.scaler.state_dict(),
             "strategy": self.strategy.state_dict(),
-            "stats_sums": self.stats.sums.cpu(),
+            "stats_sums": distributed.summed(self.stats.sums).cpu(),  # unflushed window, summed over ranks
             "nonfinite_total": self.nonfinite_total + int(self._nonfinite),
             "rng": rng_state(),
+            "rng_per_rank": distributed.gather_objects(rng_state()) if self.world_size > 1 else None,
             "config": OmegaConf.to_container(self.cfg, resolve=True),
         }
 
@@ -123,12 +137,22 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.strategy.load_state_dict(state["strategy"])
         self.stats.sums.copy_(state["stats_sums"].to(self.device))
+        if self.rank != 0:
+            self.stats.sums.zero_()  # saved already summed over ranks: count them once
         self.step, self.images_seen = state["step"], state["images_seen"]
         self.nonfinite_total = state.get("nonfinite_total", 0)
-        set_rng_state(state["rng"])
+        per_rank = state.get("rng_per_rank")
+        if self.world_size == 1:
+            set_rng_state(state["rng"])
+        elif per_rank is not None and len(per_rank) == self.world_size:
+            set_rng_state(per_rank[self.rank])
+        else:  # world size changed since the checkpoint: fresh, distinct streams per rank
+            seed_everything(self.cfg.seed + self.rank + 1_000_003 * self.step)
 
     def save_checkpoint(self) -> Path:
-        state = self.state_dict()
+        state = self.state_dict()  # under DDP a collective: every rank calls this at the same step
+        if self.rank != 0:
+            return self.checkpoints.directory / f"ckpt_{self.step:08d}.pt"
         path = self.checkpoints.save(state, self.step)
         log.info("saved checkpoint %s", path)
         return path
@@ -156,7 +180,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------
     def train_step(self) -> None:
         cfg = self.cfg.train
-        x0 = self.data.batch(cfg.batch_size)
+        x0 = self.data.batch(self.local_batch_size)    # batch_size is global: batch_size / world_size per rank
         if cfg.channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
         draw = self.strategy.sample(x0)
@@ -209,6 +233,11 @@ class Trainer:
     # logging, sampling
     # ------------------------------------------------------------------------------------------------
     def flush(self, window_steps: int, window_seconds: float) -> dict:
+        if self.world_size > 1:  # rank means of the loss sums; per-bin statistics and skip counts summed/maxed
+            distributed.all_reduce_(self._acc).div_(self.world_size)
+            distributed.all_reduce_(self._nonfinite, "max")
+            distributed.all_reduce_(self._first_bad_step, "max")
+            self.stats.reduce_(distributed.all_reduce_)
         acc = (self._acc / max(1, window_steps)).tolist()
         self._acc.zero_()
         nonfinite = int(self._nonfinite)
@@ -260,7 +289,7 @@ class Trainer:
 
     def sample_grid(self) -> Path | None:
         cfg = self.cfg.sample
-        if cfg.num_images <= 0:
+        if cfg.num_images <= 0 or self.rank != 0:
             return None
         images = self.generate(cfg.num_images, cfg.steps, cfg.sampler, cfg.seed, cfg.eta)
         path = save_grid(images, self.run_dir / "samples" / f"step_{self.step:08d}.png")
@@ -273,15 +302,26 @@ class Trainer:
     # the loop
     # ------------------------------------------------------------------------------------------------
     def write_status(self, state: str, **extra) -> None:
+        if self.rank != 0:
+            return
         atomic_write_json(self.run_dir / "status.json", {"state": state, "step": self.step,
                                                          "total_steps": self.cfg.train.steps, **extra})
 
+    def stop_requested(self, interrupt: GracefulInterrupt) -> bool:
+        """A signal arrived (on any rank: under DDP the ranks agree every dist.interrupt_check_every steps)."""
+        if self.world_size == 1:
+            return interrupt.requested
+        if self.step % self.cfg.dist.interrupt_check_every:
+            return False
+        return distributed.any_rank(interrupt.requested, self.device)
+
     def fit(self) -> dict:
         cfg = self.cfg
-        (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        atomic_write_json(self.run_dir / "provenance.json", provenance())
+        if self.rank == 0:
+            (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+            atomic_write_json(self.run_dir / "provenance.json", provenance())
         resumed = self.maybe_resume()
-        self.metrics = JsonlWriter(self.run_dir / "metrics.jsonl")
+        self.metrics = JsonlWriter(self.run_dir / "metrics.jsonl") if self.rank == 0 else None
         log.info("run %s: %s on %s, %s, %d params, strategy %s, %s",
                  cfg.name, cfg.dataset.name, self.device, self.autocast_dtype or "fp32",
                  sum(p.numel() for p in self.denoiser.parameters()), self.strategy.describe(),
@@ -289,7 +329,7 @@ class Trainer:
         self.write_status("running")
         self.denoiser.train()
         progress = None
-        if cfg.train.progress:
+        if cfg.train.progress and self.rank == 0:
             from tqdm.auto import tqdm
             progress = tqdm(total=cfg.train.steps, initial=self.step, desc=cfg.name, unit="step", dynamic_ncols=True)
         last_record: dict = {}
@@ -316,12 +356,14 @@ class Trainer:
                     for cb in self.callbacks:
                         if not done and hasattr(cb, "on_step"):
                             cb.on_step(self)
-                    if interrupt.requested and not done:
+                    if not done and self.stop_requested(interrupt):
                         self.save_checkpoint()
                         self.write_status("interrupted", signal=interrupt.signum)
                         if progress is not None:
                             progress.close()
-                        interrupt.resume_default()
+                        distributed.barrier()
+                        interrupt.resume_default()  # chains to submitit (requeue) or exits; returns on a rank that got no signal
+                        return {"step": self.step, "interrupted": True}
             if progress is not None:
                 progress.close()
             self.save_checkpoint()

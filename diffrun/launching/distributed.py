@@ -1,0 +1,234 @@
+"""Data-parallel training (torch DDP): who this process is, how many ranks there are, the process group.
+
+Three ways to get several ranks; all end in the same env-based `init_process_group`:
+
+    torchrun --nproc_per_node=2 -m diffrun.cli ...      RANK, WORLD_SIZE, LOCAL_RANK (+ MASTER_ADDR/PORT)
+    srun, e.g. hydra/launcher=slurm_gpu                  SLURM_PROCID, SLURM_STEP_NUM_TASKS, SLURM_LOCALID
+        hydra.launcher.tasks_per_node=4
+    diffrun dist.devices=2                               this process is rank 0 and starts ranks 1..N-1
+
+The contract (see docs/sweeps.md): `train.batch_size` is the *global* batch, each rank draws
+batch_size / world_size images; the model is initialised identically on every rank (same seed; DDP
+also broadcasts rank 0's weights), data and noise use seed + rank; only rank 0 writes files
+(checkpoints, metrics, samples, statistics, status); per-bin statistics and loss sums are summed
+over ranks before they are written. Backend: nccl on CUDA, gloo on CPU.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+RANK_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+_current = DistInfo()
+_owns_group = False
+
+
+def env_info() -> DistInfo:
+    """The ranks the launcher asked for: torchrun's variables first, then an srun step's."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return DistInfo(int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"]))
+    # SLURM_STEP_NUM_TASKS exists inside `srun` only: a batch script with --ntasks=N that runs
+    # python directly (one process) must not wait for N-1 ranks that never come.
+    if "SLURM_STEP_NUM_TASKS" in env and "SLURM_PROCID" in env:
+        return DistInfo(int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), int(env["SLURM_STEP_NUM_TASKS"]))
+    return DistInfo()
+
+
+def info() -> DistInfo:
+    """This process's rank info once `init` ran (single process otherwise)."""
+    return _current
+
+
+def backend_for(name: str, device: torch.device) -> str:
+    name = str(getattr(name, "value", name))
+    if name == "auto":
+        return "nccl" if device.type == "cuda" else "gloo"
+    return name
+
+
+def rank_device(device: torch.device, rank_info: DistInfo) -> torch.device:
+    """`cuda` means this rank's GPU (LOCAL_RANK) under DDP; explicit `cuda:N` is kept."""
+    if device.type == "cuda" and device.index is None and rank_info.enabled:
+        return torch.device("cuda", rank_info.local_rank % max(1, torch.cuda.device_count()))
+    return device
+
+
+def _slurm_rendezvous() -> tuple[str, int] | None:
+    """MASTER_ADDR/PORT for an srun step: its first node, a port derived from the job id (as slurm_gpu.yaml)."""
+    if "SLURM_JOB_ID" not in os.environ:
+        return None
+    try:
+        import submitit
+
+        host = submitit.JobEnvironment().hostnames[0]
+    except Exception:  # not under submitit, or an unparsable node list
+        host = os.environ.get("SLURMD_NODENAME", "127.0.0.1")
+    return host, 20000 + int(os.environ["SLURM_JOB_ID"]) % 20000
+
+
+def init(device: torch.device, backend: str = "auto", timeout_s: float = 1800.0) -> DistInfo:
+    """Join the process group the environment describes (no-op for one process). Returns the rank info."""
+    global _current, _owns_group
+    wanted = env_info()
+    if not wanted.enabled:
+        _current = DistInfo()
+        return _current
+    if not dist.is_initialized():
+        rendezvous = _slurm_rendezvous()
+        if rendezvous is not None:
+            os.environ.setdefault("MASTER_ADDR", rendezvous[0])
+            os.environ.setdefault("MASTER_PORT", str(rendezvous[1]))
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29500")
+        name = backend_for(backend, device)
+        if name == "nccl":
+            torch.cuda.set_device(rank_device(device, wanted))
+        dist.init_process_group(name, init_method="env://", rank=wanted.rank, world_size=wanted.world_size,
+                                timeout=timedelta(seconds=timeout_s))
+        _owns_group = True
+        log.info("rank %d/%d (local %d) joined the %s process group at %s:%s", wanted.rank, wanted.world_size,
+                 wanted.local_rank, name, os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"])
+    _current = wanted
+    return _current
+
+
+def teardown() -> None:
+    global _current, _owns_group
+    if _owns_group and dist.is_initialized():
+        dist.destroy_process_group()
+    _current, _owns_group = DistInfo(), False
+
+
+@contextlib.contextmanager
+def session(device: torch.device, backend: str = "auto", timeout_s: float = 1800.0) -> Iterator[DistInfo]:
+    try:
+        yield init(device, backend, timeout_s)
+    finally:
+        teardown()
+
+
+# --------------------------------------------------------------------------------------------------
+# collectives: no-ops for one process
+# --------------------------------------------------------------------------------------------------
+def all_reduce_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    if _current.enabled:
+        dist.all_reduce(tensor, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
+    return tensor
+
+
+def summed(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy of `tensor` summed over ranks (the tensor itself is left alone)."""
+    return all_reduce_(tensor.clone())
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank if `flag` is True on any rank (a host sync: call it sparingly)."""
+    if not _current.enabled:
+        return flag
+    return bool(all_reduce_(torch.tensor([int(flag)], device=device), "max").item())
+
+
+def gather_objects(obj) -> list:
+    """[obj of rank 0, obj of rank 1, ...] on every rank."""
+    if not _current.enabled:
+        return [obj]
+    out = [None] * _current.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier() -> None:
+    if _current.enabled:
+        dist.barrier()
+
+
+# --------------------------------------------------------------------------------------------------
+# dist.devices=N: this process becomes rank 0 and starts ranks 1..N-1 on this machine
+# --------------------------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _local_rank_main(rank: int, world_size: int, port: int, target: str, args: tuple) -> None:
+    # Signals belong to rank 0 (Ctrl-C, SLURM's USR2 via submitit): it tells the others to stop at the
+    # next agreed step (Trainer.stop_requested), so this process ignores them.
+    from diffrun.training.interrupt import GracefulInterrupt
+
+    GracefulInterrupt.install_handlers = False
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_IGN)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    logging.basicConfig(level=logging.WARNING, format=f"[rank {rank}][%(levelname)s] %(name)s: %(message)s")
+    module, _, function = target.partition(":")
+    getattr(importlib.import_module(module), function)(*args)
+
+
+@contextlib.contextmanager
+def local_ranks(world_size: int, target: str, args: tuple, join_timeout_s: float = 120.0) -> Iterator[DistInfo]:
+    """Run the body as rank 0 of `world_size` local ranks; `target(*args)` runs in each of the others
+    (`target` is "module:function", importable in a fresh interpreter; `args` must pickle).
+
+    The environment (RANK, WORLD_SIZE, MASTER_PORT, ...) is restored afterwards, so the next job of a
+    multirun in this process starts clean. A rank that fails makes the whole group fail.
+    """
+    saved = {k: os.environ.get(k) for k in RANK_ENV}
+    port = free_port()
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_local_rank_main, args=(r, world_size, port, target, args), daemon=False,
+                         name=f"diffrun-rank{r}") for r in range(1, world_size)]
+    os.environ.update(RANK="0", WORLD_SIZE=str(world_size), LOCAL_RANK="0", LOCAL_WORLD_SIZE=str(world_size),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    ok = False
+    try:
+        for p in procs:
+            p.start()
+        yield DistInfo(0, 0, world_size)
+        ok = True
+    finally:
+        for p in procs:
+            p.join(join_timeout_s if ok else 10.0)
+            if p.is_alive():
+                log.warning("%s did not exit; terminating it", p.name)
+                p.terminate()
+                p.join(10.0)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    failed = [f"{p.name} (exit code {p.exitcode})" for p in procs if p.exitcode != 0]
+    if failed:
+        raise RuntimeError(f"distributed training failed on {', '.join(failed)}; see the messages above")
