@@ -317,7 +317,7 @@ def test_smoke_sweep_report_end_to_end(tmp_path):
     sweep = tmp_path / "smoke"
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "diffrun.cli", "-m", "experiment=smoke", f"hydra.sweep.dir={sweep}",
-           "eval.enabled=false", "train.steps=20", "checkpoint.every_steps=10",
+           "eval.enabled=false", "train.steps=20", "checkpoint.every_steps=10", "optimizer.warmup_steps=5",
            # smaller than the preset so the test stays well under a minute on 2 shared cores
            "train.batch_size=8", "train.log_every=5", "sample.num_images=4", "sample.steps=2", "device=cpu"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -341,3 +341,6 @@ def test_smoke_sweep_report_end_to_end(tmp_path):
     ref = stats.ttest_ind(t["min_snr"]["loss"], t["uniform"]["loss"], equal_var=False)
     assert c["strategy"] == "min_snr" and c["p"] == pytest.approx(ref.pvalue, rel=1e-12)
     assert (sweep / "report" / "loss_curves.png").stat().st_size > 0
+    # the per-log-SNR figures come from the logsnr_stats.npz files the real runs wrote
+    assert "no logsnr_stats.npz" not in report
+    assert len(list((sweep / "report").glob("*.png"))) >= 5

@@ -187,6 +187,8 @@ def load_stats(path: Path) -> Optional[dict]:
             data = {k: np.asarray(npz[k]) for k in npz.files}
     except Exception:  # a torn file from a killed job reads as absent; the report says so
         return None
+    if "steps" not in data and "step" in data:  # the writer (monitoring/stats_writer.py) names it `step`
+        data["steps"] = data["step"]
     if "steps" not in data or "centers" not in data or "count" not in data:
         return None
     steps = np.asarray(data["steps"]).reshape(-1)
