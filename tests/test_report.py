@@ -58,7 +58,7 @@ def write_npz(job: Path, strategy: str, seed: int, flushes: int = 10, bins: int 
     weight = np.minimum(np.exp(centers), 5.0) / np.exp(centers) if strategy == "min_snr" else np.ones(bins)
     has, has2 = count > 0, count > 1
     nan = np.full_like(count, np.nan)
-    np.savez(job / "logsnr_stats.npz", steps=steps, edges=edges, centers=centers, count=count,
+    np.savez(job / "logsnr_stats.npz", step=steps, edges=edges, centers=centers, count=count,
              loss_mean=np.where(has, loss_mean, nan), loss_var=np.where(has2, 0.3 * loss_mean ** 2, nan),
              wloss_mean=np.where(has, loss_mean * weight, nan),
              wloss_var=np.where(has2, 0.3 * (loss_mean * weight) ** 2, nan),

@@ -23,8 +23,9 @@ from diffrun.errors import DiffrunError
 from diffrun.monitoring.metrics import read_jsonl
 
 JOB_DIR = re.compile(r"^(?P<num>\d+)_(?P<strategy>.+)_seed(?P<seed>-?\d+)$")
-NPZ_NAME = "logsnr_stats.npz"
-STATS_KEYS = ("count", "loss_mean", "loss_var", "wloss_mean", "wloss_var", "weight_mean")
+from diffrun.monitoring.stats_writer import FILENAME as NPZ_NAME  # one owner of the file format
+from diffrun.monitoring.stats_writer import PER_BIN as STATS_KEYS
+from diffrun.monitoring.stats_writer import load_stats as read_stats_file
 
 
 class ReportError(DiffrunError):
@@ -183,18 +184,15 @@ def load_stats(path: Path) -> Optional[dict]:
     if not path.exists():
         return None
     try:
-        with np.load(path) as npz:
-            data = {k: np.asarray(npz[k]) for k in npz.files}
+        data = read_stats_file(path)
     except Exception:  # a torn file from a killed job reads as absent; the report says so
         return None
-    if "steps" not in data and "step" in data:  # the writer (monitoring/stats_writer.py) names it `step`
-        data["steps"] = data["step"]
-    if "steps" not in data or "centers" not in data or "count" not in data:
+    if "step" not in data or "centers" not in data or "count" not in data:
         return None
-    steps = np.asarray(data["steps"]).reshape(-1)
+    steps = np.asarray(data["step"]).reshape(-1)
     order = np.argsort(steps, kind="stable")
     keep = [i for j, i in enumerate(order) if j == len(order) - 1 or steps[order[j + 1]] != steps[i]]
-    out = {"steps": steps[keep], "centers": np.asarray(data["centers"], dtype=float)}
+    out = {"step": steps[keep], "centers": np.asarray(data["centers"], dtype=float)}
     if "edges" in data:
         out["edges"] = np.asarray(data["edges"], dtype=float)
     else:

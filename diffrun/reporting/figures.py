@@ -201,7 +201,7 @@ def mean_over_seeds(runs: list[RunRecord], key: str) -> tuple[np.ndarray, np.nda
     for r in runs:
         if key not in r.stats:
             continue
-        for s, row in zip(r.stats["steps"], r.stats[key]):
+        for s, row in zip(r.stats["step"], r.stats[key]):
             by_step.setdefault(int(s), []).append(row)
     steps = np.array(sorted(by_step))
     with warnings.catch_warnings():
