@@ -37,15 +37,20 @@ class Oracle(torch.nn.Module):
         return self.value
 
 
-@pytest.mark.parametrize("prediction", ["eps", "x0", "v", "edm"])
-def test_target_roundtrip(prediction):
-    torch.manual_seed(0)
+def noisy_batch(prediction, logsnr, seed):
+    """x0, ε, z = α x0 + σ ε and the Denoiser's regression target F* at the given λ."""
+    torch.manual_seed(seed)
     x0, eps = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)
-    lam = torch.tensor([-6.0, -1.0, 2.0, 7.0])
+    lam = torch.tensor(logsnr)
     den = Denoiser(Oracle(), prediction)
     a, s = (c.view(-1, 1, 1, 1) for c in (torch.sigmoid(lam).sqrt(), torch.sigmoid(-lam).sqrt()))
     z = a * x0 + s * eps
-    target = den.target(x0, eps, z, lam)
+    return den, x0, eps, z, lam, den.target(x0, eps, z, lam)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v", "edm"])
+def test_target_roundtrip(prediction):
+    den, x0, eps, z, lam, target = noisy_batch(prediction, [-6.0, -1.0, 2.0, 7.0], seed=0)
     x0_hat, eps_hat = den.predict_x0_eps(z, lam, target)  # a perfect network outputs the target
     torch.testing.assert_close(x0_hat, x0, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(eps_hat, eps, atol=1e-4, rtol=1e-4)
@@ -54,13 +59,7 @@ def test_target_roundtrip(prediction):
 @pytest.mark.parametrize("prediction", ["eps", "v", "edm"])
 def test_loss_ratio_matches_algebra(prediction):
     """‖F − F*‖² = r(λ)·‖x̂0 − x0‖² for a perturbed output, per sample."""
-    torch.manual_seed(1)
-    x0, eps = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)
-    lam = torch.tensor([-5.0, -0.5, 1.5, 6.0])
-    den = Denoiser(Oracle(), prediction)
-    a, s = (c.view(-1, 1, 1, 1) for c in (torch.sigmoid(lam).sqrt(), torch.sigmoid(-lam).sqrt()))
-    z = a * x0 + s * eps
-    target = den.target(x0, eps, z, lam)
+    den, x0, eps, z, lam, target = noisy_batch(prediction, [-5.0, -0.5, 1.5, 6.0], seed=1)
     out = target + 0.1 * torch.randn_like(target)
     x0_hat, _ = den.predict_x0_eps(z, lam, out)
     loss_f = (out - target).square().mean(dim=(1, 2, 3))
