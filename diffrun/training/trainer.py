@@ -58,6 +58,9 @@ class Trainer:
             raise ConfigError(f"train.batch_size={cfg.train.batch_size} is the global batch and must be divisible by the "
                               f"{self.world_size} ranks (each draws batch_size / world_size)")
         self.local_batch_size = cfg.train.batch_size // self.world_size
+        # plain Python copies of the keys train_step reads: OmegaConf lookups cost microseconds each, every step
+        self.channels_last = cfg.train.channels_last
+        self.grad_clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")  # 0 disables clipping
         self.device = distributed.rank_device(resolve_device(cfg.device), ranks)
         self.autocast_dtype, use_scaler = resolve_precision(cfg.precision, self.device)
         seed_everything(cfg.seed, cfg.deterministic)   # the same model init on every rank
@@ -179,9 +182,8 @@ class Trainer:
     # one step
     # ------------------------------------------------------------------------------------------------
     def train_step(self) -> None:
-        cfg = self.cfg.train
         x0 = self.data.batch(self.local_batch_size)    # batch_size is global: batch_size / world_size per rank
-        if cfg.channels_last:
+        if self.channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
         draw = self.strategy.sample(x0)
         eps = torch.randn_like(x0)
@@ -203,8 +205,7 @@ class Trainer:
         self.strategy.on_before_update(self.denoiser, x0, self.step)
         self.scaler.scale(total).backward()
         self.scaler.unscale_(self.optimizer)
-        clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.denoiser.parameters(), clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.denoiser.parameters(), self.grad_clip)
         bad = ~(torch.isfinite(grad_norm) & torch.isfinite(total))
         if self.scaler.is_enabled():
             self.scaler.step(self.optimizer)   # fp16: the scaler skips inf/NaN steps itself
