@@ -104,13 +104,21 @@ def _probe(partition: str | None, timeout: float) -> tuple[bool, str]:
     return True, f"nodes {','.join(usable)} usable; partitions {','.join(parts)}"
 
 
-def require_slurm(partition: str | None = None) -> None:
-    """``pytest.skip`` the calling test (with the reason) unless SLURM is usable."""
+def skip_or_fail(reason: str) -> None:
+    """Skip with the reason; fail instead where SLURM was set up on purpose (``.ci/run`` sets
+    DIFFRUN_REQUIRE_SLURM=1 once its cluster is up), so a cluster that died mid-suite cannot pass as a skip."""
     import pytest
 
+    if os.environ.get("DIFFRUN_REQUIRE_SLURM") == "1":
+        pytest.fail(f"DIFFRUN_REQUIRE_SLURM=1 but {reason}")
+    pytest.skip(reason)
+
+
+def require_slurm(partition: str | None = None) -> None:
+    """``pytest.skip`` the calling test (with the reason) unless SLURM is usable."""
     ok, reason = slurm_available(partition)
     if not ok:
-        pytest.skip(f"SLURM unavailable: {reason}")
+        skip_or_fail(f"SLURM unavailable: {reason}")
 
 
 @dataclass(frozen=True)

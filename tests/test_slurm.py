@@ -18,7 +18,7 @@ from diffrun.reporting.collect import collect_sweep
 from diffrun.training.checkpoint import CheckpointManager
 
 from conftest import FAST
-from slurm_utils import list_jobs, release_held_jobs, require_slurm, slurm_job_scope
+from slurm_utils import list_jobs, release_held_jobs, require_slurm, skip_or_fail, slurm_job_scope
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 # Jobs inherit this environment (sbatch --export=ALL): one torch thread per 1-CPU job.
@@ -136,7 +136,7 @@ def test_slurm_scancel_sigterm_checkpoints_and_rerun_resumes(tmp_path):
     """Plain `scancel` (SIGTERM; submitit ignores it, so no requeue): the run checkpoints and exits, the
     launcher reports the cancelled job, and the same command (same sweep dir) resumes it."""
     if subprocess.run(["sacct", "-n", "-X", "-j", "1"], capture_output=True, timeout=30).returncode != 0:
-        pytest.skip("needs SLURM accounting (slurm_local_cluster.sh --accounting): without sacct, submitit "
+        skip_or_fail("needs SLURM accounting (slurm_local_cluster.sh --accounting): without sacct, submitit "
                     "never learns that a cancelled job ended and the launcher waits forever")
     steps = 400
     sweep = tmp_path / "sweep"

@@ -22,6 +22,7 @@ import multiprocessing
 import os
 import signal
 import socket
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -122,19 +123,27 @@ def init(device: torch.device, backend: str = "auto", timeout_s: float = 1800.0)
     return _current
 
 
-def teardown() -> None:
+def teardown(synchronize: bool = True) -> None:
+    """Leave the process group. With `synchronize`, every rank first waits at a barrier, so no rank
+    destroys its half of a connection while another still has work in flight on it (a gloo rank that
+    loses its peer mid-operation aborts the whole process). A failing rank skips the barrier: the
+    others would wait for it until the timeout."""
     global _current, _owns_group
     if _owns_group and dist.is_initialized():
+        if synchronize and _current.enabled:
+            dist.barrier()
         dist.destroy_process_group()
     _current, _owns_group = DistInfo(), False
 
 
 @contextlib.contextmanager
 def session(device: torch.device, backend: str = "auto", timeout_s: float = 1800.0) -> Iterator[DistInfo]:
+    ok = False
     try:
         yield init(device, backend, timeout_s)
+        ok = True
     finally:
-        teardown()
+        teardown(synchronize=ok)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -194,6 +203,13 @@ def _local_rank_main(rank: int, world_size: int, port: int, target: str, args: t
     logging.basicConfig(level=logging.WARNING, format=f"[rank {rank}][%(levelname)s] %(name)s: %(message)s")
     module, _, function = target.partition(":")
     getattr(importlib.import_module(module), function)(*args)
+    # The work is done and this rank writes no files. Leave without interpreter finalisation: gloo's
+    # C++ threads torn down by static destructors can abort ("terminate called without an active
+    # exception", pytorch/pytorch#190489) and turn a finished run into a failed one.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 @contextlib.contextmanager
