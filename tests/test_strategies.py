@@ -25,7 +25,7 @@ SCHEDULES = {
     "edm": EDMSchedule,
 }
 # CPU-sized overrides so that every config can run its per-step path quickly
-SMALL = {"importance": {"num_timesteps": 100}, "adaptive_timestep": {"num_timesteps": 50, "in_channels": 1}}
+SMALL = {"importance": {"num_timesteps": 100}, "speed": {"num_timesteps": 100}, "adaptive_timestep": {"num_timesteps": 50, "in_channels": 1}}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -129,6 +129,7 @@ LIMITS = {  # name: {space: (limit at λ = −∞, limit at λ = +∞)}
     "snr_plus_one": {"x0": (1, INF), "eps": (INF, 1), "v": (1, 1), "edm": (0.25, 1)},
     "soft_min_snr": {"x0": (0, 4), "eps": (1, 0), "v": (0, 0), "edm": (0, 0)},
     "p2": {"x0": (0, 1), "eps": (1, 0), "v": (0, 0), "edm": (0, 0)},
+    "speed": {"x0": (0, 1), "eps": (1, 0), "v": (0, 0), "edm": (0, 0)},              # P2 with k = 1, γ = 1
     "debiased": {"x0": (0, INF), "eps": (INF, 0), "v": (0, 0), "edm": (0, 0)},
     "edm": {"x0": (4, INF), "eps": (INF, 1), "v": (4, 1), "edm": (1, 1)},
     "sigmoid": {"x0": (0, math.exp(2)), "eps": (1, 0), "v": (0, 0), "edm": (0, 0)},   # b = 2: x0-space → e^b
@@ -166,11 +167,13 @@ def test_uniform_t_density_is_one_over_dlambda_dt(schedule):
     torch.testing.assert_close(S.uniform_t_log_density(sched, sched.logsnr(t)).exp(), 1 / dldt.abs(), rtol=1e-4, atol=0)
 
 
-@pytest.mark.parametrize("path", [CONF / "uniform.yaml", CONF / "lognormal.yaml", CONF / "logit_normal.yaml"],
+@pytest.mark.parametrize("path", [CONF / "uniform.yaml", CONF / "lognormal.yaml", CONF / "logit_normal.yaml",
+                                  CONF / "speed.yaml"],
                          ids=lambda p: p.stem)
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
 def test_log_density_is_a_density_and_matches_draws(path, schedule):
-    s = bound(load(path), "eps", SCHEDULES[schedule]())
+    # speed draws T discrete λ; its density is the continuous-t approximation, close at the config's T only
+    s = bound(load(path, **({"num_timesteps": 1000} if path.stem == "speed" else {})), "eps", SCHEDULES[schedule]())
     grid = torch.linspace(-40, 40, 40001, dtype=torch.float64)
     p = s.log_density(grid).exp()
     mass = torch.trapezoid(p, grid).item()
@@ -487,3 +490,57 @@ def test_adaptive_timestep_kl_matches_the_ddpm_posterior():
         p = torch.distributions.Normal(coef_x0 * x0_hat + coef_z * z, v(p_var.sqrt()).expand_as(z))
         want = torch.distributions.kl_divergence(q, p).flatten(1).mean(1) / math.log(2)
         torch.testing.assert_close(got, want, rtol=2e-3, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# SpeeD (Wang et al. 2024): τ, the two-level density, dual draws
+# ------------------------------------------------------------------------------------------------
+def test_speed_threshold_matches_the_official_rule_on_ddpm_betas():
+    """τ = argmax(np.gradient(√(1 − ᾱ)) < 1e-4) + 1 on DDPM's linear betas (NUS-HPC-AI-Lab/SpeeD), from
+    the betas directly, against ours from the λ-table of the linear schedule."""
+    alpha_bar = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))
+    want = int(np.argmax(np.gradient(np.sqrt(1 - alpha_bar)) < 1e-4)) + 1
+    s = bound(load(CONF / "speed.yaml", num_timesteps=1000), "eps", LinearSchedule())
+    assert s.tau == want == 642
+
+
+def test_speed_density_has_two_levels_k_apart():
+    s = bound(S.SpeeD(num_timesteps=1000, suppression=5.0, dual_sampling=False), "eps", LinearSchedule())
+    T, tau, k = 1000, s.tau, 5.0
+    p = s.probs.double()
+    torch.testing.assert_close(p[:tau], torch.full((tau,), k / (T + tau * (k - 1)), dtype=torch.float64))
+    torch.testing.assert_close(p[tau:], torch.full((T - tau,), 1 / (T + tau * (k - 1)), dtype=torch.float64))
+    assert abs(p.sum().item() - 1) < 1e-6
+    flat = bound(S.SpeeD(num_timesteps=1000, suppression=1.0, dual_sampling=False), "eps", LinearSchedule())
+    torch.testing.assert_close(flat.probs, torch.full((1000,), 1e-3))          # k = 1: uniform
+
+
+def test_speed_duals_by_hand():
+    s = bound(S.SpeeD(num_timesteps=1000), "eps", LinearSchedule())            # τ = 642
+    got = s.dual(torch.tensor([0, 5, 641, 642, 700, 999]))
+    assert got.tolist() == [642, 637, 1, 0, 58, 357]
+
+
+def test_speed_draws_follow_the_batch_marginal():
+    """Half the batch from P, the rest their duals: timestep frequencies over many batches match
+    `marginal(batch)` (total-variation distance of a 64k-draw histogram)."""
+    torch.manual_seed(0)
+    s = bound(S.SpeeD(num_timesteps=50), "eps", LinearSchedule())
+    batch = 64
+    counts = torch.zeros(50, dtype=torch.float64)
+    for _ in range(1000):
+        d = s.sample(torch.zeros(batch, 1, 1, 1))
+        counts.index_add_(0, d.index, torch.ones(batch, dtype=torch.float64))
+        assert torch.equal(d.logsnr, s.logsnr_table[d.index]) and torch.all(d.proposal_weight == 1)
+    tv = 0.5 * (counts / counts.sum() - s.marginal(batch)).abs().sum().item()
+    assert tv < 0.02, tv
+    assert 0 < s.tau < 50 and (s.marginal(batch)[: s.tau].mean() > s.marginal(batch)[s.tau:].mean())
+
+
+def test_speed_weight_is_p2_and_rejects_bad_values():
+    s = bound(load(CONF / "speed.yaml"), "eps", LinearSchedule())
+    x = lam(*L)
+    torch.testing.assert_close(s.weight_in("eps", x), 1 / (1 + x.exp()), rtol=1e-5, atol=0)
+    for bad in ({"suppression": 0.5}, {"epsilon": 0.0}, {"num_timesteps": 1}, {"p2_k": 0.0}):
+        with pytest.raises(Exception, match="weighting\\."):
+            S.SpeeD(**bad)
