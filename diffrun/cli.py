@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -17,11 +16,12 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from diffrun import conf_dir
 from diffrun.config import DistConfig, register_configs
 from diffrun.errors import DiffrunError
 
 log = logging.getLogger("diffrun")
-CONF_DIR = os.environ.get("DIFFRUN_CONF", str(Path(__file__).resolve().parent.parent / "conf"))
+CONF_DIR = str(conf_dir())
 
 register_configs()
 

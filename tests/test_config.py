@@ -1,4 +1,5 @@
 """Every config group option composes and instantiates; bad values fail early with the key named."""
+import os
 from pathlib import Path
 
 import pytest
@@ -97,3 +98,26 @@ def test_cli_prints_config(tmp_path):
                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "gamma: 5.0" in out.stdout and "name: digits" in out.stdout
+
+
+def test_installed_wheel_carries_the_configs(tmp_path):
+    """`pip install .` (not editable) must work too: the wheel ships conf/ as diffrun/conf, and the CLI
+    composes from it with no checkout in sight."""
+    import subprocess, sys
+    repo = Path(__file__).resolve().parents[1]
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    built = subprocess.run([*pip, "wheel", str(repo), "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "wheel")],
+                           capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr
+    (wheel,) = (tmp_path / "wheel").glob("diffrun-*.whl")
+    installed = subprocess.run([*pip, "install", "--no-deps", "--target", str(tmp_path / "site"), str(wheel)],
+                               capture_output=True, text=True, timeout=300)
+    assert installed.returncode == 0, installed.stderr
+    shipped = sorted(p.relative_to(tmp_path / "site" / "diffrun" / "conf") for p in (tmp_path / "site" / "diffrun" / "conf").rglob("*.yaml"))
+    assert shipped == sorted(p.relative_to(CONF_DIR) for p in Path(CONF_DIR).rglob("*.yaml"))
+    env = {k: v for k, v in os.environ.items() if k != "DIFFRUN_CONF"} | {"PYTHONPATH": str(tmp_path / "site")}
+    out = subprocess.run([sys.executable, "-c", "import diffrun, sys; sys.argv = ['diffrun', '--cfg', 'job', 'weighting=speed']; "
+                          "print(diffrun.__file__); import diffrun.cli; diffrun.cli.main()"],
+                         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(str(tmp_path / "site")) and "suppression: 5.0" in out.stdout

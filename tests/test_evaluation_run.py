@@ -36,6 +36,7 @@ def test_fid_unavailable_is_skipped_with_reason(make_cfg, tmp_path, monkeypatch)
     summary = train(make_cfg(EVAL), tmp_path / "skip")
     status = json.loads((tmp_path / "skip" / "status.json").read_text())
     assert status["state"] == "finished" and "weights-inception-2015-12-05" in status["fid_skipped"]
+    assert "fid" not in summary and summary["fid_skipped"] == status["fid_skipped"]
     with pytest.raises(InceptionWeightsUnavailable):
         train(make_cfg([*EVAL, "eval.on_unavailable=fail"]), tmp_path / "fail")
     assert json.loads((tmp_path / "fail" / "status.json").read_text())["state"] == "failed"

@@ -34,7 +34,6 @@ def test_nan_skip_counts_and_continues(make_cfg, tmp_path):
     cfg = make_cfg(["train.steps=9", "train.max_skipped_fraction=0.5", "sample.num_images=0"])
     trainer = Trainer(cfg, tmp_path)
     nan_at(trainer, {4})
-    before = None
     trainer.fit()
     records = read_jsonl(tmp_path / "metrics.jsonl")
     assert records[-1]["nonfinite_steps"] == 1
@@ -141,7 +140,7 @@ def test_signal_checkpoints_and_resume_finishes(tmp_path, sig):
     proc = cli(run, f"train.steps={stopped + 4}")
     out, _ = proc.communicate(timeout=180)
     assert proc.returncode == 0, out
-    assert f"resumed from" in out and f"at step {stopped}" in out
+    assert "resumed from" in out and f"at step {stopped}" in out
     assert json.loads((run / "status.json").read_text())["state"] == "finished"
 
 

@@ -11,7 +11,6 @@ import time
 
 import torch
 
-from diffrun.errors import DiffrunError
 from diffrun.evaluation.fid import compute_fid_kid_from_sampler
 from diffrun.evaluation.inception import InceptionWeightsUnavailable, resolve_inception_weights
 

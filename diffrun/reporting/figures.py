@@ -256,8 +256,8 @@ def plot_variance_heatmaps(analysis: Analysis, out_dir: Path, key: str = "loss_v
     name = f"{key}_heatmap.png"
     save(fig, out_dir / name)
     return Plot(name, f"Variance of the {what} per log-SNR bin vs step",
-                f"One panel per strategy, shared logarithmic colour scale (1st–99th percentile of all panels; "
-                f"beyond it: clipped). Each column is one logging window; grey = no sample in that bin.")
+                "One panel per strategy, shared logarithmic colour scale (1st–99th percentile of all panels; "
+                "beyond it: clipped). Each column is one logging window; grey = no sample in that bin.")
 
 
 def plot_logsnr_density(analysis: Analysis, out_dir: Path) -> Optional[Plot]:

@@ -4,20 +4,15 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
-import os
 from pathlib import Path
 from typing import Optional
 
+from diffrun import conf_dir
 from diffrun.reporting.collect import RunRecord, dotted, first_line, to_float
 from diffrun.reporting.figures import Plot
 from diffrun.reporting.stats import ALPHA, BOOTSTRAP_SAMPLES, BOOTSTRAP_SEED, Analysis, mean, std
 
 DASH = "—"
-
-
-def conf_dir() -> Path:
-    """The Hydra config folder (same rule as `diffrun.cli.CONF_DIR`, without importing Hydra)."""
-    return Path(os.environ.get("DIFFRUN_CONF", str(Path(__file__).resolve().parents[2] / "conf")))
 
 
 def preset_comment(experiment: Optional[str], root: Optional[Path] = None) -> Optional[str]:

@@ -6,7 +6,6 @@ step counter and the per-log-SNR statistics stay on the device and are read ever
 from __future__ import annotations
 
 import logging
-import math
 import time
 from pathlib import Path
 
