@@ -124,23 +124,36 @@ def fig_loss_curves(run: RunStats, steps=None) -> Figure:
     return fig
 
 
-def draw_variance_heatmap(ax, steps: np.ndarray, edges: np.ndarray, var: np.ndarray, colorbar_fig=None):
-    """Var[ℓ | λ] as an image: x = training step (each row spans the window before its flush), y = λ."""
+def robust_log_norm(values: np.ndarray) -> LogNorm | None:
+    """A log colour scale over the finite positive values, 1st–99th percentile when there are enough of them:
+    one odd bin must not wash out the rest. None when there is nothing to scale."""
+    finite = np.asarray(values, dtype=np.float64)
+    finite = finite[np.isfinite(finite) & (finite > 0)]
+    if finite.size == 0:
+        return None
+    lo, hi = np.percentile(finite, [1, 99]) if finite.size > 20 else (finite.min(), finite.max())
+    return LogNorm(vmin=lo, vmax=max(hi, lo * 1.0001))
+
+
+def draw_variance_heatmap(ax, steps: np.ndarray, edges: np.ndarray, var: np.ndarray, colorbar_fig=None,
+                          norm: LogNorm | None = None):
+    """Var[ℓ | λ] as an image: x = training step (each column spans the window before its flush), y = λ.
+    Grey = no estimate (fewer than 2 samples in the bin). `norm` shares one colour scale between panels;
+    by default the panel's own robust scale. Returns the mesh (None when no bin has an estimate)."""
     steps = np.asarray(steps, dtype=np.float64)
     x_edges = np.concatenate([[0.0 if steps[0] > 0 else -1.0], steps])
     values = np.ma.masked_invalid(_positive(var).T)                       # (bins, steps)
     ax.set_facecolor("0.88")
     ax.set(xlabel="training step", ylabel=LAMBDA)
-    if values.count() == 0:
+    norm = norm or robust_log_norm(values.compressed())
+    if values.count() == 0 or norm is None:
         ax.text(0.5, 0.5, "no bin with ≥ 2 samples yet", ha="center", va="center", transform=ax.transAxes)
         return None
-    finite = values.compressed()
-    lo, hi = np.percentile(finite, [1, 99]) if finite.size > 20 else (finite.min(), finite.max())
-    norm = LogNorm(vmin=lo, vmax=max(hi, lo * 1.0001))                    # robust limits: one odd bin must not wash out the rest
     mesh = ax.pcolormesh(x_edges, edges, values, norm=norm, cmap="viridis", shading="flat")
     if colorbar_fig is not None:
+        finite = values.compressed()
         extend = {(False, False): "neither", (True, False): "min", (False, True): "max", (True, True): "both"}[
-            (bool(finite.min() < lo), bool(finite.max() > hi))]
+            (bool(finite.min() < norm.vmin), bool(finite.max() > norm.vmax))]
         colorbar_fig.colorbar(mesh, ax=ax, label="Var[ℓ | λ] (squared loss units, log scale)", extend=extend)
     return mesh
 
@@ -172,7 +185,8 @@ def sampling_profile(arrays: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def fig_density_weight(runs: list[RunStats], title: str) -> Figure:
     fig = Figure(figsize=(16, 4.8), dpi=DPI, layout="constrained")
     ax_p, ax_w, ax_pw = fig.subplots(1, 3, sharex=True)
-    colors, styles = _strategy_colors(runs), _strategy_linestyles(runs)
+    names = sorted({r.strategy for r in runs})
+    colors, styles = strategy_colors(names), strategy_linestyles(names)
     seen: set = set()
     for run in runs:
         density, weight, product = sampling_profile(run.arrays)
@@ -200,7 +214,8 @@ def fig_loss_overlay(runs: list[RunStats], title: str) -> Figure:
     """Mean loss over λ at each run's last flush, one colour per strategy."""
     fig = Figure(figsize=(12, 4.6), dpi=DPI, layout="constrained")
     ax_mean, ax_var = fig.subplots(1, 2, sharex=True)
-    colors, styles = _strategy_colors(runs), _strategy_linestyles(runs)
+    names = sorted({r.strategy for r in runs})
+    colors, styles = strategy_colors(names), strategy_linestyles(names)
     seen: set = set()
     for run in runs:
         a = run.arrays
@@ -227,17 +242,16 @@ def _step_colors(n: int):
     return [cmap(x) for x in np.linspace(0.0, 0.9, max(n, 1))]
 
 
-def _strategy_colors(runs: list[RunStats]) -> dict:
+def strategy_colors(names: list[str]) -> dict:
+    """One colour per strategy, in the order given (the same strategy gets the same colour everywhere)."""
     from matplotlib import colormaps
 
-    names = sorted({r.strategy for r in runs})
     cmap = colormaps["tab10" if len(names) <= 10 else "tab20"]
     return {name: cmap(i % cmap.N) for i, name in enumerate(names)}
 
 
-def _strategy_linestyles(runs: list[RunStats]) -> dict:
+def strategy_linestyles(names: list[str]) -> dict:
     """Dashes as well as colours, so strategies with identical curves (same seed and sampler) stay visible."""
-    names = sorted({r.strategy for r in runs})
     return {name: ("-", "--", "-.", ":")[i % 4] for i, name in enumerate(names)}
 
 

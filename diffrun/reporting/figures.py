@@ -12,10 +12,9 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
-from matplotlib import colormaps
-from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
+from diffrun.monitoring.plots import draw_variance_heatmap, robust_log_norm, strategy_colors, strategy_linestyles
 from diffrun.reporting.collect import RunRecord
 from diffrun.reporting.stats import Analysis
 
@@ -30,17 +29,6 @@ class Plot:
     file: str                # name inside the report folder
     title: str
     caption: str
-
-
-def colors(strategies: list[str]) -> dict[str, tuple]:
-    cmap = colormaps["tab10" if len(strategies) <= 10 else "tab20"]
-    return {s: cmap(i % cmap.N) for i, s in enumerate(strategies)}
-
-
-def styles(strategies: list[str]) -> dict[str, str]:
-    """Line styles cycled alongside the colours, so curves that coincide stay distinguishable."""
-    cycle = ["-", "--", "-.", ":"]
-    return {s: cycle[i % len(cycle)] for i, s in enumerate(strategies)}
 
 
 def add_legend(ax, count: int) -> None:
@@ -76,8 +64,8 @@ def save(fig: Figure, path: Path) -> None:
 def _curves_plot(analysis: Analysis, path: Path, series, ylabel: str, title: str,
                  target: Optional[float] = None) -> Optional[str]:
     """Shared body of the FID and loss curves: one line + band per strategy. Returns the band kinds used."""
-    palette = colors([s.strategy for s in analysis.summaries])
-    dashes = styles([s.strategy for s in analysis.summaries])
+    palette = strategy_colors([s.strategy for s in analysis.summaries])
+    dashes = strategy_linestyles([s.strategy for s in analysis.summaries])
     fig = Figure(figsize=(8.5, 4.8))
     ax = fig.add_subplot()
     kinds, drawn, lows, highs = set(), 0, [], []
@@ -164,8 +152,8 @@ def plot_loss_vs_logsnr(analysis: Analysis, out_dir: Path) -> Optional[Plot]:
     groups = stats_runs(analysis)
     if not groups:
         return None
-    palette = colors([s.strategy for s in analysis.summaries])
-    dashes = styles([s.strategy for s in analysis.summaries])
+    palette = strategy_colors([s.strategy for s in analysis.summaries])
+    dashes = strategy_linestyles([s.strategy for s in analysis.summaries])
     panels = [("loss_mean", "unweighted loss ℓ(λ)"), ("wloss_mean", "weighted loss w·ℓ(λ)"),
               ("weight_mean", "applied weight w(λ)")]
     fig = Figure(figsize=(15, 4.4), layout="constrained")
@@ -219,13 +207,9 @@ def plot_variance_heatmaps(analysis: Analysis, out_dir: Path, key: str = "loss_v
             data[strategy] = (runs[0].stats["edges"], steps, grid, len(runs))
     if not data:
         return None
-    values = np.concatenate([g[np.isfinite(g) & (g > 0)] for _, _, g, _ in data.values()])
-    if not len(values):
+    norm = robust_log_norm(np.concatenate([g.ravel() for _, _, g, _ in data.values()]))
+    if norm is None:
         return None
-    vmin, vmax = np.percentile(values, [1, 99])
-    vmax = max(vmax, vmin * 1.01)
-    norm = LogNorm(vmin=vmin, vmax=vmax)
-    cmap = colormaps["viridis"].with_extremes(bad="0.85")
     n = len(data)
     ncols = min(n, 4)
     nrows = math.ceil(n / ncols)
@@ -235,17 +219,13 @@ def plot_variance_heatmaps(analysis: Analysis, out_dir: Path, key: str = "loss_v
     lo, hi = occupied_range(groups)
     mesh = None
     for i, (ax, (strategy, (edges, steps, grid, nseeds))) in enumerate(zip(axes, data.items())):
-        x_edges = np.concatenate([[0], steps])
-        masked = np.ma.masked_where(~(np.isfinite(grid) & (grid > 0)), grid)
-        mesh = ax.pcolormesh(x_edges, edges, masked.T, cmap=cmap, norm=norm, shading="flat")
+        mesh = draw_variance_heatmap(ax, steps, edges, grid, norm=norm) or mesh
         ax.set_title(f"{strategy} (n={nseeds})", fontsize=10)
         ax.set_ylim(lo, hi)
         bottom = i + ncols >= n                 # no panel below: this one carries the step axis
         ax.tick_params(labelbottom=bottom)
-        if bottom:
-            ax.set_xlabel("training step")
-        if i % ncols == 0:
-            ax.set_ylabel("log-SNR λ")
+        ax.set_xlabel("training step" if bottom else "")
+        ax.set_ylabel("log-SNR λ" if i % ncols == 0 else "")
     for ax in axes[n:]:
         ax.set_visible(False)
     what = "unweighted loss ℓ" if key == "loss_var" else "weighted loss w·ℓ"
@@ -264,8 +244,8 @@ def plot_logsnr_density(analysis: Analysis, out_dir: Path) -> Optional[Plot]:
     groups = stats_runs(analysis)
     if not groups:
         return None
-    palette = colors([s.strategy for s in analysis.summaries])
-    dashes = styles([s.strategy for s in analysis.summaries])
+    palette = strategy_colors([s.strategy for s in analysis.summaries])
+    dashes = strategy_linestyles([s.strategy for s in analysis.summaries])
     fig = Figure(figsize=(8.5, 4.6))
     ax = fig.add_subplot()
     for strategy, runs in groups.items():
