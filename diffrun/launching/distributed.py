@@ -181,6 +181,29 @@ def barrier() -> None:
         dist.barrier()
 
 
+def all_gather_cat(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """Each tensor (same length on every rank) concatenated over ranks in rank order, on every rank;
+    None stays None. One collective for all of them: packed as float64 columns, which holds float32
+    values and integer indices below 2^53 exactly."""
+    if not _current.enabled:
+        return tensors
+    present = [t for t in tensors if t is not None]
+    packed = torch.stack([t.reshape(-1).double() for t in present], dim=1)
+    parts = [torch.empty_like(packed) for _ in range(_current.world_size)]
+    dist.all_gather(parts, packed)
+    columns = iter(torch.cat(parts).unbind(1))
+    return tuple(None if t is None else next(columns).to(t.dtype) for t in tensors)
+
+
+def broadcast_module_(module: torch.nn.Module, src: int = 0) -> None:
+    """Overwrite every parameter and persistent buffer of `module` with rank `src`'s (state that must
+    be one across ranks, e.g. a strategy built after the per-rank seeding)."""
+    if _current.enabled:
+        for tensor in module.state_dict().values():
+            if torch.is_tensor(tensor):
+                dist.broadcast(tensor, src)
+
+
 # --------------------------------------------------------------------------------------------------
 # dist.devices=N: this process becomes rank 0 and starts ranks 1..N-1 on this machine
 # --------------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torch.distributions import Beta
 
 from diffrun.errors import ConfigError
+from diffrun.launching import distributed
 from diffrun.models.parameterization import WEIGHT_SPACES
 from diffrun.schedules import alpha_sigma
 from diffrun.strategies.base import NoiseDraw, Strategy, uniform_t_log_density
@@ -204,10 +205,13 @@ class AdaptiveTimestep(Strategy):
             return
         x0 = x0.detach()
         after = self._probe(_unwrap(denoiser), before["x_probe"], x0, before["noise"] if self.common_noise else None)
-        self.extra_forwards.add_(2 * (self.probe_grid.numel() + x0.shape[0] * self.selected.numel()))
-        # ΔKL of the probe image → ring buffer; re-select S on it (host-side, sklearn)
+        world = distributed.info().world_size
+        self.extra_forwards.add_(2 * world * (self.probe_grid.numel() + x0.shape[0] * self.selected.numel()))
+        # ΔKL of the probe image (under DDP: the mean over the ranks' probe images, so that S is one
+        # choice on all ranks) → ring buffer; re-select S on it (host-side, sklearn)
+        delta = distributed.summed((before["grid"] - after["grid"]).float()) / world
         row = self.buffer_rows % self.delta_kl.shape[0]
-        self.delta_kl.index_copy_(0, row.view(1), (before["grid"] - after["grid"]).view(1, -1).float())
+        self.delta_kl.index_copy_(0, row.view(1), delta.view(1, -1))
         self.buffer_rows.add_(1)
         reward = (before["sel"] - after["sel"]).sum(dim=1)                      # Σ_{τ∈S} ΔKL_τ(x_i)
         self._update_policy(x0, reward)
@@ -222,6 +226,11 @@ class AdaptiveTimestep(Strategy):
             loss = -(log_prob * total).mean()
             self.policy_optimizer.zero_grad(set_to_none=True)
             loss.backward()
+        world = distributed.info().world_size
+        if world > 1:  # the policy gradient of the global batch: one policy on all ranks, as DDP keeps one model
+            for param in self.policy.parameters():
+                if param.grad is not None:
+                    distributed.all_reduce_(param.grad).div_(world)
         if self.grad_clip > 0:
             nn.utils.clip_grad_norm_(self.policy.parameters(), self.grad_clip)
         self.policy_optimizer.step()

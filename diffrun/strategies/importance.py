@@ -18,8 +18,8 @@ class ImportanceSampling(Strategy):
     """p_t ∝ √E[L_t²] over the last `history` losses per timestep (unbiased: weight 1/(T p_t)).
 
     Duplicate timesteps in one batch are all pushed, in batch order (a timestep drawn m > K times keeps
-    only its last K). Under DDP each rank keeps its own history (improved-diffusion all-gathers them);
-    the estimate stays unbiased either way, only the proposal differs between ranks.
+    only its last K). Under DDP `observe` gets the global batch (rank order), as improved-diffusion's
+    all-gathering resampler does, so the history is one on all ranks.
     """
 
     name = "importance"

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from diffrun.errors import ConfigError
+from diffrun.launching import distributed
 from diffrun.strategies.base import NoiseDraw
 from diffrun.strategies.densities import EDM
 from diffrun.strategies.ops import bin_index, scatter_moments
@@ -24,10 +25,18 @@ from diffrun.strategies.ops import bin_index, scatter_moments
 VARIANTS = ("gaussian", "cauchy", "loss_zscore")
 
 
+def batch_sums(values: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(n, Σx, Σx²) of the global batch in float64: this rank's sums, added over DDP ranks."""
+    x = values.detach().double()
+    sums = torch.stack([torch.full((), x.numel(), dtype=x.dtype, device=x.device), x.sum(), x.square().sum()])
+    n, total, total_sq = distributed.summed(sums).unbind()
+    return n, total, total_sq
+
+
 class VarianceAware(EDM):
     """EDM sampling and weight × a batch-centred factor (`variant`, see the module docstring).
 
-    μ is the mean λ of the (local, per-rank) batch. For `loss_zscore`, ℓ is the EDM-weighted per-sample
+    μ is the mean λ of the global batch (all DDP ranks). For `loss_zscore`, ℓ is the EDM-weighted per-sample
     loss (the F-loss for prediction=edm; the README writes ℓ as the ε-MSE of its ε-parameterised
     description); the factor is clamped at 0 (it can only go negative for |z| > 1/α, i.e. never for
     α = 0.05 and batches below 400). `normalize=True` divides the factor by its batch mean (the paper
@@ -46,16 +55,21 @@ class VarianceAware(EDM):
         self.variant, self.alpha, self.normalize = variant, float(alpha), bool(normalize)
 
     def factor(self, logsnr: Tensor, weighted_loss: Tensor) -> Tensor:
+        """The per-sample factor. Batch statistics (μ, mean/std of ℓ, the normaliser) are over the global
+        batch: summed over DDP ranks (one small all-reduce), so the factor does not depend on world size."""
         if self.variant == "loss_zscore":
-            if weighted_loss.numel() < 2:
-                return torch.ones_like(weighted_loss)
-            z = (weighted_loss - weighted_loss.mean()) / weighted_loss.std().clamp(min=1e-12)
-            w = (1 + self.alpha * z).clamp(min=0.0)
+            n, total, total_sq = batch_sums(weighted_loss)
+            mean = total / n
+            std = ((total_sq - n * mean**2).clamp(min=0.0) / (n - 1).clamp(min=1)).sqrt()
+            z = (weighted_loss - mean.float()) / std.float().clamp(min=1e-12)
+            w = torch.where(n >= 2, (1 + self.alpha * z).clamp(min=0.0), torch.ones_like(weighted_loss))
         else:
-            d2 = (logsnr - logsnr.mean()) ** 2
+            n, total, _ = batch_sums(logsnr)
+            d2 = (logsnr - (total / n).float()) ** 2
             w = torch.exp(-self.alpha * d2) if self.variant == "gaussian" else 1 / (1 + self.alpha * d2)
         if self.normalize:
-            w = w / w.mean().clamp(min=1e-12)
+            n, total, _ = batch_sums(w)
+            w = w / (total / n).float().clamp(min=1e-12)
         return w
 
     def loss_weights(self, draw: NoiseDraw, loss: Tensor) -> Tensor:

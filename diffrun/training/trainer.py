@@ -21,6 +21,7 @@ from diffrun.monitoring.logsnr_stats import LogSNRStats
 from diffrun.monitoring.metrics import JsonlWriter
 from diffrun.sampling import sample, save_grid, to_uint8
 from diffrun.schedules import alpha_sigma
+from diffrun.strategies import NoiseDraw
 from diffrun.training.checkpoint import CheckpointManager, atomic_write_json
 from diffrun.training.ema import EMA
 from diffrun.training.environment import (
@@ -92,6 +93,7 @@ class Trainer:
         self.model = torch.compile(self.model) if cfg.train.compile else self.model
         self.strategy = build(cfg.weighting, _keep_meta=("name", "citation"))
         self.strategy.bind(self.schedule, cfg.model.prediction, cfg.model.sigma_data).to(self.device)
+        distributed.broadcast_module_(self.strategy)   # DDP: one strategy state (e.g. the policy's init) on all ranks
 
         # --- optimizer -----------------------------------------------------------------------------
         self.optimizer = build_optimizer(cfg.optimizer, self.denoiser.parameters(), self.device)
@@ -219,7 +221,7 @@ class Trainer:
         self.lr_schedule.step()
         self.ema.update(self.denoiser)
         self.strategy.on_after_update(self.denoiser, x0, self.step)
-        self.strategy.observe(draw, loss.detach())
+        self.strategy.observe(*self._global_feedback(draw, loss.detach()))
 
         # device-side bookkeeping, read back at flush
         good = (~bad).double()
@@ -228,6 +230,15 @@ class Trainer:
         self._nonfinite += bad.long()
         self._first_bad_step = torch.where(bad & (self._first_bad_step < 0), self.step + 1, self._first_bad_step)
         self.stats.update(draw.logsnr, loss.detach().nan_to_num(0.0), weight.detach())
+
+    def _global_feedback(self, draw: NoiseDraw, loss: torch.Tensor) -> tuple[NoiseDraw, torch.Tensor]:
+        """Under DDP the strategy learns from the global batch (every rank's draws and losses, in rank
+        order), so adaptive state stays identical on all ranks and a resumed run continues it exactly."""
+        if self.world_size == 1:
+            return draw, loss
+        logsnr, weight, t, index, loss = distributed.all_gather_cat(draw.logsnr, draw.proposal_weight, draw.t,
+                                                                    draw.index, loss)
+        return NoiseDraw(logsnr=logsnr, proposal_weight=weight, t=t, index=index), loss
 
     # ------------------------------------------------------------------------------------------------
     # logging, sampling
