@@ -313,10 +313,12 @@ def test_errors_are_clear(tmp_path, monkeypatch, capsys):
 # end to end: a real smoke multirun (eval disabled → the loss-based comparison)
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_smoke_sweep_report_end_to_end(tmp_path):
+def test_smoke_sweep_report_end_to_end(tmp_path, monkeypatch):
     sweep = tmp_path / "smoke"
-    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "diffrun.cli", "-m", "experiment=smoke", f"hydra.sweep.dir={sweep}",
+    # W&B offline (never online: no key, an unreachable server) so the same runs also feed the W&B source below
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_API_KEY"} | {
+        "WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_BASE_URL": "http://127.0.0.1:9", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "diffrun.cli", "-m", "experiment=smoke", f"hydra.sweep.dir={sweep}", "wandb.mode=offline",
            "eval.enabled=false", "train.steps=20", "checkpoint.every_steps=10", "optimizer.warmup_steps=5",
            # smaller than the preset so the test stays well under a minute on 2 shared cores
            "train.batch_size=8", "train.log_every=5", "sample.num_images=4", "sample.steps=2", "device=cpu"]
@@ -344,3 +346,66 @@ def test_smoke_sweep_report_end_to_end(tmp_path):
     # the per-log-SNR figures come from the logsnr_stats.npz files the real runs wrote
     assert "no logsnr_stats.npz" not in report
     assert len(list((sweep / "report").glob("*.png"))) >= 5
+
+    # the W&B source (`diffrun-report --wandb ENTITY/PROJECT --group G`) on the same four runs, as the
+    # offline logs hold them, served through a stand-in for wandb.Api: the same table
+    import wandb
+
+    runs = [OfflineRun(run_dir) for run_dir in sorted(sweep.glob("*/wandb/offline-run-*"))]
+    assert len(runs) == 4 and {r.group for r in runs} == {"smoke"}
+    monkeypatch.setattr(wandb, "Api", lambda timeout=None: OfflineApi(runs))
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    assert report_main(["--wandb", "me/diffrun", "--group", "smoke", "--out", str(tmp_path / "from_wandb"),
+                        "--no-figures"]) == 0
+    remote = (tmp_path / "from_wandb" / "report.md").read_text()
+    assert "wandb:me/diffrun group=smoke" in remote and "**Jobs**: 4 (4 finished" in remote
+    remote_rows = table_rows(remote, "Results per strategy")
+    for strategy in ("uniform", "min_snr"):
+        assert remote_rows[strategy][1:3] == rows[strategy][1:3]        # seeds, final loss mean ± std
+    remote_summary = json.loads((tmp_path / "from_wandb" / "summary.json").read_text())
+    assert remote_summary["comparisons"][0]["p"] == pytest.approx(c["p"], rel=1e-9)
+
+
+class OfflineRun:
+    """What `wandb.Api().runs()` yields (name, group, state, config, summary, scan_history), read from an
+    offline run's transaction log by wandb's own decoder (`wandb leet inspect --json`)."""
+
+    def __init__(self, run_dir: Path):
+        log = next(run_dir.glob("run-*.wandb"))
+        out = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(log)],
+                             capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "WANDB_SILENT": "true", "WANDB_DIR": str(run_dir)})
+        assert out.returncode == 0, out.stderr
+        records = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+        run = next(r["run"] for r in records if r["type"] == "run")
+        self.name, self.group = run.get("display_name") or run["run_id"], run.get("run_group")
+        self.config = run["config"]["update"]
+        exits = [r for r in records if r["type"] == "exit"]
+        self.state = "finished" if exits and not exits[-1].get("exit", {}).get("exit_code") else "crashed"
+        self.summary = {}
+        self._rows = [{"_step": r["history"]["step"]["num"], **self._scalars(r["history"]["item"])}
+                      for r in records if r["type"] == "history"]
+
+    @staticmethod
+    def _scalars(item: dict) -> dict:
+        """Numbers as they are; media (flattened `key._type`, `key.path`, ...) regrouped into one dict per key."""
+        out: dict = {}
+        for key, value in item.items():
+            head, dot, attr = key.partition(".")
+            if dot and f"{head}._type" in item:
+                out.setdefault(head, {})[attr] = value
+            else:
+                out[key] = value
+        return out
+
+    def scan_history(self):
+        return iter(self._rows)
+
+
+class OfflineApi:
+    def __init__(self, runs):
+        self._runs = runs
+
+    def runs(self, path, filters=None):
+        group = (filters or {}).get("group")
+        return [r for r in self._runs if group is None or r.group == group]
