@@ -102,6 +102,43 @@ def test_disk_full_keeps_previous_checkpoint(make_cfg, tmp_path, monkeypatch):
     assert manager.load_latest()[0]["step"] == 3
 
 
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 4 MiB tmpfs (root only): room for one unet_tiny checkpoint (2.8 MB), not two."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root (the injected-ENOSPC test above covers the logic)")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def test_real_disk_full_fails_clearly_keeps_the_checkpoint_and_resumes(make_cfg, small_disk, caplog):
+    """ENOSPC from a real filesystem, not an injected one: the second checkpoint does not fit, the run stops
+    with an error that says so, the first checkpoint stays valid, and once there is room the same run resumes."""
+    run = small_disk / "run"
+    cfg = make_cfg(["train.steps=6", "checkpoint.every_steps=2", "sample.num_images=0"])
+    with pytest.raises(CheckpointError, match="No space left on device"):
+        train(cfg, run)
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "failed" and "No space left on device" in status["error"]
+    assert not [p for p in (run / "checkpoints").iterdir() if ".tmp" in p.name]   # no partial file left behind
+    state, path = CheckpointManager(run / "checkpoints").load_latest()
+    assert state["step"] == 2 and path.name == "ckpt_00000002.pt"                 # SHA-256 verified on load
+
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
+    with caplog.at_level("INFO", logger="diffrun.training.trainer"):
+        summary = train(cfg, run)
+    assert "ckpt_00000002.pt at step 2" in caplog.text and summary["step"] == 6
+    assert json.loads((run / "status.json").read_text())["state"] == "finished"
+    assert [r["step"] for r in read_jsonl(run / "metrics.jsonl")][-1] == 6
+
+
 def test_unwritable_run_dir(make_cfg, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
