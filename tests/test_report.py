@@ -32,7 +32,10 @@ REPO = Path(__file__).resolve().parents[1]
 # a synthetic sweep in the on-disk format the trainer writes
 # ------------------------------------------------------------------------------------------------
 def fid_at(strategy: str, seed: int, step: int) -> float:
-    return STRATEGIES[strategy] + 60.0 * math.exp(-step / 250.0) + 1.3 * seed + 1.0 * (step == 1000)  # last eval worse than the best
+    # a seed effect shared by all strategies (1.3 per seed) plus a small strategy × seed part, so paired
+    # differences have a spread; the last eval is worse than the best
+    return (STRATEGIES[strategy] + 60.0 * math.exp(-step / 250.0) + 1.3 * seed
+            + 0.3 * math.sin(3 * seed + sum(map(ord, strategy))) + 1.0 * (step == 1000))
 
 
 def write_config(job: Path, strategy: str, seed: int, experiment: str = "min_snr_cifar10") -> None:
@@ -121,8 +124,9 @@ def truth(sweep: Path) -> dict:
                 pass
         evals = sorted((r for r in recs if "fid" in r), key=lambda r: r["step"])
         train = [r for r in recs if "loss" in r]
-        d = out.setdefault(strategy, {"final": [], "best": [], "reach": [], "ips": [], "loss": []})
+        d = out.setdefault(strategy, {"final": [], "best": [], "reach": [], "ips": [], "loss": [], "fid_seed": []})
         if evals:
+            d["fid_seed"].append(int(re.search(r"seed(\d+)$", job.name)[1]))
             d["final"].append(evals[-1]["fid"])
             d["best"].append(min(r["fid"] for r in evals))
             d["reach"].append(next((r["step"] for r in evals if r["fid"] <= TARGET), None))
@@ -204,8 +208,16 @@ def test_welch_and_bootstrap_against_scipy(tmp_path):
         cells = rows[c["strategy"]]
         assert cells[7] == f"{ref.pvalue:.3g}"
         assert cells[8] == ("yes" if ref.pvalue < 0.05 else "no")
+        # paired over the seeds both finished (min_snr's seed 3 failed): scipy's ttest_rel on those pairs
+        mine = dict(zip(t[c["strategy"]]["fid_seed"], t[c["strategy"]]["final"]))
+        base = dict(zip(t["uniform"]["fid_seed"], t["uniform"]["final"]))
+        common = sorted(set(mine) & set(base))
+        ref_paired = stats.ttest_rel([mine[s] for s in common], [base[s] for s in common])
+        assert c["paired"]["n"] == len(common) == 3
+        assert c["paired"]["p"] == pytest.approx(ref_paired.pvalue, rel=1e-12)
+        assert cells[9] == f"{ref_paired.pvalue:.3g} (3 pairs)"
     # min_snr's floor is 10 FID lower with a 1.3-per-seed spread: significantly better
-    assert rows["min_snr"][9].startswith("better (lower final FID), p < 0.05")
+    assert rows["min_snr"][10].startswith("better (lower final FID), p < 0.05")
     # reproducible: a second report gives the same CI
     again = json.loads(json.dumps(summary["comparisons"]))
     run_report(sweep)
@@ -409,3 +421,14 @@ class OfflineApi:
     def runs(self, path, filters=None):
         group = (filters or {}).get("group")
         return [r for r in self._runs if group is None or r.group == group]
+
+
+def test_paired_test_edge_cases():
+    from diffrun.reporting.stats import paired
+
+    t, p, n = paired({0: 1.0, 1: 2.0, 2: 3.5}, {0: 0.0, 1: 1.0, 2: 2.5})      # every pair differs by exactly 1
+    assert n == 3 and math.isnan(t) and math.isnan(p)
+    assert paired({0: 1.0, 5: 2.0}, {0: 0.5, 1: 1.0})[2] == 1                  # one common seed: no test
+    t, p, n = paired({0: 1.0, 1: 2.5, 2: 2.0}, {0: 0.0, 1: 1.0, 2: 1.9})
+    ref = stats.ttest_rel([1.0, 2.5, 2.0], [0.0, 1.0, 1.9])
+    assert n == 3 and t == pytest.approx(ref.statistic) and p == pytest.approx(ref.pvalue)

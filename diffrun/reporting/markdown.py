@@ -167,19 +167,23 @@ def comparison(a: Analysis) -> list[str]:
                   f"Δ = mean(strategy) − mean({a.baseline}), so a negative Δ favours the strategy. "
                   f"Welch's t-test (unequal variances, two-sided; `scipy.stats.ttest_ind(equal_var=False)`) and a "
                   f"percentile bootstrap 95% CI of Δ ({BOOTSTRAP_SAMPLES} resamples, RNG seed {BOOTSTRAP_SEED}). "
-                  f"Significant means p < {ALPHA}.", ""]
+                  f"Significant means p < {ALPHA} in Welch's test (the verdict); the paired t-test "
+                  f"(`scipy.stats.ttest_rel`) over the seeds both have is shown beside it.", ""]
         rows = []
         for c in a.comparisons:
             ci = DASH if not math.isfinite(c.ci[0]) else f"[{c.ci[0]:+.3g}, {c.ci[1]:+.3g}]"
             rows.append([c.strategy, f"{len(c.values)} vs {len(c.baseline_values)}",
                          fmt(mean(c.values), ".4g"), fmt(mean(c.baseline_values), ".4g"),
                          fmt(c.diff, "+.3g"), ci, fmt(c.t, ".3f"), fmt(c.p, ".3g"),
-                         "yes" if c.significant else "no", c.verdict])
+                         "yes" if c.significant else "no",
+                         f"{fmt(c.paired_p, '.3g')} ({c.paired_n} pairs)" if c.paired_n else DASH, c.verdict])
         lines += table(["strategy", "n (strategy vs baseline)", "mean", "baseline mean", "Δ", "bootstrap 95% CI of Δ",
-                        "Welch t", "p", f"p < {ALPHA}", "verdict"], rows)
+                        "Welch t", "p", f"p < {ALPHA}", "paired p (same seeds)", "verdict"], rows)
         lines += ["", "With 2–5 seeds these tests have little power and the bootstrap CI is too narrow (it resamples "
-                  "few values); read a non-significant result as \"not shown\", not as \"no difference\". Runs with the same seed "
-                  "share data order and noise draws across strategies; the unpaired Welch test ignores that pairing "
+                  "few values); read a non-significant result as \"not shown\", not as \"no difference\". Runs with "
+                  "the same seed start from the same initial weights, and strategies that draw noise levels the same "
+                  "way (every t ~ U weighting: uniform, min_snr, p2, ...) also see the same batches and noise, so "
+                  "seed-to-seed variation partly cancels in the paired test; Welch's test ignores the pairing "
                   "(conservative)."]
     if not a.comparisons and not a.remarks:
         lines.append("Nothing to compare: the sweep has a single strategy.")
@@ -249,6 +253,7 @@ def summary_dict(a: Analysis) -> dict:
         } for s in a.summaries},
         "comparisons": [{"strategy": c.strategy, "metric": c.metric, "diff": _num(c.diff), "t": _num(c.t),
                          "p": _num(c.p), "ci": [_num(c.ci[0]), _num(c.ci[1])], "note": c.note,
+                         "paired": {"n": c.paired_n, "t": _num(c.paired_t), "p": _num(c.paired_p)},
                          "verdict": c.verdict} for c in a.comparisons],
     }
 

@@ -94,6 +94,12 @@ class StrategySummary:
     def final_losses(self, key: str = "loss") -> list[float]:
         return [r.final_train(key) for r in self.runs if math.isfinite(r.final_train(key))]
 
+    def final_by_seed(self, mode: str) -> dict[int, float]:
+        """seed → final FID (mode "fid") or final unweighted training loss, for runs that know their seed."""
+        runs = self.fid_runs if mode == "fid" else self.runs
+        values = {r.seed: (r.final_fid if mode == "fid" else r.final_train("loss")) for r in runs if r.seed is not None}
+        return {seed: v for seed, v in values.items() if math.isfinite(v)}
+
     @property
     def first_error(self) -> str:
         return next((f"{r.name}: {r.error}" for r in self.failed if r.error), "")
@@ -110,6 +116,9 @@ class Comparison:
     p: float = math.nan
     ci: tuple[float, float] = (math.nan, math.nan)
     note: str = ""                           # why no test ("n/a (need ≥ 2 seeds)", ...)
+    paired_n: int = 0                        # seeds both the strategy and the baseline finished
+    paired_t: float = math.nan
+    paired_p: float = math.nan
 
     @property
     def diff(self) -> float:
@@ -147,8 +156,23 @@ def bootstrap_ci(a, b, samples: int = BOOTSTRAP_SAMPLES, seed: int = BOOTSTRAP_S
     return float(lo), float(hi)
 
 
-def compare(strategy: str, values, baseline: str, baseline_values, metric: str) -> Comparison:
+def paired(by_seed: dict, baseline_by_seed: dict) -> tuple[float, float, int]:
+    """Paired t-test over the seeds both groups have (`scipy.stats.ttest_rel`): (t, two-sided p, n pairs)."""
+    seeds = sorted(set(by_seed) & set(baseline_by_seed))
+    if len(seeds) < 2:
+        return math.nan, math.nan, len(seeds)
+    a, b = np.array([by_seed[s] for s in seeds], float), np.array([baseline_by_seed[s] for s in seeds], float)
+    if np.ptp(a - b) <= 1e-12 * max(1.0, float(np.abs(a - b).max())):
+        return math.nan, math.nan, len(seeds)           # every pair differs by the same amount: no test
+    res = sps.ttest_rel(a, b)
+    return float(res.statistic), float(res.pvalue), len(seeds)
+
+
+def compare(strategy: str, values, baseline: str, baseline_values, metric: str,
+            by_seed: Optional[dict] = None, baseline_by_seed: Optional[dict] = None) -> Comparison:
     cmp = Comparison(strategy, baseline, metric, list(values), list(baseline_values))
+    if by_seed is not None and baseline_by_seed is not None:
+        cmp.paired_t, cmp.paired_p, cmp.paired_n = paired(by_seed, baseline_by_seed)
     if len(cmp.values) < 2 or len(cmp.baseline_values) < 2:
         cmp.note = "n/a (need ≥ 2 seeds)"
         return cmp
@@ -203,7 +227,8 @@ def analyse(sweep: Sweep, baseline: Optional[str] = None, target_fid: Optional[f
                 analysis.comparisons.append(Comparison(s.strategy, baseline, "final FID", [], base.final_fids,
                                                        note="n/a (no FID for this strategy)"))
                 continue
-            analysis.comparisons.append(compare(s.strategy, s.final_fids, baseline, base.final_fids, "final FID"))
+            analysis.comparisons.append(compare(s.strategy, s.final_fids, baseline, base.final_fids, "final FID",
+                                                s.final_by_seed("fid"), base.final_by_seed("fid")))
         return analysis
 
     predictions = sorted({str(r.prediction) for r in finished})
@@ -221,5 +246,6 @@ def analyse(sweep: Sweep, baseline: Optional[str] = None, target_fid: Optional[f
     for s in summaries:
         if s is not base:
             analysis.comparisons.append(compare(s.strategy, s.final_losses("loss"), baseline,
-                                                base.final_losses("loss"), "final training loss"))
+                                                base.final_losses("loss"), "final training loss",
+                                                s.final_by_seed("loss"), base.final_by_seed("loss")))
     return analysis
