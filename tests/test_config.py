@@ -121,3 +121,16 @@ def test_installed_wheel_carries_the_configs(tmp_path):
                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith(str(tmp_path / "site")) and "suppression: 5.0" in out.stdout
+
+
+def test_conf_dir_falls_back_to_the_checkout(tmp_path, monkeypatch):
+    import diffrun
+
+    (tmp_path / "diffrun").mkdir()
+    (tmp_path / "diffrun" / "conf").write_text("../conf")          # a symlink checked out as a plain file
+    (tmp_path / "conf").mkdir()
+    monkeypatch.delenv("DIFFRUN_CONF", raising=False)
+    monkeypatch.setattr(diffrun, "__file__", str(tmp_path / "diffrun" / "__init__.py"))
+    assert diffrun.conf_dir() == (tmp_path / "conf").resolve()
+    monkeypatch.setenv("DIFFRUN_CONF", str(tmp_path / "mine"))
+    assert diffrun.conf_dir() == (tmp_path / "mine").resolve()
