@@ -166,8 +166,17 @@ class RunConfig:
     optimizer: Any = None
 
 
+def hydra_output_subdir() -> str | None:
+    """`hydra.output_subdir`: `.hydra` on rank 0, None (Hydra writes nothing) on the other torchrun/srun
+    ranks, which would otherwise all write the same files into the same run directory at once."""
+    from diffrun.launching.distributed import env_info
+
+    return ".hydra" if env_info().rank == 0 else None
+
+
 def register_configs() -> None:
     ConfigStore.instance().store(name="run_schema", node=RunConfig)
+    OmegaConf.register_new_resolver("diffrun.hydra_output_subdir", hydra_output_subdir, replace=True)
 
 
 def build(node: DictConfig, **kwargs: Any) -> Any:

@@ -134,3 +134,26 @@ def test_conf_dir_falls_back_to_the_checkout(tmp_path, monkeypatch):
     assert diffrun.conf_dir() == (tmp_path / "conf").resolve()
     monkeypatch.setenv("DIFFRUN_CONF", str(tmp_path / "mine"))
     assert diffrun.conf_dir() == (tmp_path / "mine").resolve()
+
+
+def test_hydra_writes_its_folder_from_rank_zero_only(monkeypatch):
+    """torchrun/srun start N copies of the CLI on one run directory: only rank 0 writes `.hydra/`."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    def output_subdir():
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            cfg = compose(config_name="config", return_hydra_config=True)
+        GlobalHydra.instance().clear()
+        return OmegaConf.select(cfg, "hydra.output_subdir")
+
+    for var in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS"):
+        monkeypatch.delenv(var, raising=False)
+    assert output_subdir() == ".hydra"
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert output_subdir() is None
+    monkeypatch.setenv("RANK", "0")
+    assert output_subdir() == ".hydra"
