@@ -31,6 +31,12 @@ class Plot:
     caption: str
 
 
+def strategy_styles(analysis: Analysis) -> tuple[dict, dict]:
+    """Colour and dash per strategy, in the report's strategy order (the same in every figure)."""
+    names = [s.strategy for s in analysis.summaries]
+    return strategy_colors(names), strategy_linestyles(names)
+
+
 def add_legend(ax, count: int) -> None:
     if count <= 6:
         ax.legend(fontsize=8, loc="best", framealpha=0.85)
@@ -64,8 +70,7 @@ def save(fig: Figure, path: Path) -> None:
 def _curves_plot(analysis: Analysis, path: Path, series, ylabel: str, title: str,
                  target: Optional[float] = None) -> Optional[str]:
     """Shared body of the FID and loss curves: one line + band per strategy. Returns the band kinds used."""
-    palette = strategy_colors([s.strategy for s in analysis.summaries])
-    dashes = strategy_linestyles([s.strategy for s in analysis.summaries])
+    palette, dashes = strategy_styles(analysis)
     fig = Figure(figsize=(8.5, 4.8))
     ax = fig.add_subplot()
     kinds, drawn, lows, highs = set(), 0, [], []
@@ -152,8 +157,7 @@ def plot_loss_vs_logsnr(analysis: Analysis, out_dir: Path) -> Optional[Plot]:
     groups = stats_runs(analysis)
     if not groups:
         return None
-    palette = strategy_colors([s.strategy for s in analysis.summaries])
-    dashes = strategy_linestyles([s.strategy for s in analysis.summaries])
+    palette, dashes = strategy_styles(analysis)
     panels = [("loss_mean", "unweighted loss ℓ(λ)"), ("wloss_mean", "weighted loss w·ℓ(λ)"),
               ("weight_mean", "applied weight w(λ)")]
     fig = Figure(figsize=(15, 4.4), layout="constrained")
@@ -244,8 +248,7 @@ def plot_logsnr_density(analysis: Analysis, out_dir: Path) -> Optional[Plot]:
     groups = stats_runs(analysis)
     if not groups:
         return None
-    palette = strategy_colors([s.strategy for s in analysis.summaries])
-    dashes = strategy_linestyles([s.strategy for s in analysis.summaries])
+    palette, dashes = strategy_styles(analysis)
     fig = Figure(figsize=(8.5, 4.6))
     ax = fig.add_subplot()
     for strategy, runs in groups.items():

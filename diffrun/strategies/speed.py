@@ -16,14 +16,13 @@ SpeeD changes the objective on purpose.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
 from diffrun.errors import ConfigError
 from diffrun.strategies.base import NoiseDraw, Strategy, uniform_t_log_density
 from diffrun.strategies.ops import sample_categorical
+from diffrun.strategies.weights import p2_log_weight
 
 
 def convergence_threshold(logsnr_table: Tensor, epsilon: float) -> int:
@@ -106,7 +105,7 @@ class SpeeD(Strategy):
 
     def log_weight(self, logsnr: Tensor) -> Tensor:
         """P2 in ε-space, log 1/(k + SNR)^γ."""
-        return -self.p2_gamma * torch.logaddexp(logsnr, torch.full_like(logsnr, math.log(self.p2_k)))
+        return p2_log_weight(logsnr, self.p2_gamma, self.p2_k)
 
     def describe(self) -> str:
         return f"{super().describe()}, τ = {self.tau} of {self.num_timesteps}"

@@ -101,6 +101,11 @@ class SoftMinSNR(Strategy):
         return -torch.logaddexp(-logsnr, torch.full_like(logsnr, -math.log(gamma)))  # −log(1/SNR + 1/γ)
 
 
+def p2_log_weight(logsnr: Tensor, gamma: float, k: float) -> Tensor:
+    """log of the P2 ε-space weight 1/(k + SNR)^γ (Choi et al. 2022), finite at any λ."""
+    return -gamma * torch.logaddexp(logsnr, torch.full_like(logsnr, math.log(k)))
+
+
 class P2(Strategy):
     """Perception-prioritized weighting (Choi et al., CVPR 2022, arXiv:2204.00227):
     ε-space w = 1/(k + SNR)^γ."""
@@ -115,7 +120,7 @@ class P2(Strategy):
         self.gamma, self.k = float(gamma), _positive(k, "k", "P2 k")
 
     def log_weight(self, logsnr: Tensor) -> Tensor:
-        return -self.gamma * torch.logaddexp(logsnr, torch.full_like(logsnr, math.log(self.k)))
+        return p2_log_weight(logsnr, self.gamma, self.k)
 
 
 class Debiased(Strategy):

@@ -21,7 +21,7 @@ from diffrun.monitoring.logsnr_stats import LogSNRStats
 from diffrun.monitoring.metrics import JsonlWriter
 from diffrun.sampling import sample, save_grid, to_uint8
 from diffrun.schedules import alpha_sigma
-from diffrun.strategies import NoiseDraw
+from diffrun.strategies import NoiseDraw, Strategy
 from diffrun.training.checkpoint import CheckpointManager, atomic_write_json
 from diffrun.training.ema import EMA
 from diffrun.training.environment import (
@@ -94,6 +94,7 @@ class Trainer:
         self.strategy = build(cfg.weighting, _keep_meta=("name", "citation"))
         self.strategy.bind(self.schedule, cfg.model.prediction, cfg.model.sigma_data).to(self.device)
         distributed.broadcast_module_(self.strategy)   # DDP: one strategy state (e.g. the policy's init) on all ranks
+        self._strategy_observes = type(self.strategy).observe is not Strategy.observe  # stateless: no feedback to gather
 
         # --- optimizer -----------------------------------------------------------------------------
         self.optimizer = build_optimizer(cfg.optimizer, self.denoiser.parameters(), self.device)
@@ -221,7 +222,8 @@ class Trainer:
         self.lr_schedule.step()
         self.ema.update(self.denoiser)
         self.strategy.on_after_update(self.denoiser, x0, self.step)
-        self.strategy.observe(*self._global_feedback(draw, loss.detach()))
+        if self._strategy_observes:
+            self.strategy.observe(*self._global_feedback(draw, loss.detach()))
 
         # device-side bookkeeping, read back at flush
         good = (~bad).double()
