@@ -179,13 +179,53 @@ def register_configs() -> None:
     OmegaConf.register_new_resolver("diffrun.hydra_output_subdir", hydra_output_subdir, replace=True)
 
 
+# Python types a constructor argument may declare, and the config values that fit them. Group configs
+# (weighting, schedule, ...) are free-form for the schema, so without this `dual_sampling=maybe` would
+# reach `bool("maybe")` and train silently with True.
+_SCALAR_TYPES: dict[type, tuple[type, ...]] = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}
+
+
+def check_argument_types(spec: dict, where: str) -> None:
+    """Each key of an instantiate spec against the scalar type its `_target_` declares for it (bool, int,
+    float, str, optionally None); other annotations are left to the constructor. Nested specs too."""
+    import types
+    import typing
+
+    from hydra.utils import get_object
+
+    try:
+        target = get_object(spec["_target_"])
+        hints = typing.get_type_hints(target.__init__ if isinstance(target, type) else target)
+    except Exception:  # no target, not importable, or annotations that do not resolve: nothing to check
+        return
+    for key, value in spec.items():
+        if isinstance(value, dict) and "_target_" in value:
+            check_argument_types(value, f"{where}.{key}")
+            continue
+        hint = hints.get(key)
+        if hint is None or key.startswith("_"):
+            continue
+        union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+        arms = typing.get_args(hint) if union else (hint,)
+        kinds = [a for a in arms if a is not type(None)]
+        if len(kinds) != 1 or kinds[0] not in _SCALAR_TYPES or (value is None and type(None) in arms):
+            continue
+        kind = kinds[0]
+        if not isinstance(value, _SCALAR_TYPES[kind]) or (kind is not bool and isinstance(value, bool)):
+            raise ConfigError(f"{where}.{key}={value!r}: expected {kind.__name__}"
+                              f"{' (true or false)' if kind is bool else ''}{' or null' if type(None) in arms else ''}")
+
+
 def build(node: DictConfig, **kwargs: Any) -> Any:
-    """Hydra `instantiate` of a group node, without the descriptive keys (name, citation, ...)."""
+    """Hydra `instantiate` of a group node, without the descriptive keys (name, citation, ...), after
+    checking the scalar argument types its target declares."""
     spec = OmegaConf.to_container(node, resolve=True)
     meta_ok = kwargs.pop("_keep_meta", ())
     for key in META_KEYS:
         if key not in meta_ok:
             spec.pop(key, None)
+    if isinstance(spec, dict):
+        check_argument_types(spec, node._get_full_key(None) or str(spec.get("_target_", "config")))
     try:
         return instantiate(spec, **kwargs)
     except DiffrunError:

@@ -157,3 +157,27 @@ def test_hydra_writes_its_folder_from_rank_zero_only(monkeypatch):
     assert output_subdir() is None
     monkeypatch.setenv("RANK", "0")
     assert output_subdir() == ".hydra"
+
+
+@pytest.mark.parametrize("override, match", [
+    ("weighting.dual_sampling=maybe", r"weighting\.dual_sampling='maybe': expected bool \(true or false\)"),
+    ("weighting.num_timesteps=10.5", r"weighting\.num_timesteps=10\.5: expected int"),
+    ("weighting.p2_gamma=abc", r"weighting\.p2_gamma='abc': expected float"),
+])
+def test_strategy_arguments_are_type_checked(override, match):
+    """Group configs are free-form for the schema: the constructor's own annotations are checked before
+    it runs (otherwise bool('maybe') would silently train with True)."""
+    cfg = compose_config(["weighting=speed", override])
+    with pytest.raises(ConfigError, match=match):
+        build(cfg.weighting, _keep_meta=("name", "citation"))
+
+
+def test_argument_types_of_library_targets_and_nested_specs():
+    cfg = compose_config(["optimizer.optim.weight_decay=abc"])
+    with pytest.raises(ConfigError, match=r"optimizer\.optim\.weight_decay='abc': expected float"):
+        build(cfg.optimizer.optim)
+    nested = compose_config(["weighting=adaptive_histogram"]).weighting
+    nested.base = {"_target_": "diffrun.strategies.P2", "gamma": "one"}
+    with pytest.raises(ConfigError, match=r"weighting\.base\.gamma='one': expected float"):
+        build(nested, _keep_meta=("name", "citation"))
+    build(compose_config(["weighting=adaptive_histogram"]).weighting, _keep_meta=("name", "citation"))  # valid: builds
