@@ -34,25 +34,18 @@ def run_dir_of(cfg: DictConfig) -> Path:
 
 
 def read_status(run_dir: Path) -> dict:
-    try:
-        return json.loads((run_dir / "status.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
+    from diffrun.training.run_state import RunDirectory
+
+    return RunDirectory(run_dir).read_status()
 
 
 def train(cfg: DictConfig, run_dir: Path | None = None) -> dict:
-    """Train one run in `run_dir`; skips a run whose directory says it finished (idempotent sweeps)."""
-    from diffrun.training.trainer import Trainer
-
-    run_dir = Path(run_dir or run_dir_of(cfg))
-    status = read_status(run_dir)
-    if status.get("state") == "finished" and cfg.resume != "never" and status.get("total_steps") == cfg.train.steps:
-        log.info("run %s already finished (%s/status.json); skipping. Use resume=never to train it again.", cfg.name, run_dir)
-        return status
+    """Train one run in `run_dir`. A run that finished is skipped (idempotent sweeps), a run with checkpoints
+    resumes; a directory that holds another run, or is being trained by another process, stops before any work."""
     from diffrun.launching import distributed
-    from diffrun.training.callbacks import default_callbacks
     from diffrun.training.environment import resolve_device
 
+    run_dir = Path(run_dir or run_dir_of(cfg))
     dist_cfg = cfg.get("dist") or DistConfig()
     if dist_cfg.devices > 1 and not distributed.env_info().enabled:
         # dist.devices=N: this process is rank 0, ranks 1..N-1 run this same function (resolved config: no
@@ -62,25 +55,33 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict:
         with distributed.local_ranks(dist_cfg.devices, "diffrun.cli:train", (cfg, run_dir)):
             return train(cfg, run_dir)
     with distributed.session(resolve_device(cfg.device), dist_cfg.backend, dist_cfg.timeout_s) as ranks:
-        try:
-            trainer = Trainer(cfg, run_dir)
-            trainer.callbacks.extend(default_callbacks(cfg, trainer))
-        except Exception as exc:  # a job of a sweep that cannot even start still says why in its folder
-            if ranks.is_main:
-                write_failed_status(run_dir, status, cfg, exc)
-            raise
-        return trainer.fit()
+        return _train_rank(cfg, run_dir, ranks.is_main)
 
 
-def write_failed_status(run_dir: Path, previous: dict, cfg: DictConfig, exc: BaseException) -> None:
-    from diffrun.training.checkpoint import atomic_write_json
+def _train_rank(cfg: DictConfig, run_dir: Path, is_main: bool) -> dict:
+    from diffrun.config import validate
+    from diffrun.training.run_state import RunDirectory, RunMismatchError
+    from diffrun.training.trainer import Trainer
 
+    validate(cfg)
+    directory = RunDirectory(run_dir)
+    if is_main:
+        directory.lock()   # a second process on this run stops here, naming the holder
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(run_dir / "status.json", {"state": "failed", "step": previous.get("step", 0),
-                                                    "total_steps": cfg.train.steps, "error": f"{type(exc).__name__}: {exc}"})
-    except OSError:
-        pass  # the run directory itself is the problem; the exception says so
+        status = directory.check_identity(cfg, force=str(cfg.resume) == "force")
+        if status.get("state") == "finished" and cfg.resume != "never" and status.get("total_steps") == cfg.train.steps:
+            log.info("run %s already finished (%s/status.json); skipping. Use resume=never to train it again.",
+                     cfg.name, run_dir)
+            directory.unlock()
+            return status
+        trainer = Trainer(cfg, run_dir, directory=directory if is_main else None)
+    except BaseException as exc:
+        if is_main and not isinstance(exc, RunMismatchError):  # a sweep job that cannot start still says why
+            directory.write_status("failed", int(directory.read_status().get("step", 0)), cfg.train.steps,
+                                   error=f"{type(exc).__name__}: {exc}")
+        directory.unlock()
+        raise
+    return trainer.fit()
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")

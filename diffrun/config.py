@@ -76,6 +76,7 @@ class SampleConfig:
 class CheckpointConfig:
     every_steps: int = 500
     keep: int = 3                     # keep the last K checkpoints
+    allow_unverified: bool = False    # load checkpoint files that carry no SHA-256 (other programs, old diffrun)
 
 
 @dataclass
@@ -147,7 +148,7 @@ class RunConfig:
     device: str = "auto"              # auto | cpu | cuda | cuda:N
     precision: Precision = Precision.auto
     deterministic: bool = False       # torch deterministic algorithms (bit-identical resume on CPU)
-    resume: str = "auto"              # auto | never | /path/to/checkpoint.pt
+    resume: str = "auto"              # auto | never | force (continue a run whose config changed) | /path/to/ckpt.pt
     sweep_name: str = "sweep"
     experiment: Optional[str] = None  # name of the conf/experiment preset, if any
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -164,6 +165,7 @@ class RunConfig:
     weighting: Any = None
     model: Any = None
     optimizer: Any = None
+    callbacks: Any = None             # conf/callbacks: what a run does besides training (diffrun/training/callbacks.py)
 
 
 def hydra_output_subdir() -> str | None:
@@ -174,9 +176,19 @@ def hydra_output_subdir() -> str | None:
     return ".hydra" if env_info().rank == 0 else None
 
 
+def run_name(base: str, *, _root_: DictConfig) -> str:
+    """`name`'s default: `base`, plus `_<6 hex>` of the run fingerprint when the command line changed something
+    `base` does not say (diffrun.training.run_state.name_suffix), so that different runs get different
+    directories."""
+    from diffrun.training.run_state import name_suffix
+
+    return base + name_suffix(_root_)
+
+
 def register_configs() -> None:
     ConfigStore.instance().store(name="run_schema", node=RunConfig)
     OmegaConf.register_new_resolver("diffrun.hydra_output_subdir", hydra_output_subdir, replace=True)
+    OmegaConf.register_new_resolver("diffrun.run_name", run_name, replace=True)
 
 
 # Python types a constructor argument may declare, and the config values that fit them. Group configs
@@ -268,8 +280,8 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(
             f"eval.kid_subset_size={cfg.eval.kid_subset_size} exceeds eval.num_samples={cfg.eval.num_samples}"
         )
-    if not (cfg.resume in ("auto", "never") or cfg.resume.endswith((".pt", ".pth"))):
-        raise ConfigError(f"resume={cfg.resume!r}: allowed auto, never, or a path to a .pt checkpoint")
+    if not (cfg.resume in ("auto", "never", "force") or cfg.resume.endswith((".pt", ".pth"))):
+        raise ConfigError(f"resume={cfg.resume!r}: allowed auto, never, force, or a path to a .pt checkpoint")
     device = str(cfg.device)
     if not (device in ("auto", "cpu", "cuda", "mps") or device.startswith("cuda:")):
         raise ConfigError(f"device={device!r}: allowed auto, cpu, cuda, cuda:N, mps")

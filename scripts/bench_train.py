@@ -6,7 +6,7 @@
         --compile --channels-last --json docs/bench_h100.json   # the GPU measurement (docs/performance.md)
 
 What is measured, all in one process on one device (docs/performance.md says why each choice):
-  * diffrun: `Trainer.train_step` of a Trainer composed from the real Hydra config (dataset=cifar10 with
+  * diffrun: `diffrun.training.step.train_step` of a Trainer composed from the real Hydra config (dataset=cifar10 with
     its loader replaced by synthetic CIFAR-shaped uint8 images held in memory), images/s = batch / median
     window step time after warm-up. Windows are bracketed by CUDA events on GPU, perf_counter on CPU.
   * FLOPs: one forward+backward of the eager denoiser under `FlopCounterMode` (SDPA forced to the math
@@ -113,7 +113,7 @@ def build_strategy(cfg: DictConfig, trainer):
     """What `Trainer.__init__` does with `cfg.weighting`, bound to the trainer's schedule and device."""
     validate(cfg)
     strategy = build(cfg.weighting, _keep_meta=("name", "citation"))
-    strategy.bind(trainer.schedule, cfg.model.prediction, cfg.model.sigma_data).to(trainer.device)
+    strategy.bind(trainer.schedule, cfg.model.prediction, cfg.model.sigma_data, trainer.parts.comm).to(trainer.device)
     return strategy
 
 
@@ -183,8 +183,11 @@ def peak_bf16_tflops(name: str, device: torch.device) -> float | None:
 # ---------------------------------------------------------------------------------------------------
 def run_steps(trainer, steps: int) -> None:
     """What `Trainer.fit` does per step, minus logging/checkpointing (which happen every N steps)."""
+    from diffrun.training.step import train_step
+
     for _ in range(steps):
-        trainer.train_step()
+        train_step(trainer.parts, trainer.data.batch(trainer.parts.local_batch_size), trainer.step, trainer.counters,
+                   trainer.stats)
         trainer.step += 1
         trainer.images_seen += trainer.cfg.train.batch_size
 
@@ -480,7 +483,7 @@ def _run(args: argparse.Namespace, argv, device: torch.device) -> dict:
     try:
         # --- diffrun: one Trainer, strategies swapped in ------------------------------------------
         base_alloc = memory.allocated()
-        trainer = Trainer(compose([*base, "weighting=uniform"], args.num_images, args.seed), run_dir)
+        trainer = Trainer(compose([*base, "weighting=uniform"], args.num_images, args.seed), run_dir, callbacks=[])
         trainer.denoiser.train()
         params = sum(p.numel() for p in trainer.denoiser.parameters())
         flops_fwd, flops_fwd_bwd = count_flops(trainer)
@@ -498,7 +501,7 @@ def _run(args: argparse.Namespace, argv, device: torch.device) -> dict:
                 errors[strategy_name] = _error_text(exc)
 
         def run_strategy(strategy_name: str, n: int) -> None:
-            trainer.strategy, trainer.step = strategies[strategy_name], steps[strategy_name]
+            trainer.parts.strategy, trainer.step = strategies[strategy_name], steps[strategy_name]
             run_steps(trainer, n)
             steps[strategy_name] = trainer.step
 
@@ -544,7 +547,7 @@ def _run(args: argparse.Namespace, argv, device: torch.device) -> dict:
                 peer_peak = max(peer_peak, memory.peak(trainer_resident))
 
         diffrun_row = _row(times["uniform"], args.steps_per_window, args.batch, flops_fwd_bwd, peak_tflops, peaks["uniform"])
-        diffrun_row["loop"] = "diffrun Trainer.train_step (uniform)"
+        diffrun_row["loop"] = "diffrun train_step (uniform)"
         peer_row = None
         if peer is not None:
             peer_row = _row(peer_times, args.steps_per_window, args.batch, flops_fwd_bwd, peak_tflops, peer_peak)
@@ -569,7 +572,7 @@ def _run(args: argparse.Namespace, argv, device: torch.device) -> dict:
         # --- FID evaluation throughput --------------------------------------------------------
         fid = None
         if not args.no_fid:
-            trainer.strategy = strategies["uniform"]
+            trainer.parts.strategy = strategies["uniform"]
             fid = {"sampler": bench_sampler(trainer, clock, args.sample_batch, args.sample_steps, max(1, args.windows // 2)),
                    "inception": bench_inception(device, clock, args.inception_batch, max(1, args.windows // 2),
                                                 args.inception_download, args.inception_random_init)}
@@ -588,7 +591,7 @@ def _run(args: argparse.Namespace, argv, device: torch.device) -> dict:
             "model": args.model, "params": params, "batch": args.batch,
             "precision": args.precision, "autocast_dtype": str(trainer.autocast_dtype or "fp32").replace("torch.", ""),
             "compile": args.compile, "channels_last": args.channels_last,
-            "fused_optimizer": trainer.fused,
+            "fused_optimizer": bool(trainer.optimizer.defaults.get("fused")),
             "warmup_steps": args.warmup, "windows": args.windows, "steps_per_window": args.steps_per_window,
             "num_images": args.num_images, "memory_kind": memory.kind, "threads": torch.get_num_threads(),
             "seconds_total": time.perf_counter() - started,

@@ -48,7 +48,7 @@ def _rank_main(rank, world, port, run_dir, out_dir, overrides=("weighting=min_sn
         out = fit(self)
         captured["model"] = {k: v.clone() for k, v in self.denoiser.state_dict().items()}
         captured["ema"] = {k: v.clone() for k, v in self.ema.model.state_dict().items()}
-        captured["ranks"] = (self.rank, self.world_size, self.local_batch_size)
+        captured["ranks"] = (self.rank, self.world_size, self.parts.local_batch_size)
         captured["strategy"] = {k: v.clone() for k, v in self.strategy.state_dict().items() if torch.is_tensor(v)}
         return out
 
@@ -132,9 +132,12 @@ def _factor_rank_main(rank, world, port, out_dir, logsnr, loss):
 
     half = logsnr.numel() // world
     mine = slice(rank * half, (rank + 1) * half)
+    from diffrun.schedules import EDMSchedule
+
     with distributed.session(torch.device("cpu")):
+        comm = distributed.communication()   # handed to the strategy at bind: it imports no launching code
         factors = {f"{variant}/{normalize}": S.VarianceAware(variant=variant, alpha=0.3, normalize=normalize)
-                   .factor(logsnr[mine], loss[mine])
+                   .bind(EDMSchedule(), "edm", 0.5, comm).factor(logsnr[mine], loss[mine])
                    for variant in ("gaussian", "cauchy", "loss_zscore") for normalize in (False, True)}
     torch.save(factors, os.path.join(out_dir, f"factor{rank}.pt"))
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from diffrun.errors import ConfigError
-from diffrun.models.parameterization import Denoiser, convert_weight, log_loss_ratio
+from diffrun.models.parameterization import Denoiser, convert_log_weight, log_loss_ratio
 from diffrun.models.unet import UNet
 
 
@@ -65,6 +65,10 @@ def test_loss_ratio_matches_algebra(prediction):
     loss_f = (out - target).square().mean(dim=(1, 2, 3))
     loss_x = (x0_hat - x0).square().mean(dim=(1, 2, 3))
     torch.testing.assert_close(loss_f / loss_x, log_loss_ratio(prediction, lam).exp(), rtol=1e-3, atol=1e-5)
+
+
+def convert_weight(weight, lam, src, dst):
+    return convert_log_weight(weight.log(), lam, src, dst).exp()
 
 
 def test_convert_weight_known_cases():

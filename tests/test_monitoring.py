@@ -22,7 +22,8 @@ from diffrun.cli import train
 from diffrun.monitoring.logsnr_stats import LogSNRStats
 from diffrun.monitoring.metrics import read_jsonl
 from diffrun.monitoring.plots import DPI, main as plot_main
-from diffrun.monitoring.stats_writer import FILENAME, PER_BIN, atomic_savez, load_stats
+from diffrun.files import atomic_write
+from diffrun.monitoring.stats_writer import FILENAME, PER_BIN, load_stats
 from diffrun.monitoring.wandb_logger import ID_FILE, WandbLogger, resolve_mode
 
 from conftest import compose_config
@@ -77,12 +78,10 @@ def test_accumulator_matches_numpy():
 
 
 def test_stats_range_from_schedule(make_cfg, tmp_path):
-    from diffrun.training.callbacks import default_callbacks
     from diffrun.training.trainer import Trainer
 
     cfg = make_cfg(["schedule=edm", "stats.range=schedule", "stats.write=false", "wandb.mode=disabled"])
-    trainer = Trainer(cfg, tmp_path / "run")
-    assert default_callbacks(cfg, trainer) == []
+    trainer = Trainer(cfg, tmp_path / "run", callbacks=[])
     assert trainer.stats.lo == pytest.approx(trainer.schedule.logsnr_min)    # −2 log 80
     assert trainer.stats.hi == pytest.approx(trainer.schedule.logsnr_max)    # −2 log 0.002
 
@@ -141,7 +140,7 @@ def resumed_run(tmp_path_factory, offline_env):
     for key in ("step", "images_seen", *PER_BIN):
         stale[key] = np.concatenate([stale[key], stale[key][-1:]])
     stale["step"][-1], stale["loss_mean"][-1] = 15, 999.0
-    atomic_savez(out / FILENAME, stale)
+    atomic_write(out / FILENAME, lambda fh: np.savez(fh, **stale))
     train(compose_config(["train.steps=20", *common]), out)
     return SimpleNamespace(dir=out, first_id=first_id, server=offline_env)
 
@@ -238,6 +237,12 @@ def test_wandb_online_failure_falls_back_to_offline(make_cfg, tmp_path, offline_
     assert offline_env.count == 0
 
 
+def logger_with(run, run_dir, total_steps, plots_every):
+    logger = WandbLogger()
+    logger.run, logger.run_dir, logger.total_steps, logger.plots_every = run, Path(run_dir), total_steps, plots_every
+    return logger
+
+
 def test_wandb_log_failure_does_not_stop_training(caplog):
     class BrokenRun:
         def log(self, *args, **kwargs):
@@ -249,7 +254,7 @@ def test_wandb_log_failure_does_not_stop_training(caplog):
     stats = LogSNRStats(4, -1, 1)
     stats.update(torch.zeros(3), torch.ones(3), torch.ones(3))
     trainer = SimpleNamespace(stats=stats, step=2, cfg=SimpleNamespace(name="x"))
-    logger = WandbLogger(BrokenRun(), Path("/nonexistent"), total_steps=10, plots_every=1)
+    logger = logger_with(BrokenRun(), Path("/nonexistent"), total_steps=10, plots_every=1)
     logger.on_flush(trainer, {"step": 2, "loss": 1.0}, stats.flush())
     assert logger.run is None and "no more W&B logging" in caplog.text
     logger.on_flush(trainer, {"step": 4, "loss": 1.0}, stats.flush())   # silently nothing
@@ -257,7 +262,7 @@ def test_wandb_log_failure_does_not_stop_training(caplog):
 
 
 def test_wandb_eval_metrics_reach_the_run(tmp_path):
-    """FID/KID: from the flush record, through `log_metrics`, and from status.json when the run finishes."""
+    """FID/KID: from the flush record and from the `on_eval` events other callbacks emit (no status.json reading)."""
     class RecordingRun:
         step, summary, logged, finished = 0, {}, [], False
 
@@ -268,19 +273,19 @@ def test_wandb_eval_metrics_reach_the_run(tmp_path):
             self.finished = True
 
     run = RecordingRun()
-    (tmp_path / "status.json").write_text(json.dumps({"state": "finished", "step": 8, "fid": 12.5, "kid_mean": 0.01,
-                                                      "final_loss": 0.3}))
-    logger = WandbLogger(run, tmp_path, total_steps=8, plots_every=100)
+    (tmp_path / "status.json").write_text(json.dumps({"state": "finished", "step": 8, "fid": 99.0}))
+    logger = logger_with(run, tmp_path, total_steps=8, plots_every=100)
     stats = LogSNRStats(4, -1, 1)
     trainer = SimpleNamespace(stats=stats, step=4, cfg=SimpleNamespace(name="x"))
     logger.on_flush(trainer, {"step": 4, "loss": 1.0, "fid": 30.0, "time": 1.0}, stats.flush())
-    logger.log_metrics({"kid_mean": 0.02}, step=6)
+    logger.on_eval(trainer, {"step": 6, "kid_mean": 0.02, "fid_sampler": "ddim-10"})
+    logger.on_eval(trainer, {"step": 8, "fid": 12.5})
     logger.close()
     assert run.logged[0][1]["eval/fid"] == 30.0 and run.logged[0][1]["train/loss"] == 1.0
     assert "train/time" not in run.logged[0][1]
     assert run.logged[1] == (6, {"eval/kid_mean": 0.02})
-    assert run.logged[2] == (8, {"eval/fid": 12.5})          # kid_mean was already logged by log_metrics
-    assert run.finished and run.summary["eval/fid"] == 12.5
+    assert run.logged[2] == (8, {"eval/fid": 12.5})
+    assert len(run.logged) == 3 and run.finished        # status.json is never read
 
 
 def test_wandb_mode_default(monkeypatch):
@@ -292,7 +297,7 @@ def test_wandb_mode_default(monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     assert resolve_mode(None) == "offline" and resolve_mode("disabled") == "disabled"
     trainer = SimpleNamespace(rank=0, run_dir=Path("/nonexistent"))
-    assert WandbLogger.create(compose_config(["wandb.mode=disabled"]), trainer) is None
+    assert WandbLogger.create(compose_config(["wandb.mode=disabled"]), trainer) == (None, {})
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -67,37 +67,69 @@ def test_corrupt_latest_checkpoint_falls_back(make_cfg, tmp_path, caplog):
     manager = CheckpointManager(tmp_path / "checkpoints")
     latest = manager.list()[-1]
     latest.write_bytes(latest.read_bytes()[: latest.stat().st_size // 2])  # truncated
-    with pytest.raises(CheckpointError, match="corrupt"):
-        CheckpointManager.verify_and_load(latest)
+    with pytest.raises(CheckpointError, match="carries no SHA-256"):
+        ckpt_module.load(latest)
     state, path = manager.load_latest()
     assert state["step"] == 3 and path.name == "ckpt_00000003.pt"
-    assert "falling back" in caplog.text
+    assert "trying the previous checkpoint" in caplog.text
 
 
-def test_garbage_checkpoint_without_hash_is_detected(tmp_path):
+def test_flipped_bytes_inside_tensor_data_are_detected(make_cfg, tmp_path):
+    """The SHA-256 travels inside the file: a flipped byte in the middle (tensor data) is caught without any side file."""
+    train(make_cfg(["train.steps=3", "checkpoint.every_steps=0"]), tmp_path)
+    path = CheckpointManager(tmp_path / "checkpoints").list()[-1]
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    assert not list(path.parent.glob("*.sha256"))
+    with pytest.raises(CheckpointError, match="is corrupt: SHA-256"):
+        ckpt_module.load(path)
+
+
+def test_all_checkpoints_corrupt_stops_instead_of_restarting(make_cfg, tmp_path):
+    cfg = make_cfg(["train.steps=6", "checkpoint.every_steps=3", "sample.num_images=0"])
+    train(make_cfg(["train.steps=3", "checkpoint.every_steps=0", "sample.num_images=0"]), tmp_path)
+    for path in CheckpointManager(tmp_path / "checkpoints").list():
+        path.write_bytes(b"\x00garbage")
+    with pytest.raises(CheckpointError, match="(?s)none of the 1 checkpoint.*resume=never"):
+        train(cfg, tmp_path)
+    assert json.loads((tmp_path / "status.json").read_text())["state"] == "failed"
+    assert train(make_cfg(["train.steps=6", "resume=never", "sample.num_images=0"]), tmp_path)["step"] == 6
+
+
+def test_checkpoint_without_hash_needs_allow_unverified(make_cfg, tmp_path):
     (tmp_path / "ckpt_00000001.pt").write_bytes(b"\x00garbage")
+    with pytest.raises(CheckpointError, match="checkpoint.allow_unverified=true"):
+        ckpt_module.load(tmp_path / "ckpt_00000001.pt")
     with pytest.raises(CheckpointError, match="cannot be loaded"):
-        CheckpointManager.verify_and_load(tmp_path / "ckpt_00000001.pt")
-    assert CheckpointManager(tmp_path).load_latest() is None
+        ckpt_module.load(tmp_path / "ckpt_00000001.pt", allow_unverified=True)
+    assert make_cfg(["checkpoint.allow_unverified=true"]).checkpoint.allow_unverified is True
+
+
+def test_resume_reads_the_latest_pointer(make_cfg, tmp_path):
+    train(make_cfg(["train.steps=6", "checkpoint.every_steps=3", "checkpoint.keep=5", "sample.num_images=0"]), tmp_path)
+    directory = tmp_path / "checkpoints"
+    assert json.loads((directory / "latest.json").read_text()) == {"path": "ckpt_00000006.pt", "step": 6}
+    (directory / "latest.json").write_text(json.dumps({"path": "ckpt_00000003.pt", "step": 3}))
+    state, path = CheckpointManager(directory).load_latest()
+    assert path.name == "ckpt_00000003.pt" and state["step"] == 3
 
 
 def test_disk_full_keeps_previous_checkpoint(make_cfg, tmp_path, monkeypatch):
     train(make_cfg(["train.steps=3", "checkpoint.every_steps=0"]), tmp_path)
     manager = CheckpointManager(tmp_path / "checkpoints")
     good = manager.list()[-1].read_bytes()
-    real_write = ckpt_module.atomic_write_bytes
+    real_write = ckpt_module.atomic_write
 
     def full_disk(path, data):
         if path.suffix == ".pt":
-            with open(path.with_name(f".{path.name}.tmp.{os.getpid()}"), "wb") as fh:
-                fh.write(data[:10])  # partial write, then the disk fills
             raise OSError(28, "No space left on device")
         return real_write(path, data)
 
-    monkeypatch.setattr(ckpt_module, "atomic_write_bytes", full_disk)
-    with pytest.raises(CheckpointError, match="No space left on device.*untouched"):
+    monkeypatch.setattr(ckpt_module, "atomic_write", full_disk)
+    with pytest.raises(CheckpointError, match="the disk is full.*untouched"):
         manager.save({"step": 99}, 99)
-    monkeypatch.setattr(ckpt_module, "atomic_write_bytes", real_write)
+    monkeypatch.setattr(ckpt_module, "atomic_write", real_write)
     assert manager.list()[-1].read_bytes() == good
     assert manager.load_latest()[0]["step"] == 3
 
@@ -123,10 +155,10 @@ def test_real_disk_full_fails_clearly_keeps_the_checkpoint_and_resumes(make_cfg,
     with an error that says so, the first checkpoint stays valid, and once there is room the same run resumes."""
     run = small_disk / "run"
     cfg = make_cfg(["train.steps=6", "checkpoint.every_steps=2", "sample.num_images=0"])
-    with pytest.raises(CheckpointError, match="No space left on device"):
+    with pytest.raises(CheckpointError, match="the disk is full"):
         train(cfg, run)
     status = json.loads((run / "status.json").read_text())
-    assert status["state"] == "failed" and "No space left on device" in status["error"]
+    assert status["state"] == "failed" and "the disk is full" in status["error"]
     assert not [p for p in (run / "checkpoints").iterdir() if ".tmp" in p.name]   # no partial file left behind
     state, path = CheckpointManager(run / "checkpoints").load_latest()
     assert state["step"] == 2 and path.name == "ckpt_00000002.pt"                 # SHA-256 verified on load

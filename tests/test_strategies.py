@@ -12,6 +12,8 @@ from omegaconf import OmegaConf
 from torch import nn
 
 import diffrun.strategies as S
+
+GOOD = torch.tensor(True)   # the step the strategy is told about was applied
 from diffrun.config import build
 from diffrun.models.parameterization import PREDICTIONS, Denoiser
 from diffrun.schedules import CosineSchedule, EDMSchedule, LinearSchedule, ShiftedCosineSchedule, alpha_sigma
@@ -209,7 +211,7 @@ def run_steps(s: S.Strategy, steps: int, batch: int = 64, shape=(1, 8, 8), seed:
         draw = s.sample(x0)
         loss = (toy_loss(draw.logsnr) * torch.distributions.Exponential(1.0).sample((batch,))).float()
         s.loss_weights(draw, loss)
-        s.observe(draw, loss)
+        s.observe(draw, loss, GOOD)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
@@ -228,7 +230,7 @@ def test_config_binds_everywhere_with_finite_weights(path):
             assert w.shape == (32,) and draw.logsnr.shape == (32,)
             assert torch.isfinite(w).all() and (w >= 0).all(), (path.stem, sched_name, prediction, w)
             assert torch.isfinite(draw.logsnr).all()
-            s.observe(draw, loss)
+            s.observe(draw, loss, GOOD)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
@@ -284,7 +286,7 @@ def test_per_step_path_does_not_sync(path, monkeypatch):
             draw = s.sample(x0)
             loss = toy_loss(draw.logsnr).float()
             s.loss_weights(draw, loss)
-            s.observe(draw, loss)
+            s.observe(draw, loss, GOOD)
     with pytest.raises(AssertionError), monkeypatch.context() as m:   # the guard itself works
         m.setattr(torch.Tensor, "item", _forbid)
         torch.ones(1).item()
@@ -324,14 +326,18 @@ def test_importance_is_uniform_before_warmup():
 def test_ring_buffer_keeps_the_last_entries_with_duplicates():
     s = S.ImportanceSampling(num_timesteps=5, history=2)
     draw = S.NoiseDraw(logsnr=torch.zeros(5), proposal_weight=torch.ones(5), index=torch.tensor([3, 1, 3, 3, 1]))
-    s.observe(draw, torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0]))
+    s.observe(draw, torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0]), GOOD)
     # row 3 saw 1, 3, 4 → keeps the last two (3 in slot 0 after wrap: slots (0,1,0) → [4, 3]); row 1 → [2, 5]
     torch.testing.assert_close(s.loss_history[3], torch.tensor([4.0, 3.0]))
     torch.testing.assert_close(s.loss_history[1], torch.tensor([2.0, 5.0]))
     assert s.filled.tolist() == [0, 2, 0, 3, 0]
     s.observe(S.NoiseDraw(logsnr=torch.zeros(1), proposal_weight=torch.ones(1), index=torch.tensor([3])),
-              torch.tensor([9.0]))
+              torch.tensor([9.0]), GOOD)
     torch.testing.assert_close(s.loss_history[3], torch.tensor([4.0, 9.0]))     # slot 3 mod 2 = 1
+    s.observe(S.NoiseDraw(logsnr=torch.zeros(1), proposal_weight=torch.ones(1), index=torch.tensor([3])),
+              torch.tensor([float("nan")]), ~GOOD)                             # a skipped step changes nothing
+    torch.testing.assert_close(s.loss_history[3], torch.tensor([4.0, 9.0]))
+    assert s.filled.tolist() == [0, 2, 0, 4, 0]
 
 
 def test_adaptive_histogram_is_unbiased():
@@ -383,7 +389,7 @@ def test_binned_variance_downweights_noisy_bins():
             torch.testing.assert_close(s.bin_weights(), torch.ones(2))          # warm-up: uniform
         noise = torch.randn(128)
         loss = torch.where(x < 1, 1 + 0.8 * noise, 1 + 0.2 * noise).abs()        # bin 0 four times noisier
-        s.observe(S.NoiseDraw(logsnr=x, proposal_weight=torch.ones(128)), loss)
+        s.observe(S.NoiseDraw(logsnr=x, proposal_weight=torch.ones(128)), loss, GOOD)
     w = s.bin_weights()
     assert w[0] < w[1] / 2, w
     torch.testing.assert_close((s.bin_mass * w).sum(), torch.tensor(1.0))       # mean 1 under the sampling density
@@ -421,8 +427,9 @@ def _train(strategy, denoiser, steps, seed=0, batch=8, start=0):
         strategy.on_before_update(denoiser, x0, step)
         total.backward()
         opt.step()
-        strategy.on_after_update(denoiser, x0, step)
-        strategy.observe(draw, loss.detach())
+        strategy.on_after_update(denoiser, x0, step, GOOD)
+        if strategy.observes:
+            strategy.observe(draw, loss.detach(), GOOD)
 
 
 def _beta_params(strategy):

@@ -12,6 +12,7 @@ import time
 import torch
 
 from diffrun.evaluation.fid import compute_fid_kid_from_sampler
+from diffrun.training.callbacks import Callback
 from diffrun.evaluation.inception import InceptionWeightsUnavailable, resolve_inception_weights
 
 log = logging.getLogger(__name__)
@@ -60,47 +61,44 @@ def evaluate(trainer, eval_cfg) -> dict:
     }
 
 
-class FIDCallback:
-    """Runs `evaluate` every `eval.every_steps` steps and at the end; logs to metrics.jsonl and W&B."""
+class FIDCallback(Callback):
+    """FID/KID of the EMA model every `eval.every_steps` steps and at the end (`eval.enabled`), as `on_eval`
+    events for the other callbacks (metrics file, W&B); the final numbers join the run summary."""
 
-    def __init__(self, cfg, trainer):
-        self.cfg = cfg.eval
+    def __init__(self):
         self.last_step = -1
         self.skipped_reason: str | None = None
+        self.last_record: dict = {}
+
+    def every_steps(self, trainer) -> int:
+        return trainer.cfg.eval.every_steps if trainer.cfg.eval.enabled else 0
 
     def _run(self, trainer) -> dict:
+        settings = trainer.cfg.eval
         if self.skipped_reason is not None:
             return {}
         try:
-            record = evaluate(trainer, self.cfg)
+            record = evaluate(trainer, settings)
         except InceptionWeightsUnavailable as exc:
-            if str(getattr(self.cfg.on_unavailable, "value", self.cfg.on_unavailable)) == "fail":
+            if str(getattr(settings.on_unavailable, "value", settings.on_unavailable)) == "fail":
                 raise
             self.skipped_reason = str(exc).splitlines()[0]
             log.warning("FID skipped (eval.on_unavailable=skip): %s", exc)
             return {}
-        self.last_step = trainer.step
+        self.last_step, self.last_record = trainer.step, record
         log.info("step %d: FID %.3f, KID %.5f ± %.5f (%d EMA samples, %s, vs %d training images; %.0fs)",
                  record["step"], record["fid"], record["kid_mean"], record["kid_std"], record["fid_num_samples"],
                  record["fid_sampler"], record["fid_num_reference"], record["eval_seconds"])
-        if trainer.metrics is not None:
-            trainer.metrics.write(record)
-        for cb in trainer.callbacks:
-            if hasattr(cb, "log_metrics"):
-                cb.log_metrics({k: v for k, v in record.items() if k not in ("step", "fid_sampler", "inception_weights")},
-                               step=record["step"])
+        trainer.events.emit_eval(trainer, record)
         return record
 
     def on_step(self, trainer) -> None:
-        every = self.cfg.every_steps
-        if every and trainer.step % every == 0:
-            self._run(trainer)
+        self._run(trainer)
 
-    def on_train_end(self, trainer) -> dict:
-        if self.last_step != trainer.step:
-            record = self._run(trainer)
-        else:
-            record = {"fid": None}
+    def on_end(self, trainer) -> dict:
+        if not trainer.cfg.eval.enabled:
+            return {}
+        record = self._run(trainer) if self.last_step != trainer.step else self.last_record
         if self.skipped_reason is not None:
             return {"fid_skipped": self.skipped_reason}
-        return {k: record[k] for k in ("fid", "kid_mean", "kid_std", "fid_num_samples") if k in record} if record else {}
+        return {k: record[k] for k in ("fid", "kid_mean", "kid_std", "fid_num_samples") if k in record}

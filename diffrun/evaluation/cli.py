@@ -41,17 +41,17 @@ def parse_args(argv: list[str]) -> tuple[Path, list[str]]:
 def evaluate_checkpoint(ckpt: Path, overrides: list[str] = ()) -> dict:
     from diffrun.config import RunConfig
     from diffrun.evaluation.callback import evaluate
-    from diffrun.training.checkpoint import CheckpointManager
+    from diffrun.training import checkpoint
     from diffrun.training.trainer import Trainer
 
     if not ckpt.is_file():
         raise DiffrunError(f"ckpt={ckpt}: no such file")
-    state = CheckpointManager.verify_and_load(ckpt)
+    state = checkpoint.load(ckpt)
     if "config" not in state:
         raise DiffrunError(f"{ckpt} has no embedded config: was it written by diffrun?")
     cfg = OmegaConf.merge(OmegaConf.structured(RunConfig), state["config"], OmegaConf.from_dotlist(list(overrides)))
     run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
-    trainer = Trainer(cfg, run_dir)
+    trainer = Trainer(cfg, run_dir, callbacks=[], lock=False)
     trainer.load_state_dict(state)
     record = evaluate(trainer, cfg.eval)
     out = run_dir / "eval" / f"fid_step{record['step']}_{record['fid_num_samples']}.json"

@@ -147,24 +147,58 @@ def session(device: torch.device, backend: str = "auto", timeout_s: float = 1800
 
 
 # --------------------------------------------------------------------------------------------------
-# collectives: no-ops for one process
+# collectives: the `Communication` strategies and the trainer use (diffrun.strategies.base)
 # --------------------------------------------------------------------------------------------------
-def all_reduce_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
-    if _current.enabled:
-        dist.all_reduce(tensor, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
-    return tensor
+_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
 
 
-def summed(tensor: torch.Tensor) -> torch.Tensor:
-    """A copy of `tensor` summed over ranks (the tensor itself is left alone)."""
-    return all_reduce_(tensor.clone())
+class ProcessGroupCommunication:
+    """Collectives over the default process group (`init` joined it)."""
+
+    def __init__(self, world_size: int):
+        self.world_size = world_size
+
+    def all_reduce_(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        dist.all_reduce(tensor, op=_OPS[op])
+        return tensor
+
+    def summed(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A copy of `tensor` summed over ranks (the tensor itself is left alone)."""
+        return self.all_reduce_(tensor.clone())
+
+    def all_gather_cat(self, *tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        """Each tensor (same length on every rank) concatenated over ranks in rank order, on every rank;
+        None stays None. One collective for all of them: packed as float64 columns, which holds float32
+        values and integer indices below 2^53 exactly."""
+        present = [t for t in tensors if t is not None]
+        packed = torch.stack([t.reshape(-1).double() for t in present], dim=1)
+        parts = [torch.empty_like(packed) for _ in range(self.world_size)]
+        dist.all_gather(parts, packed)
+        columns = iter(torch.cat(parts).unbind(1))
+        return tuple(None if t is None else next(columns).to(t.dtype) for t in tensors)
+
+    def broadcast_module_(self, module: torch.nn.Module, src: int = 0) -> None:
+        """Overwrite every parameter and persistent buffer of `module` with rank `src`'s (state that must
+        be one across ranks, e.g. a strategy built after the per-rank seeding)."""
+        for tensor in module.state_dict().values():
+            if torch.is_tensor(tensor):
+                dist.broadcast(tensor, src)
+
+
+def communication():
+    """The ranks' `Communication`: the process group's under DDP, the identity on one process."""
+    from diffrun.strategies.base import SingleProcess
+
+    return ProcessGroupCommunication(_current.world_size) if _current.enabled else SingleProcess()
 
 
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True on every rank if `flag` is True on any rank (a host sync: call it sparingly)."""
     if not _current.enabled:
         return flag
-    return bool(all_reduce_(torch.tensor([int(flag)], device=device), "max").item())
+    tensor = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item())
 
 
 def gather_objects(obj) -> list:
@@ -179,29 +213,6 @@ def gather_objects(obj) -> list:
 def barrier() -> None:
     if _current.enabled:
         dist.barrier()
-
-
-def all_gather_cat(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
-    """Each tensor (same length on every rank) concatenated over ranks in rank order, on every rank;
-    None stays None. One collective for all of them: packed as float64 columns, which holds float32
-    values and integer indices below 2^53 exactly."""
-    if not _current.enabled:
-        return tensors
-    present = [t for t in tensors if t is not None]
-    packed = torch.stack([t.reshape(-1).double() for t in present], dim=1)
-    parts = [torch.empty_like(packed) for _ in range(_current.world_size)]
-    dist.all_gather(parts, packed)
-    columns = iter(torch.cat(parts).unbind(1))
-    return tuple(None if t is None else next(columns).to(t.dtype) for t in tensors)
-
-
-def broadcast_module_(module: torch.nn.Module, src: int = 0) -> None:
-    """Overwrite every parameter and persistent buffer of `module` with rank `src`'s (state that must
-    be one across ranks, e.g. a strategy built after the per-rank seeding)."""
-    if _current.enabled:
-        for tensor in module.state_dict().values():
-            if torch.is_tensor(tensor):
-                dist.broadcast(tensor, src)
 
 
 # --------------------------------------------------------------------------------------------------

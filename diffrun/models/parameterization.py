@@ -10,7 +10,7 @@ x̂0 and ε̂ and says what F regresses onto for each target:
 
 Every loss is ‖F − F*‖². Relative to the x0-loss ‖x̂0 − x‖² its size is r(λ):
 x0: 1, eps: SNR, v: 1 + SNR, edm: SNR + 1/σ_data². A weight written in space a is used in
-space b as w_b = w_a · r_a / r_b (`convert_weight`).
+space b as w_b = w_a · r_a / r_b (`convert_log_weight`).
 """
 from __future__ import annotations
 
@@ -39,14 +39,17 @@ def log_loss_ratio(space: str, logsnr: Tensor, sigma_data: float = 0.5) -> Tenso
     raise ConfigError(f"unknown weight space {space!r}; allowed: {', '.join(WEIGHT_SPACES)}")
 
 
-def convert_weight(weight: Tensor, logsnr: Tensor, src: str, dst: str, sigma_data: float = 0.5) -> Tensor:
-    """Re-express a per-sample loss weight from space `src` to space `dst`: w_dst = w_src · r_src / r_dst."""
+def convert_log_weight(log_weight: Tensor, logsnr: Tensor, src: str, dst: str, sigma_data: float = 0.5) -> Tensor:
+    """log of a per-sample loss weight re-expressed from space `src` to space `dst`:
+    log w_dst = log w_src + log r_src − log r_dst, in log space so that it stays finite wherever the
+    converted formula is (e.g. SNR on a v-loss at λ = 100)."""
     if src == dst:
-        return weight
-    ratio = torch.exp(log_loss_ratio(src, logsnr, sigma_data) - log_loss_ratio(dst, logsnr, sigma_data))
-    converted = weight * ratio
-    # 0·∞ at zero terminal SNR (λ = −∞) is undefined; use 1 there as Hang et al.'s code does (Min-SNR PR #4).
-    return torch.where(torch.isnan(converted), torch.ones_like(converted), converted)
+        return log_weight
+    total = log_weight + log_loss_ratio(src, logsnr, sigma_data) - log_loss_ratio(dst, logsnr, sigma_data)
+    # ∞ − ∞ at zero terminal SNR (λ = −∞, e.g. min(SNR, γ) on ε) is undefined: weight 1 there, as Hang et
+    # al.'s code does (Min-SNR PR #4).
+    undefined = torch.isnan(total) & ~torch.isnan(log_weight)
+    return torch.where(undefined, torch.zeros_like(total), total)
 
 
 class Denoiser(nn.Module):

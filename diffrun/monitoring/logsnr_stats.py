@@ -11,6 +11,8 @@ import math
 import torch
 from torch import Tensor
 
+from diffrun.strategies.ops import bin_index
+
 FIELDS = ("count", "loss_sum", "loss_sq_sum", "wloss_sum", "wloss_sq_sum", "weight_sum")
 
 
@@ -26,26 +28,16 @@ class LogSNRStats:
         lo, hi = stats_range(stats_cfg, schedule)
         return cls(stats_cfg.bins, lo, hi, device)
 
-    @property
-    def centers(self) -> Tensor:
-        return 0.5 * (self.edges[1:] + self.edges[:-1])
-
-    def bin_index(self, logsnr: Tensor) -> Tensor:
-        """Bin of each λ; values outside [lo, hi] go to the first/last bin."""
-        scaled = (logsnr.float() - self.lo) / (self.hi - self.lo) * self.bins
-        return scaled.floor().long().clamp(0, self.bins - 1)
-
     @torch.no_grad()
-    def update(self, logsnr: Tensor, loss: Tensor, weight: Tensor) -> None:
-        index = self.bin_index(logsnr)
+    def update(self, logsnr: Tensor, loss: Tensor, weight: Tensor, good: Tensor | None = None) -> None:
+        """Add one batch; with `good` (0-d bool) False the batch adds nothing (a skipped step)."""
+        index = bin_index(logsnr, self.lo, self.hi, self.bins)
         loss, weight = loss.double(), weight.double()
         wloss = weight * loss
         values = torch.stack([torch.ones_like(loss), loss, loss**2, wloss, wloss**2, weight])
+        if good is not None:
+            values = values * good
         self.sums.index_add_(1, index, values)
-
-    def to(self, device) -> "LogSNRStats":
-        self.sums = self.sums.to(device)
-        return self
 
     def reduce_(self, reducer) -> None:
         """Sum across ranks (DDP): pass e.g. `torch.distributed.all_reduce`."""

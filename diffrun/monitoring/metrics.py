@@ -6,24 +6,16 @@ import math
 from pathlib import Path
 from typing import Any
 
+from diffrun.files import atomic_write
+from diffrun.training.callbacks import Callback
+
+FILENAME = "metrics.jsonl"
+
 
 def _clean(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)  # JSON has no NaN/Inf; keep them visible as strings
     return value
-
-
-class JsonlWriter:
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh = open(self.path, "a", buffering=1)
-
-    def write(self, record: dict) -> None:
-        self._fh.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
-
-    def close(self) -> None:
-        self._fh.close()
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
@@ -36,3 +28,35 @@ def read_jsonl(path: str | Path) -> list[dict]:
             except json.JSONDecodeError:
                 continue
     return records
+
+
+class MetricsFile(Callback):
+    """`<run>/metrics.jsonl`: every flush record (train metrics) and every evaluation record (FID, KID, ...).
+
+    On a resume, lines written after the checkpoint the run continues from (step > that step) are dropped
+    first, so no step appears twice."""
+
+    def __init__(self):
+        self._fh = None
+
+    def on_start(self, trainer) -> None:
+        path = Path(trainer.run_dir) / FILENAME
+        if path.exists():
+            kept = [r for r in read_jsonl(path) if int(r.get("step", 0)) <= trainer.step]
+            atomic_write(path, "".join(json.dumps(r) + "\n" for r in kept))
+        self._fh = open(path, "a", buffering=1)
+
+    def write(self, record: dict) -> None:
+        if self._fh is not None:
+            self._fh.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
+
+    def on_flush(self, trainer, record: dict, stats: dict) -> None:
+        self.write(record)
+
+    def on_eval(self, trainer, record: dict) -> None:
+        self.write(record)
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None

@@ -24,6 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
+from diffrun.files import atomic_write
+from diffrun.training.callbacks import Callback
+
 log = logging.getLogger(__name__)
 
 FILENAME = "logsnr_stats.npz"
@@ -40,24 +43,25 @@ def load_stats(path: str | Path) -> dict[str, np.ndarray]:
         return {key: data[key] for key in data.files}
 
 
-def atomic_savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        np.savez(fh, **arrays)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+class StatsWriter(Callback):
+    """Appends the flushed per-bin statistics to `<run_dir>/logsnr_stats.npz` (`stats.write`)."""
 
+    def __init__(self, run_dir: str | Path | None = None, edges=None, run_name: str = "", strategy: str = ""):
+        self.enabled = True
+        self.rows: dict[str, list[np.ndarray]] | None = None  # loaded lazily at the first flush (after resume)
+        if run_dir is not None:
+            self._configure(run_dir, edges, run_name, strategy)
 
-class StatsWriter:
-    """Trainer callback: appends the flushed per-bin statistics to `<run_dir>/logsnr_stats.npz` (rank 0)."""
-
-    def __init__(self, run_dir: str | Path, edges, run_name: str = "", strategy: str = ""):
+    def _configure(self, run_dir, edges, run_name: str, strategy: str) -> None:
         self.path = Path(run_dir) / FILENAME
         self.edges = np.asarray(edges, dtype=np.float64)
         self.centers = 0.5 * (self.edges[1:] + self.edges[:-1])
         self.meta = {"run_name": np.array(run_name), "strategy": np.array(strategy)}
-        self.rows: dict[str, list[np.ndarray]] | None = None  # loaded lazily at the first flush (after resume)
+
+    def on_start(self, trainer) -> None:
+        self.enabled = bool(trainer.cfg.stats.get("write", True))
+        self._configure(trainer.run_dir, trainer.stats.edges.numpy(), str(trainer.cfg.name),
+                        str(trainer.cfg.weighting.get("name", "")))
 
     # --- history ---------------------------------------------------------------------------------
     def _load_previous(self, first_step: int) -> dict[str, list]:
@@ -97,6 +101,8 @@ class StatsWriter:
 
     # --- callback --------------------------------------------------------------------------------
     def on_flush(self, trainer, record: dict, stats: dict) -> None:
+        if not self.enabled:
+            return
         if self.rows is None:
             self.rows = self._load_previous(int(record["step"]))
         self.rows["step"].append(int(record["step"]))
@@ -106,6 +112,7 @@ class StatsWriter:
             value = value.numpy() if hasattr(value, "numpy") else np.asarray(value)
             self.rows[key].append(value.astype(np.int64 if key == "count" else np.float32))
         try:
-            atomic_savez(self.path, self.history())
+            history = self.history()
+            atomic_write(self.path, lambda fh: np.savez(fh, **history))
         except OSError as exc:  # a full disk must not kill the run; the next flush tries again with all rows
             log.warning("could not write %s: %s", self.path, exc)

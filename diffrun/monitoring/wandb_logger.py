@@ -17,12 +17,11 @@ sampled λ (`stats/logsnr_hist`, from the per-bin counts). Every `wandb.plots_ev
 last: the mean loss, loss variance and effective weight per bin as line plots over λ
 (`stats/*_vs_logsnr`, from one `wandb.Table`, one row per bin, None where a bin is empty) and a
 loss-variance heatmap image over λ × step (`stats/loss_var_heatmap`). Sample grids (`samples`), and
-FID/KID (`eval/*`) through `log_metrics(metrics, step)` or, at the end, from status.json.
+every evaluation record (`eval/*`, the `on_eval` event) at its step.
 """
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import re
@@ -33,6 +32,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from diffrun.errors import ConfigError
+from diffrun.training.callbacks import Callback
 
 log = logging.getLogger(__name__)
 
@@ -99,33 +99,45 @@ def default_tags(cfg: DictConfig) -> list[str]:
     return [t[:64] for t in dict.fromkeys(tags)]
 
 
-class WandbLogger:
-    """Trainer callback logging to W&B. Construct with `WandbLogger.create(cfg, trainer, stats_source)`."""
+class WandbLogger(Callback):
+    """Logs a run to W&B (rank 0). Starts at `on_start`; without a mode or key (wandb.*) it does nothing."""
 
-    def __init__(self, run, run_dir: Path, total_steps: int, plots_every: int = 5, stats_source=None,
-                 restore_env: dict | None = None):
-        self.run = run
-        self.run_dir = Path(run_dir)
-        self.total_steps = total_steps
-        self.plots_every = max(1, int(plots_every))
-        self.stats_source = stats_source      # object with .history() → dict of S × B arrays (StatsWriter)
-        self._own_rows: dict[str, list] = {"step": [], "loss_var": []}
+    def __init__(self):
+        self.run = None
+        self._rows: dict[str, list] = {"step": [], "loss_var": []}   # heatmap history, from logsnr_stats.npz on resume
         self._flushes = 0
-        self._logged_eval: set = set()
-        self._restore_env = restore_env or {}
+        self._restore_env: dict = {}
+
+    def on_start(self, trainer) -> None:
+        self.run_dir = Path(trainer.run_dir)
+        self.total_steps = int(trainer.cfg.train.steps)
+        self.plots_every = max(1, int(trainer.cfg.wandb.get("plots_every", 5)))
+        self.run, self._restore_env = self.create(trainer.cfg, trainer)
+        if self.run is not None and trainer.step > 0:
+            self._load_history(trainer.step)
+
+    def _load_history(self, up_to_step: int) -> None:
+        from diffrun.monitoring.stats_writer import load_stats
+
+        try:
+            old = load_stats(self.run_dir)
+        except Exception:  # noqa: BLE001 - no earlier statistics file: the heatmap starts at the resume
+            return
+        keep = old["step"] <= up_to_step
+        self._rows = {"step": list(old["step"][keep]), "loss_var": list(old["loss_var"][keep])}
 
     # --- construction ------------------------------------------------------------------------------
     @classmethod
-    def create(cls, cfg: DictConfig, trainer, stats_source=None) -> "WandbLogger | None":
-        """A logger for rank 0 in online/offline mode; None when disabled, on other ranks, or if W&B is unusable."""
+    def create(cls, cfg: DictConfig, trainer):
+        """(run, saved environment) in online/offline mode; (None, {}) when disabled or if W&B is unusable."""
         mode = resolve_mode(cfg.wandb.mode)
-        if mode == "disabled" or getattr(trainer, "rank", 0) != 0:
-            return None
+        if mode == "disabled":
+            return None, {}
         try:
             import wandb
         except ImportError:
             log.warning("wandb.mode=%s but wandb is not installed; not logging to W&B", mode)
-            return None
+            return None, {}
         run_dir = Path(trainer.run_dir)
         wandb_dir = run_dir / "wandb"
         wandb_dir.mkdir(parents=True, exist_ok=True)
@@ -152,7 +164,7 @@ class WandbLogger:
             if mode != "online":
                 log.warning("W&B (%s) could not start (%s: %s); training without W&B", mode, type(exc).__name__, exc)
                 cls._restore(restore)
-                return None
+                return None, {}
             log.warning("W&B online init failed (%s: %s); logging offline to %s instead — upload later with "
                         "`wandb sync %s/offline-run-*`", type(exc).__name__, exc, wandb_dir, wandb_dir)
             try:
@@ -160,12 +172,12 @@ class WandbLogger:
             except Exception as exc2:  # noqa: BLE001
                 log.warning("W&B offline init failed too (%s: %s); training without W&B", type(exc2).__name__, exc2)
                 cls._restore(restore)
-                return None
+                return None, {}
         try:
             run.define_metric("eval/*", summary="last")
         except Exception:  # noqa: BLE001
             pass
-        return cls(run, run_dir, int(cfg.train.steps), cfg.wandb.get("plots_every", 5), stats_source, restore)
+        return run, restore
 
     @staticmethod
     def _init(wandb, mode: str, kwargs: dict, timeout: float):
@@ -191,14 +203,13 @@ class WandbLogger:
             log.warning("W&B log failed at step %d (%s: %s); no more W&B logging for this run", step, type(exc).__name__, exc)
             self.close()
 
-    def log_metrics(self, metrics: dict, step: int | None = None, prefix: str = "eval/") -> None:
-        """Log evaluation numbers (FID, KID, ...) at `step` and keep them in the run summary."""
+    def on_eval(self, trainer, record: dict) -> None:
+        """Evaluation numbers (FID, KID, ...) at their step, also kept in the run summary."""
         if self.run is None:
             return
-        values = {f"{prefix}{k}" if not k.startswith(prefix) else k: float(v) for k, v in metrics.items()
-                  if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        self._logged_eval.update(k[len(prefix):] for k in values)
-        self._log(values, step if step is not None else self._last_step())
+        values = {f"eval/{k}": float(v) for k, v in record.items()
+                  if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        self._log(values, int(record.get("step", self._last_step())))
         try:
             self.run.summary.update(values)
         except Exception:  # noqa: BLE001
@@ -236,8 +247,8 @@ class WandbLogger:
         centers = 0.5 * (edges[1:] + edges[:-1])
         count = arrays["count"]
         data["stats/logsnr_hist"] = wandb.Histogram(np_histogram=(count, edges))
-        self._own_rows["step"].append(step)
-        self._own_rows["loss_var"].append(arrays["loss_var"])
+        self._rows["step"].append(step)
+        self._rows["loss_var"].append(arrays["loss_var"])
         if self._flushes % self.plots_every == 0 or step >= self.total_steps:
             rows = [[float(centers[i]), int(count[i]), *(_num(arrays[k][i]) for k in TABLE_COLUMNS[2:])]
                     for i in range(len(centers))]                     # one row per bin; None where empty
@@ -266,10 +277,6 @@ class WandbLogger:
         if run is None:
             return
         try:
-            self._summary_from_status(run)
-        except Exception as exc:  # noqa: BLE001
-            log.warning("could not log the final evaluation to W&B (%s: %s)", type(exc).__name__, exc)
-        try:
             run.finish()
         except Exception as exc:  # noqa: BLE001
             log.warning("W&B finish failed (%s: %s)", type(exc).__name__, exc)
@@ -277,21 +284,6 @@ class WandbLogger:
             self._restore(self._restore_env)
 
     # --- helpers ---------------------------------------------------------------------------------------
-    def _summary_from_status(self, run) -> None:
-        """FID/KID written into status.json by other callbacks' on_train_end, if not already logged."""
-        try:
-            status = json.loads((self.run_dir / "status.json").read_text())
-        except (OSError, json.JSONDecodeError):
-            return
-        if status.get("state") != "finished":
-            return
-        found = {k: v for k, v in status.items() if k.startswith(EVAL_PREFIXES) and k not in self._logged_eval
-                 and isinstance(v, (int, float)) and not isinstance(v, bool)}
-        if found:
-            values = {f"eval/{k}": float(v) for k, v in found.items()}
-            run.log(values, step=int(status.get("step", self._last_step())))
-            run.summary.update(values)
-
     def _heatmap(self, trainer, edges: np.ndarray):
         """RGB array of the variance heatmap (bins × steps) from the run's full history (incl. before a resume)."""
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -299,11 +291,7 @@ class WandbLogger:
 
         from diffrun.monitoring.plots import draw_variance_heatmap
 
-        history = self.stats_source.history() if self.stats_source is not None else None
-        if history is not None:
-            steps, var = history["step"], history["loss_var"]
-        else:
-            steps, var = np.asarray(self._own_rows["step"]), np.stack(self._own_rows["loss_var"])
+        steps, var = np.asarray(self._rows["step"]), np.stack(self._rows["loss_var"])
         try:
             fig = Figure(figsize=(7, 4.2), dpi=100, layout="constrained")
             canvas = FigureCanvasAgg(fig)

@@ -33,7 +33,7 @@ class ReportError(DiffrunError):
 
 
 def to_float(value: Any) -> float:
-    """JSON numbers, and the strings "nan"/"inf" that `JsonlWriter` writes for non-finite floats."""
+    """JSON numbers, and the strings "nan"/"inf" that `MetricsFile` writes for non-finite floats."""
     try:
         return float(value)
     except (TypeError, ValueError):

@@ -29,7 +29,7 @@ class AdaptiveHistogram(Strategy):
     """
 
     name = "adaptive_histogram"
-    unbiased = True
+    observes = True
 
     def __init__(self, bins: int = 100, ema: float = 0.99, uniform_mix: float = 0.01, base: Strategy | None = None,
                  logsnr_min: float | None = None, logsnr_max: float | None = None, **kw):
@@ -47,9 +47,9 @@ class AdaptiveHistogram(Strategy):
         self.register_buffer("bin_value", torch.ones(bins))                  # EMA of p0·w·L per bin
         self.register_buffer("bin_count", torch.zeros(bins, dtype=torch.long))  # samples seen per bin
 
-    def bind(self, schedule, prediction, sigma_data=0.5):
-        super().bind(schedule, prediction, sigma_data)
-        self.base.bind(schedule, prediction, sigma_data)
+    def bind(self, schedule, prediction, sigma_data=0.5, comm=None):
+        super().bind(schedule, prediction, sigma_data, comm)
+        self.base.bind(schedule, prediction, sigma_data, comm)
         lo = schedule.logsnr_min if self._range[0] is None else float(self._range[0])
         hi = schedule.logsnr_max if self._range[1] is None else float(self._range[1])
         if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
@@ -84,11 +84,12 @@ class AdaptiveHistogram(Strategy):
         return self.base.log_density(logsnr)
 
     @torch.no_grad()
-    def observe(self, draw: NoiseDraw, loss: Tensor) -> None:
+    def observe(self, draw: NoiseDraw, loss: Tensor, good: Tensor) -> None:
         logsnr = draw.logsnr
         integrand = torch.exp(self.base.log_density(logsnr)) * self.weight_in(self.prediction, logsnr) * loss
         b = bin_index(logsnr, self.lo, self.hi, self.bins)
-        count, total, _ = scatter_moments(b, integrand, self.bins)
+        count, total, _ = scatter_moments(b, integrand.nan_to_num(0.0), self.bins)
+        count = count * good                                                    # a skipped step changes nothing
         mean = total / count.clamp(min=1)
         updated = torch.where(self.bin_count > 0, self.ema * self.bin_value + (1 - self.ema) * mean, mean)
         self.bin_value.copy_(torch.where(count > 0, updated, self.bin_value))

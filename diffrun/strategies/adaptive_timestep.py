@@ -27,12 +27,32 @@ from torch import Tensor, nn
 from torch.distributions import Beta
 
 from diffrun.errors import ConfigError
-from diffrun.launching import distributed
 from diffrun.models.parameterization import WEIGHT_SPACES
 from diffrun.schedules import alpha_sigma
 from diffrun.strategies.base import NoiseDraw, Strategy, uniform_t_log_density
 
 _U_EPS = 1e-6  # u is clamped to [ε, 1 − ε] for log π(u): Beta(a < 1) has infinite density at 0 and 1
+
+
+class AveragePoolTo(nn.Module):
+    """`nn.AdaptiveAvgPool2d(size)` written as two matrix products (P_h · x · P_wᵀ, the same windows), because the
+    CUDA backward of adaptive average pooling has no deterministic implementation (deterministic=true)."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.size = size
+
+    def _windows(self, n: int, device, dtype) -> Tensor:
+        i = torch.arange(self.size)
+        start, end = (i * n) // self.size, -((-(i + 1) * n) // self.size)      # floor, ceil: PyTorch's windows
+        j = torch.arange(n)
+        inside = (j[None] >= start[:, None]) & (j[None] < end[:, None])
+        return (inside.double() / (end - start)[:, None]).to(device=device, dtype=dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        rows = self._windows(x.shape[-2], x.device, x.dtype)
+        cols = self._windows(x.shape[-1], x.device, x.dtype)
+        return rows @ x @ cols.T
 
 
 class BetaPolicy(nn.Module):
@@ -48,7 +68,7 @@ class BetaPolicy(nn.Module):
         for out in (32, 64, 128):
             layers += [nn.Conv2d(width, out, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2, ceil_mode=True)]
             width = out
-        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(4), nn.Flatten())
+        self.features = nn.Sequential(*layers, AveragePoolTo(4), nn.Flatten())
         mlp, width = [], 128 * 4 * 4
         for _ in range(hidden_depth):
             mlp += [nn.Linear(width, hidden_dim), nn.ReLU()]
@@ -79,7 +99,7 @@ class AdaptiveTimestep(Strategy):
     """
 
     name = "adaptive_timestep"
-    unbiased = False
+    # learns through on_before_update / on_after_update (the KL probes around the update), not `observe`
 
     def __init__(self, num_timesteps: int = 1000, in_channels: int = 3, update_every: int = 40,
                  num_selected: int = 3, buffer_size: int = 20, policy_lr: float = 1e-2,
@@ -117,8 +137,8 @@ class AdaptiveTimestep(Strategy):
         self._before: dict | None = None         # KL before the optimizer step (between the two hooks)
 
     # --- wiring: the discrete DDPM chain of the run's schedule -----------------------------------
-    def bind(self, schedule, prediction, sigma_data=0.5):
-        super().bind(schedule, prediction, sigma_data)
+    def bind(self, schedule, prediction, sigma_data=0.5, comm=None):
+        super().bind(schedule, prediction, sigma_data, comm)
         dev = self.selected.device
         lam = schedule.discrete_logsnr(self.num_timesteps).double()
         abar = torch.sigmoid(lam)
@@ -145,12 +165,11 @@ class AdaptiveTimestep(Strategy):
         with torch.no_grad():
             dist = self._policy_dist(x0)
             u = dist.sample()
-            log_prob = dist.log_prob(u.clamp(_U_EPS, 1 - _U_EPS))
         index = torch.round(u * (self.num_timesteps - 1)).long()
         self._last_u = u
         logsnr = self.logsnr_table[index]
         return NoiseDraw(logsnr=logsnr, proposal_weight=torch.ones_like(logsnr),
-                         t=(index + 1).float() / self.num_timesteps, index=index, log_prob=log_prob)
+                         t=(index + 1).float() / self.num_timesteps, index=index)
 
     def log_weight(self, logsnr: Tensor) -> Tensor:
         return torch.zeros_like(logsnr)                                         # L_simple: unweighted ε-MSE
@@ -199,17 +218,19 @@ class AdaptiveTimestep(Strategy):
         x_probe = x0[pick].detach()
         self._before = {"x_probe": x_probe, **self._probe(_unwrap(denoiser), x_probe, x0.detach(), None)}
 
-    def on_after_update(self, denoiser: nn.Module, x0: Tensor, step: int) -> None:
+    def on_after_update(self, denoiser: nn.Module, x0: Tensor, step: int, good: Tensor) -> None:
         before, self._before = self._before, None
         if before is None or self._last_u is None:
             return
+        if not bool(good):  # host sync, on update steps only: a skipped step teaches the policy nothing
+            return
         x0 = x0.detach()
         after = self._probe(_unwrap(denoiser), before["x_probe"], x0, before["noise"] if self.common_noise else None)
-        world = distributed.info().world_size
+        world = self.comm.world_size
         self.extra_forwards.add_(2 * world * (self.probe_grid.numel() + x0.shape[0] * self.selected.numel()))
         # ΔKL of the probe image (under DDP: the mean over the ranks' probe images, so that S is one
         # choice on all ranks) → ring buffer; re-select S on it (host-side, sklearn)
-        delta = distributed.summed((before["grid"] - after["grid"]).float()) / world
+        delta = self.comm.summed((before["grid"] - after["grid"]).float()) / world
         row = self.buffer_rows % self.delta_kl.shape[0]
         self.delta_kl.index_copy_(0, row.view(1), delta.view(1, -1))
         self.buffer_rows.add_(1)
@@ -226,11 +247,11 @@ class AdaptiveTimestep(Strategy):
             loss = -(log_prob * total).mean()
             self.policy_optimizer.zero_grad(set_to_none=True)
             loss.backward()
-        world = distributed.info().world_size
+        world = self.comm.world_size
         if world > 1:  # the policy gradient of the global batch: one policy on all ranks, as DDP keeps one model
             for param in self.policy.parameters():
                 if param.grad is not None:
-                    distributed.all_reduce_(param.grad).div_(world)
+                    self.comm.all_reduce_(param.grad).div_(world)
         if self.grad_clip > 0:
             nn.utils.clip_grad_norm_(self.policy.parameters(), self.grad_clip)
         self.policy_optimizer.step()

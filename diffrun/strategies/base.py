@@ -6,21 +6,24 @@ A strategy answers two questions per batch (NVlabs/edm `training/loss.py` style)
   2. how much each sample counts: `loss_weights(draw, loss)` → per-sample weights in the
      space of the model's prediction target. The weight formula `weight(λ)` is written once, in the
      space the paper uses (`space`), and converted in log space by `weight_in` (r_src / r_dst, see
-     `models.parameterization.log_loss_ratio`).
-After the optimizer step it is told the unweighted per-sample losses (`observe`), so adaptive
-methods can update their state. State lives in buffers (saved in checkpoints, moved with `.to`).
+     `models.parameterization.convert_log_weight`).
+After the optimizer step an adaptive strategy (`observes = True`) is told the unweighted per-sample
+losses of the global batch (`observe`) and whether the step was applied (`good`: a skipped non-finite
+step must not reach its state). State lives in buffers (saved in checkpoints, moved with `.to`).
+Under DDP a strategy talks to the other ranks only through the `Communication` handed to `bind`.
 
 Per-step work must stay on the device: no `.item()`, no host-side branching on tensor values.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
 
 from diffrun.errors import ConfigError
-from diffrun.models.parameterization import WEIGHT_SPACES, log_loss_ratio
+from diffrun.models.parameterization import WEIGHT_SPACES, convert_log_weight
 from diffrun.schedules import NoiseSchedule
 
 
@@ -32,6 +35,36 @@ def uniform_t_log_density(schedule: NoiseSchedule, logsnr: Tensor, h: float = 1e
     return torch.log(dt.clamp(min=0.0) / (2 * h)).to(logsnr.dtype)
 
 
+class Communication(Protocol):
+    """Collectives over the data-parallel ranks (diffrun.launching.distributed.ProcessGroupCommunication);
+    `SingleProcess` on one process."""
+
+    world_size: int
+
+    def all_reduce_(self, tensor: Tensor, op: str = "sum") -> Tensor: ...
+    def summed(self, tensor: Tensor) -> Tensor: ...
+    def all_gather_cat(self, *tensors: Tensor | None) -> tuple[Tensor | None, ...]: ...
+    def broadcast_module_(self, module: nn.Module, src: int = 0) -> None: ...
+
+
+class SingleProcess:
+    """The `Communication` of a run on one process: every collective is the identity."""
+
+    world_size = 1
+
+    def all_reduce_(self, tensor: Tensor, op: str = "sum") -> Tensor:
+        return tensor
+
+    def summed(self, tensor: Tensor) -> Tensor:
+        return tensor.clone()
+
+    def all_gather_cat(self, *tensors: Tensor | None) -> tuple[Tensor | None, ...]:
+        return tensors
+
+    def broadcast_module_(self, module: nn.Module, src: int = 0) -> None:
+        pass
+
+
 @dataclass
 class NoiseDraw:
     """The noise levels drawn for one batch."""
@@ -40,7 +73,6 @@ class NoiseDraw:
     proposal_weight: Tensor           # (B,) p_objective / p_proposal; 1 when sampling is not corrected
     t: Tensor | None = None           # (B,) continuous time, when the draw went through the schedule
     index: Tensor | None = None       # (B,) integer timestep, for discrete-time methods
-    log_prob: Tensor | None = None    # (B,) log-density of the draw (policy-gradient methods)
 
 
 class Strategy(nn.Module):
@@ -48,7 +80,7 @@ class Strategy(nn.Module):
 
     name = "uniform"
     space = "target"  # "target" means: the weight applies to whatever the model predicts
-    unbiased = True   # True when the sampling is importance-corrected (objective unchanged)
+    observes = False  # True: `observe` learns from the losses (the trainer gathers them every step)
 
     def __init__(self, name: str | None = None, citation: str | None = None):
         super().__init__()
@@ -57,13 +89,16 @@ class Strategy(nn.Module):
         self.citation = citation
         self.schedule: NoiseSchedule | None = None
         self.sigma_data = 0.5
+        self.comm: Communication = SingleProcess()
 
     # --- wiring -------------------------------------------------------------------------------
-    def bind(self, schedule: NoiseSchedule, prediction: str, sigma_data: float = 0.5) -> "Strategy":
-        """Called once by the trainer with the run's schedule and prediction target."""
+    def bind(self, schedule: NoiseSchedule, prediction: str, sigma_data: float = 0.5,
+             comm: Communication | None = None) -> "Strategy":
+        """Called once by the trainer with the run's schedule, prediction target and ranks."""
         if self.space not in ("target", *WEIGHT_SPACES):
             raise ConfigError(f"strategy {self.name}: unknown weight space {self.space!r}")
         self.schedule, self.prediction, self.sigma_data = schedule, prediction, sigma_data
+        self.comm = comm or SingleProcess()
         return self
 
     # --- 1. sampling --------------------------------------------------------------------------
@@ -88,13 +123,7 @@ class Strategy(nn.Module):
         # |λ| ≤ 1e4 stands for ±∞: e^{±1e4} over/underflows, so each formula lands on its limit, and
         # Min-SNR on ε at SNR = 0 gives min(SNR, γ)/SNR → 1 (Hang et al.'s terminal-SNR guard, PR #4).
         logsnr = logsnr.clamp(-1e4, 1e4)
-        log_w = self.log_weight(logsnr)
-        if src == space:
-            return log_w.exp()
-        total = log_w + log_loss_ratio(src, logsnr, self.sigma_data) - log_loss_ratio(space, logsnr, self.sigma_data)
-        # 0·∞ from weights that overflow in `weight` (not written in log space): use 1, as convert_weight does.
-        undefined = torch.isnan(total) & ~torch.isnan(log_w)
-        return torch.where(undefined, torch.zeros_like(total), total).exp()
+        return convert_log_weight(self.log_weight(logsnr), logsnr, src, space, self.sigma_data).exp()
 
     def loss_weights(self, draw: NoiseDraw, loss: Tensor) -> Tensor:
         """Per-sample weight on the target-space loss, including the proposal correction."""
@@ -107,18 +136,17 @@ class Strategy(nn.Module):
 
     # --- 3. feedback --------------------------------------------------------------------------
     @torch.no_grad()
-    def observe(self, draw: NoiseDraw, loss: Tensor) -> None:
-        """Told the unweighted per-sample losses of the batch just trained on. Stateless by default."""
+    def observe(self, draw: NoiseDraw, loss: Tensor, good: Tensor) -> None:
+        """Told the unweighted per-sample losses of the global batch just trained on, and `good` (a 0-d bool
+        tensor on the device): False when the step was skipped as non-finite, and then the state must not
+        change. Only called when `observes` is True."""
 
     def on_before_update(self, denoiser: nn.Module, x0: Tensor, step: int) -> None:
         """Called just before the optimizer step (the model still has θ_k). No-op by default."""
 
-    def on_after_update(self, denoiser: nn.Module, x0: Tensor, step: int) -> None:
-        """Called just after the optimizer step (the model now has θ_{k+1}). No-op by default."""
-
-    def extra_loss(self) -> Tensor | None:
-        """An auxiliary loss to add (none by default)."""
-        return None
+    def on_after_update(self, denoiser: nn.Module, x0: Tensor, step: int, good: Tensor) -> None:
+        """Called just after the optimizer step (the model now has θ_{k+1}, or still θ_k if `good` is
+        False). No-op by default."""
 
     def describe(self) -> str:
         return f"{self.name} ({self.citation})" if self.citation else self.name

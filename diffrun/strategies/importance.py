@@ -23,7 +23,7 @@ class ImportanceSampling(Strategy):
     """
 
     name = "importance"
-    unbiased = True
+    observes = True
 
     def __init__(self, num_timesteps: int = 1000, history: int = 10, uniform_prob: float = 0.001, **kw):
         super().__init__(**kw)
@@ -35,8 +35,8 @@ class ImportanceSampling(Strategy):
         self.register_buffer("loss_history", torch.zeros(num_timesteps, history))
         self.register_buffer("filled", torch.zeros(num_timesteps, dtype=torch.long))
 
-    def bind(self, schedule, prediction, sigma_data=0.5):
-        super().bind(schedule, prediction, sigma_data)
+    def bind(self, schedule, prediction, sigma_data=0.5, comm=None):
+        super().bind(schedule, prediction, sigma_data, comm)
         table = schedule.discrete_logsnr(self.num_timesteps).float()
         self.register_buffer("logsnr_table", table.to(self.filled.device), persistent=False)
         return self
@@ -61,5 +61,8 @@ class ImportanceSampling(Strategy):
         return torch.zeros_like(logsnr)
 
     @torch.no_grad()
-    def observe(self, draw: NoiseDraw, loss: Tensor) -> None:
-        ring_push(self.loss_history, self.filled, draw.index, loss.detach())
+    def observe(self, draw: NoiseDraw, loss: Tensor, good: Tensor) -> None:
+        history, filled = self.loss_history.clone(), self.filled.clone()
+        ring_push(self.loss_history, self.filled, draw.index, loss.detach().nan_to_num(0.0))
+        self.loss_history.copy_(torch.where(good, self.loss_history, history))  # a skipped step changes nothing
+        self.filled.copy_(torch.where(good, self.filled, filled))

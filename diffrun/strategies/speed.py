@@ -40,7 +40,6 @@ class SpeeD(Strategy):
 
     name = "speed"
     space = "eps"
-    unbiased = False
 
     def __init__(self, num_timesteps: int = 1000, suppression: float = 5.0, epsilon: float = 1e-4,
                  dual_sampling: bool = True, p2_gamma: float = 1.0, p2_k: float = 1.0, **kw):
@@ -58,8 +57,8 @@ class SpeeD(Strategy):
         self.dual_sampling, self.p2_gamma, self.p2_k = bool(dual_sampling), float(p2_gamma), float(p2_k)
         self.tau = num_timesteps
 
-    def bind(self, schedule, prediction, sigma_data=0.5):
-        super().bind(schedule, prediction, sigma_data)
+    def bind(self, schedule, prediction, sigma_data=0.5, comm=None):
+        super().bind(schedule, prediction, sigma_data, comm)
         table = schedule.discrete_logsnr(self.num_timesteps)
         self.tau = convergence_threshold(table, self.epsilon)
         T, tau, k = self.num_timesteps, self.tau, self.suppression

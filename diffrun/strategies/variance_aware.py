@@ -17,7 +17,6 @@ import torch
 from torch import Tensor
 
 from diffrun.errors import ConfigError
-from diffrun.launching import distributed
 from diffrun.strategies.base import NoiseDraw
 from diffrun.strategies.densities import EDM
 from diffrun.strategies.ops import bin_index, scatter_moments
@@ -25,11 +24,11 @@ from diffrun.strategies.ops import bin_index, scatter_moments
 VARIANTS = ("gaussian", "cauchy", "loss_zscore")
 
 
-def batch_sums(values: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(n, Σx, Σx²) of the global batch in float64: this rank's sums, added over DDP ranks."""
+def batch_sums(values: Tensor, comm) -> tuple[Tensor, Tensor, Tensor]:
+    """(n, Σx, Σx²) of the global batch in float64: this rank's sums, added over DDP ranks by `comm`."""
     x = values.detach().double()
     sums = torch.stack([torch.full((), x.numel(), dtype=x.dtype, device=x.device), x.sum(), x.square().sum()])
-    n, total, total_sq = distributed.summed(sums).unbind()
+    n, total, total_sq = comm.summed(sums).unbind()
     return n, total, total_sq
 
 
@@ -58,17 +57,17 @@ class VarianceAware(EDM):
         """The per-sample factor. Batch statistics (μ, mean/std of ℓ, the normaliser) are over the global
         batch: summed over DDP ranks (one small all-reduce), so the factor does not depend on world size."""
         if self.variant == "loss_zscore":
-            n, total, total_sq = batch_sums(weighted_loss)
+            n, total, total_sq = batch_sums(weighted_loss, self.comm)
             mean = total / n
             std = ((total_sq - n * mean**2).clamp(min=0.0) / (n - 1).clamp(min=1)).sqrt()
             z = (weighted_loss - mean.float()) / std.float().clamp(min=1e-12)
             w = torch.where(n >= 2, (1 + self.alpha * z).clamp(min=0.0), torch.ones_like(weighted_loss))
         else:
-            n, total, _ = batch_sums(logsnr)
+            n, total, _ = batch_sums(logsnr, self.comm)
             d2 = (logsnr - (total / n).float()) ** 2
             w = torch.exp(-self.alpha * d2) if self.variant == "gaussian" else 1 / (1 + self.alpha * d2)
         if self.normalize:
-            n, total, _ = batch_sums(w)
+            n, total, _ = batch_sums(w, self.comm)
             w = w / (total / n).float().clamp(min=1e-12)
         return w
 
@@ -100,6 +99,7 @@ class BinnedVariance(EDM):
     """
 
     name = "variance_aware_binned"
+    observes = True
 
     def __init__(self, bins: int = 25, logsnr_min: float = -10.0, logsnr_max: float = 15.0, exponent: float = -1.0,
                  clip: Sequence[float] = (0.2, 5.0), ema: float = 0.99, warmup: int = 500, min_count: int = 16,
@@ -142,16 +142,17 @@ class BinnedVariance(EDM):
         return base * w_bin * draw.proposal_weight
 
     @torch.no_grad()
-    def observe(self, draw: NoiseDraw, loss: Tensor) -> None:
-        ell = self.weight_in(self.prediction, draw.logsnr) * loss
+    def observe(self, draw: NoiseDraw, loss: Tensor, good: Tensor) -> None:
+        ell = (self.weight_in(self.prediction, draw.logsnr) * loss).nan_to_num(0.0)
         b = bin_index(draw.logsnr, self.lo, self.hi, self.bins)
         n, s1, s2 = scatter_moments(b, ell, self.bins)
+        n = n * good                                                            # a skipped step changes nothing
         hit, first = n > 0, self.count == 0
         for state, batch in ((self.loss_mean, s1 / n.clamp(min=1)), (self.loss_sq, s2 / n.clamp(min=1))):
             updated = torch.where(first, batch, self.ema * state + (1 - self.ema) * batch)
             state.copy_(torch.where(hit, updated, state))
         self.count.add_(n)
-        self.steps.add_(1)
+        self.steps.add_(good.long())
 
     def log_factor_at_init(self, logsnr: Tensor) -> Tensor:
         """Warm-up state: factor 1."""

@@ -1,9 +1,12 @@
-"""Checkpoints that survive crashes, full disks and truncation.
+"""Checkpoints that survive crashes, full disks, truncation and flipped bits.
 
-Each checkpoint is written to a temporary file, fsynced and renamed into place (atomic on POSIX),
-with its SHA-256 beside it; `latest.json` points at the newest one (k-diffusion's `{name}_state.json`
-idea) so a requeued job resumes without searching. Loading verifies the hash and falls back to the
-previous good checkpoint with a warning. Only the last `keep` checkpoints are kept.
+A checkpoint file is `torch.save(state)` followed by a 72-byte trailer, `DRSHA256` + the hex SHA-256 of
+everything before it, so its integrity travels inside the file (no side file to lose). Files are
+written atomically (`diffrun.files`); `latest.json` points at the newest one (k-diffusion's
+`{name}_state.json`) and resume reads it first. A file that fails its check is skipped with a warning
+for the previous one; when none verifies, loading stops and says so. Files are always loaded to the
+CPU (the caller moves tensors), so RNG states stay CPU tensors and a checkpoint written on one GPU
+loads on another or on none.
 """
 from __future__ import annotations
 
@@ -11,41 +14,69 @@ import hashlib
 import io
 import json
 import logging
-import os
 import re
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from diffrun.errors import CheckpointError
+from diffrun.files import atomic_write, atomic_write_json, is_no_space
 
 log = logging.getLogger(__name__)
 CKPT_RE = re.compile(r"^ckpt_(\d{8})\.pt$")
+MAGIC = b"DRSHA256"
+TRAILER = len(MAGIC) + 64
+POINTER = "latest.json"
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that a reader sees either the old file or the complete new one."""
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+def encode(state: dict) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    payload = buffer.getvalue()
+    return payload + MAGIC + hashlib.sha256(payload).hexdigest().encode()
+
+
+def decode(data: bytes, source: Path, allow_unverified: bool = False) -> dict:
+    """The state inside a checkpoint file's bytes, after checking its SHA-256 trailer."""
+    if data[-TRAILER:-64] == MAGIC:
+        payload, recorded = data[:-TRAILER], data[-64:].decode(errors="replace")
+        actual = hashlib.sha256(payload).hexdigest()
+        if actual != recorded:
+            raise CheckpointError(f"checkpoint {source} is corrupt: SHA-256 {actual[:12]}… ≠ recorded {recorded[:12]}…")
+    elif allow_unverified:
+        payload = data
+    else:
+        raise CheckpointError(
+            f"checkpoint {source} carries no SHA-256 (written by another program, an older diffrun, or truncated); "
+            f"set checkpoint.allow_unverified=true to load it without the integrity check")
     try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise CheckpointError(f"checkpoint {source} cannot be loaded ({type(exc).__name__}: {exc})") from exc
 
 
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, default=str) + "\n").encode())
+def load(path: str | Path, allow_unverified: bool = False) -> dict:
+    """Read and verify one checkpoint file (to the CPU). Raises CheckpointError."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc.strerror or exc}") from exc
+    return decode(data, path, allow_unverified)
+
+
+def step_of(path: Path) -> int:
+    return int(CKPT_RE.match(path.name).group(1))
 
 
 class CheckpointManager:
-    def __init__(self, directory: str | Path, keep: int = 3):
+    def __init__(self, directory: str | Path, keep: int = 3, allow_unverified: bool = False):
         self.directory = Path(directory)
         self.keep = keep
+        self.allow_unverified = allow_unverified
+
+    def path_for(self, step: int) -> Path:
+        return self.directory / f"ckpt_{step:08d}.pt"
 
     def list(self) -> list[Path]:
         """Checkpoints on disk, oldest first."""
@@ -54,19 +85,17 @@ class CheckpointManager:
         return sorted(p for p in self.directory.iterdir() if CKPT_RE.match(p.name))
 
     def save(self, state: dict, step: int) -> Path:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        buffer = io.BytesIO()
-        torch.save(state, buffer)
-        data = buffer.getvalue()
-        path = self.directory / f"ckpt_{step:08d}.pt"
+        path = self.path_for(step)
         try:
-            atomic_write_bytes(path, data)
-            atomic_write_bytes(path.with_suffix(".pt.sha256"), hashlib.sha256(data).hexdigest().encode())
-            atomic_write_json(self.directory / "latest.json", {"path": path.name, "step": step})
+            self.directory.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, encode(state))
+            atomic_write_json(self.directory / POINTER, {"path": path.name, "step": step})
         except OSError as exc:
+            why = "the disk is full" if is_no_space(exc) else (exc.strerror or str(exc))
             raise CheckpointError(
-                f"could not write checkpoint {path} ({exc.strerror or exc}); earlier checkpoints in "
-                f"{self.directory} are untouched. Free disk space or set hydra.run.dir to a writable place."
+                f"could not write checkpoint {path} ({why}); the earlier checkpoints in {self.directory} are "
+                f"untouched and the run resumes from the newest of them. Free disk space or set hydra.run.dir "
+                f"to a writable place."
             ) from exc
         self._prune()
         return path
@@ -74,31 +103,29 @@ class CheckpointManager:
     def _prune(self) -> None:
         for old in self.list()[: -self.keep]:
             old.unlink(missing_ok=True)
-            old.with_suffix(".pt.sha256").unlink(missing_ok=True)
 
-    @staticmethod
-    def verify_and_load(path: Path, map_location: str | torch.device = "cpu") -> dict:
-        """Load a checkpoint after checking its SHA-256 (when recorded). Raises CheckpointError."""
+    def _candidates(self) -> list[Path]:
+        """Newest first, the file `latest.json` names at the front (when it exists)."""
+        paths = list(reversed(self.list()))
         try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
-        digest_file = path.with_suffix(".pt.sha256")
-        if digest_file.exists():
-            expected = digest_file.read_text().strip()
-            actual = hashlib.sha256(data).hexdigest()
-            if expected != actual:
-                raise CheckpointError(f"checkpoint {path} is corrupt: SHA-256 {actual[:12]}… ≠ recorded {expected[:12]}…")
-        try:
-            return torch.load(io.BytesIO(data), map_location=map_location, weights_only=False)
-        except Exception as exc:
-            raise CheckpointError(f"checkpoint {path} cannot be loaded ({type(exc).__name__}: {exc}); it may be truncated") from exc
+            named = self.directory / json.loads((self.directory / POINTER).read_text())["path"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return paths
+        return [named, *(p for p in paths if p != named)] if named in paths else paths
 
-    def load_latest(self, map_location: str | torch.device = "cpu") -> tuple[dict, Path] | None:
-        """Newest checkpoint that verifies; warns about and skips corrupt ones. None if there is none."""
-        for path in reversed(self.list()):
+    def load_latest(self) -> tuple[dict, Path] | None:
+        """The newest checkpoint that verifies, falling back past corrupt ones with a warning. None if the
+        directory holds no checkpoint; CheckpointError if it holds some and none verifies."""
+        candidates = self._candidates()
+        problems = []
+        for path in candidates:
             try:
-                return self.verify_and_load(path, map_location), path
+                return load(path, self.allow_unverified), path
             except CheckpointError as exc:
-                log.warning("%s — falling back to the previous checkpoint", exc)
-        return None
+                problems.append(str(exc))
+                log.warning("%s — trying the previous checkpoint", exc)
+        if not problems:
+            return None
+        raise CheckpointError(
+            f"none of the {len(problems)} checkpoint(s) in {self.directory} can be used:\n  " + "\n  ".join(problems)
+            + "\nRestore a good copy, or start the run over with resume=never (this replaces them).")

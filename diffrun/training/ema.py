@@ -19,11 +19,14 @@ class EMA:
         return min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        decay = self.current_decay()
+    def update(self, model: nn.Module, good: torch.Tensor | None = None) -> None:
+        """One EMA step towards `model`; with `good` (a 0-d bool tensor) a skipped training step moves nothing."""
+        rate = torch.as_tensor(1.0 - self.current_decay(), device=next(model.parameters()).device)
+        if good is not None:
+            rate = rate * good
         ema_params = list(self.model.parameters())
         params = [p.detach() for p in model.parameters()]
-        torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+        torch._foreach_lerp_(ema_params, params, rate)
         for ema_buf, buf in zip(self.model.buffers(), model.buffers()):
             ema_buf.copy_(buf)
         self.num_updates += 1

@@ -1,6 +1,7 @@
 """Device, precision, seeding and provenance: what a run needs to know about where it runs."""
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import random
@@ -58,11 +59,27 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
+    """Restore `rng_state()`'s dict; its tensors may come from a checkpoint loaded to the CPU."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+    torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        cuda = [s.cpu() for s in state["cuda"]]
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+        else:  # a requeue on a node with another GPU count: this process's device keeps its stream
+            torch.cuda.set_rng_state(cuda[min(torch.cuda.current_device(), len(cuda) - 1)])
+
+
+@contextlib.contextmanager
+def isolated_rng():
+    """Run a block without touching the training random streams (Python, NumPy, torch CPU and CUDA):
+    they are saved before and restored after, whatever the block draws or reseeds."""
+    state = rng_state()
+    try:
+        yield
+    finally:
+        set_rng_state(state)
 
 
 def provenance() -> dict:

@@ -1,0 +1,92 @@
+"""Files a reader never sees half-written: the one atomic-write helper every writer uses.
+
+A file is written to `.<name>.tmp.<pid>` in its own directory, flushed and fsynced, then renamed over
+the target (atomic on POSIX). On any failure the temporary file is removed and the old file is left
+as it was. A temporary file left by a killed process (SIGKILL mid-write) is removed by
+`remove_stale_temporaries` when the run starts again, under the run's lock.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+TEMPORARY = re.compile(r"^\..+\.tmp\.\d+$")
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | Path) -> Iterator[IO[bytes]]:
+    """`with atomic_open(path) as fh: fh.write(...)`: the file appears whole when the block succeeds."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def atomic_write(path: str | Path, data: bytes | str | Callable[[IO[bytes]], None]) -> None:
+    """Write bytes, text (UTF-8) or whatever `data(fh)` writes, atomically."""
+    with atomic_open(path) as fh:
+        if callable(data):
+            data(fh)
+        else:
+            fh.write(data.encode() if isinstance(data, str) else data)
+
+
+def json_text(obj: Any) -> str:
+    return json.dumps(obj, indent=2, default=str) + "\n"
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write(path, json_text(obj))
+
+
+def overwrite_in_place(path: str | Path, text: str) -> bool:
+    """Last resort when `atomic_write` cannot allocate (disk full) or rename (directory not writable):
+    rewrite the existing file's bytes in place, padded with spaces to its old length, which needs no
+    new blocks. Returns False if the file is missing, too short or not writable."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        data = text.encode()
+        if len(data) > size:
+            return False
+        with open(path, "r+b") as fh:
+            fh.write(data + b" " * (size - len(data)))
+            fh.flush()
+            os.fsync(fh.fileno())
+        return True
+    except OSError:
+        return False
+
+
+def is_no_space(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def remove_stale_temporaries(*directories: str | Path) -> list[Path]:
+    """Delete `.<name>.tmp.<pid>` files (left by a process killed mid-write) in `directories`.
+    Call only while holding the run's lock, so no live writer owns them."""
+    removed = []
+    for directory in directories:
+        directory = Path(directory)
+        if not directory.is_dir():
+            continue
+        for path in directory.iterdir():
+            if TEMPORARY.match(path.name):
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                    removed.append(path)
+    return removed

@@ -1,0 +1,97 @@
+"""Build what a run trains with, from its config: device, data, schedule, model, EMA, strategy, optimizer.
+
+Read top to bottom as DiT's train.py: setup, data, model (+ DDP / compile), EMA, strategy, optimizer.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from diffrun.config import build
+from diffrun.data import InMemoryImages
+from diffrun.errors import ConfigError
+from diffrun.launching import distributed
+from diffrun.models.parameterization import Denoiser
+from diffrun.schedules import NoiseSchedule
+from diffrun.strategies import Strategy
+from diffrun.training.ema import EMA
+from diffrun.training.environment import resolve_device, resolve_precision, seed_everything
+from diffrun.training.optim import build_lr_schedule, build_optimizer
+
+
+@dataclass
+class Components:
+    """Everything the step touches. Plain attributes: the step reads no config."""
+
+    device: torch.device
+    autocast_dtype: torch.dtype | None     # None: fp32
+    data: InMemoryImages
+    local_batch_size: int                  # train.batch_size / world size
+    schedule: NoiseSchedule
+    denoiser: Denoiser                     # the bare model (checkpoints, EMA, sampling)
+    model: nn.Module                       # what the step calls: the denoiser, maybe in DDP and torch.compile
+    ema: EMA
+    strategy: Strategy
+    comm: object                           # diffrun.strategies.base.Communication
+    optimizer: torch.optim.Optimizer
+    lr_schedule: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    grad_clip: float                       # inf: no clipping (the norm is still computed, for the NaN check)
+    channels_last: bool
+
+
+def build_components(cfg: DictConfig, ranks: distributed.DistInfo) -> Components:
+    # --- device, precision, seeds ------------------------------------------------------------------
+    if cfg.train.batch_size % ranks.world_size:
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} is the global batch and must be divisible by the "
+                          f"{ranks.world_size} ranks (each draws batch_size / world_size)")
+    device = distributed.rank_device(resolve_device(cfg.device), ranks)
+    autocast_dtype, use_scaler = resolve_precision(cfg.precision, device)
+    seed_everything(cfg.seed, cfg.deterministic)          # the same model init on every rank
+    if device.type == "cuda" and not cfg.deterministic:
+        torch.backends.cudnn.benchmark = True             # fixed shapes: cuDNN times its conv algorithms once
+
+    # --- data ------------------------------------------------------------------------------------
+    data: InMemoryImages = build(cfg.dataset.loader)
+    if (data.channels, data.image_size) != (cfg.dataset.channels, cfg.dataset.image_size):
+        raise ConfigError(
+            f"dataset {cfg.dataset.name}: images are {data.channels}x{data.image_size}px but the config says "
+            f"dataset.channels={cfg.dataset.channels}, dataset.image_size={cfg.dataset.image_size}")
+    data.check_batch_size(cfg.train.batch_size)
+    data.to(device)
+
+    # --- schedule, model (+ DDP, compile), EMA ------------------------------------------------------
+    schedule = build(cfg.schedule)
+    denoiser = Denoiser(build(cfg.model.net), cfg.model.prediction, cfg.model.sigma_data).to(device)
+    if cfg.train.channels_last:
+        denoiser = denoiser.to(memory_format=torch.channels_last)
+    ema = EMA(denoiser, cfg.ema.decay, cfg.ema.warmup)
+    model: nn.Module = denoiser
+    if ranks.enabled:  # gradients averaged over ranks; DDP also broadcasts rank 0's weights
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(denoiser, device_ids=[device] if device.type == "cuda" else None)
+        seed_everything(cfg.seed + ranks.rank)            # data and noise: a different stream per rank
+    if cfg.train.compile:
+        model = torch.compile(model)
+
+    # --- strategy: one state on all ranks ---------------------------------------------------------
+    comm = distributed.communication()
+    strategy = build(cfg.weighting, _keep_meta=("name", "citation"))
+    strategy.bind(schedule, cfg.model.prediction, cfg.model.sigma_data, comm).to(device)
+    comm.broadcast_module_(strategy)
+
+    # --- optimizer -------------------------------------------------------------------------------
+    optimizer = build_optimizer(cfg.optimizer, denoiser.parameters(), device)
+    return Components(
+        device=device, autocast_dtype=autocast_dtype, data=data,
+        local_batch_size=cfg.train.batch_size // ranks.world_size, schedule=schedule, denoiser=denoiser,
+        model=model, ema=ema, strategy=strategy, comm=comm, optimizer=optimizer,
+        lr_schedule=build_lr_schedule(cfg.optimizer, optimizer, cfg.train.steps),
+        scaler=torch.amp.GradScaler(device.type, enabled=use_scaler),
+        grad_clip=cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf"),
+        channels_last=bool(cfg.train.channels_last),
+    )

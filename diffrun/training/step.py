@@ -1,0 +1,109 @@
+"""One training step: a function of the components and a batch, with no host sync and no config lookup.
+
+    λ ~ strategy            z = α x + σ ε           loss_i = ‖F(z, λ) − F*‖²       total = mean(w_i · loss_i)
+
+One mask decides what a step may change: `good` = the loss and the gradient norm are finite. A step
+that is not good changes nothing — no optimizer update (skipped on the device where the optimizer is
+fused), no EMA update, no strategy feedback, no statistics, no loss sums — and is counted. With fp16
+the GradScaler's own skips (a finite loss whose scaled gradients overflowed, routine while the scale
+settles) are counted apart, as `overflow`, and never trigger `train.nan_policy`.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from diffrun.monitoring.logsnr_stats import LogSNRStats
+from diffrun.schedules import alpha_sigma
+from diffrun.strategies import NoiseDraw
+from diffrun.training.setup import Components
+
+
+class StepCounters:
+    """Device-side bookkeeping, read by the host only at a flush."""
+
+    def __init__(self, device: torch.device):
+        self.sums = torch.zeros(3, dtype=torch.float64, device=device)   # Σloss, Σweighted loss, Σgrad-norm (good steps)
+        self.good = torch.zeros((), dtype=torch.long, device=device)     # good steps in the window
+        self.nonfinite = torch.zeros((), dtype=torch.long, device=device)
+        self.overflow = torch.zeros((), dtype=torch.long, device=device)
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)  # 1-based step of the first non-finite one
+
+    def tensors(self) -> list[Tensor]:
+        return [self.sums, self.good, self.nonfinite, self.overflow, self.first_bad]
+
+    def reset(self) -> None:
+        for tensor in self.tensors():
+            tensor.zero_()
+        self.first_bad.fill_(-1)
+
+
+def train_step(c: Components, x0: Tensor, step: int, counters: StepCounters, stats: LogSNRStats) -> None:
+    """Train on the batch `x0` (this rank's share); `step` is the number of steps already taken."""
+    if c.channels_last:
+        x0 = x0.contiguous(memory_format=torch.channels_last)
+    draw = c.strategy.sample(x0)
+    eps = torch.randn_like(x0)
+    alpha, sigma = (coef.view(-1, 1, 1, 1) for coef in alpha_sigma(draw.logsnr))
+    z = alpha * x0 + sigma * eps
+
+    with torch.autocast(c.device.type, dtype=c.autocast_dtype or torch.float32, enabled=c.autocast_dtype is not None):
+        out = c.model(z, draw.logsnr)
+    target = c.denoiser.target(x0, eps, z, draw.logsnr)
+    loss = (out.float() - target).square().mean(dim=(1, 2, 3))          # (B,) unweighted, target space
+    weight = c.strategy.loss_weights(draw, loss.detach())
+    total = (weight * loss).mean()
+
+    c.optimizer.zero_grad(set_to_none=True)
+    c.strategy.on_before_update(c.denoiser, x0, step)
+    c.scaler.scale(total).backward()
+    c.scaler.unscale_(c.optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(c.denoiser.parameters(), c.grad_clip)
+    loss_ok, grads_ok = torch.isfinite(total), torch.isfinite(grad_norm)
+    good = loss_ok & grads_ok
+    if c.scaler.is_enabled():
+        c.scaler.step(c.optimizer)                      # fp16: the scaler skips non-finite gradients itself
+        c.scaler.update()
+        overflow, nonfinite = loss_ok & ~grads_ok, ~loss_ok
+    else:
+        _optimizer_step_if(c.optimizer, good)
+        overflow, nonfinite = torch.zeros_like(good), ~good
+    c.lr_schedule.step()
+    c.ema.update(c.denoiser, good)
+    c.strategy.on_after_update(c.denoiser, x0, step, good)
+    if c.strategy.observes:
+        c.strategy.observe(*_global_feedback(c, draw, loss.detach()), good=_all_good(c, good))
+
+    # --- device-side bookkeeping, read back at the flush -------------------------------------------
+    counters.sums += torch.stack([loss.detach().mean().double(), total.detach().double(),
+                                  grad_norm.detach().double()]).nan_to_num(0.0) * good
+    counters.good += good.long()
+    counters.nonfinite += nonfinite.long()
+    counters.overflow += overflow.long()
+    counters.first_bad.copy_(torch.where(nonfinite & (counters.first_bad < 0), step + 1, counters.first_bad))
+    stats.update(draw.logsnr, loss.detach().nan_to_num(0.0), weight.detach().nan_to_num(0.0), good)
+
+
+def _optimizer_step_if(optimizer: torch.optim.Optimizer, good: Tensor) -> None:
+    if optimizer.defaults.get("fused"):        # fused kernels skip the update on the device when found_inf is set
+        optimizer.found_inf, optimizer.grad_scale = (~good).float(), None
+        optimizer.step()
+        del optimizer.found_inf, optimizer.grad_scale
+    elif bool(good):                            # host sync: only for optimizers without a fused kernel
+        optimizer.step()
+
+
+def _global_feedback(c: Components, draw: NoiseDraw, loss: Tensor) -> tuple[NoiseDraw, Tensor]:
+    """Under DDP the strategy learns from the global batch (every rank's draws and losses, in rank order),
+    so adaptive state stays identical on all ranks and a resumed run continues it exactly."""
+    if c.comm.world_size == 1:
+        return draw, loss
+    logsnr, weight, t, index, loss = c.comm.all_gather_cat(draw.logsnr, draw.proposal_weight, draw.t, draw.index, loss)
+    return NoiseDraw(logsnr=logsnr, proposal_weight=weight, t=t, index=index), loss
+
+
+def _all_good(c: Components, good: Tensor) -> Tensor:
+    """The step is good on every rank (gradients are averaged, but each rank's loss is its own)."""
+    if c.comm.world_size == 1:
+        return good
+    return c.comm.all_reduce_(good.to(torch.int32), "min").bool()
