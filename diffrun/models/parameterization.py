@@ -73,13 +73,21 @@ class Denoiser(nn.Module):
         c_in = 1 / (sigma_ve2 + sd2).sqrt()
         return c_skip, c_out, c_in
 
-    def forward(self, z: Tensor, logsnr: Tensor) -> Tensor:
+    def forward(self, z: Tensor, logsnr: Tensor, class_labels: Tensor | None = None,
+                augment_labels: Tensor | None = None) -> Tensor:
+        """F(z, c_noise[, class_labels][, augment_labels]); labels are passed on only when given, so a
+        backbone with the bare (x, c_noise) signature still works (contract: `conditioning`)."""
         c_noise = -logsnr / 8  # = ln(σ_ve)/4, EDM's c_noise, for every target
         if self.prediction == "edm":
             alpha, _ = alpha_sigma(logsnr)
             _, _, c_in = self._edm_coefficients(logsnr)
             z = z * self._bcast(c_in / alpha, z)
-        return self.net(z, c_noise)
+        labels = {}
+        if class_labels is not None:
+            labels["class_labels"] = class_labels
+        if augment_labels is not None:
+            labels["augment_labels"] = augment_labels
+        return self.net(z, c_noise, **labels)
 
     def target(self, x0: Tensor, eps: Tensor, z: Tensor, logsnr: Tensor) -> Tensor:
         """F*, what the backbone output regresses onto."""

@@ -3,8 +3,10 @@
 Channel widths, resolutions and attention placement follow the DDPM CIFAR-10 model (35.7M
 parameters at 128 channels, multipliers 1,2,2,2, two res-blocks per level, attention at 16×16,
 dropout 0.1). GroupNorm + SiLU throughout, attention through `scaled_dot_product_attention`.
-The backbone sees only `c_noise` (see `parameterization.Denoiser`), embedded with fixed Fourier
-features so that any schedule or continuous-time sampler can condition it.
+The backbone sees `c_noise` (see `parameterization.Denoiser`), embedded with fixed Fourier
+features so that any schedule or continuous-time sampler can condition it, and, with num_classes > 0, a
+class label whose table row (num_classes + 1 rows, the last one NULL) is added to the noise embedding, as
+ADM's `label_emb` (Dhariwal & Nichol 2021; guided-diffusion `unet.py`). Call contract: `conditioning`.
 """
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffrun.errors import ConfigError
+from diffrun.models.checks import require_float, require_int, require_ints
+from diffrun.models.conditioning import LabelEmbedding, check_class_labels, check_num_classes, reject_augment_labels
 
 
 def _norm(channels: int) -> nn.GroupNorm:
@@ -82,16 +86,25 @@ class UNet(nn.Module):
         num_res_blocks: int = 2,            # res-blocks per level on the way down
         attention_resolutions: Sequence[int] = (16,),  # resolutions with self-attention
         dropout: float = 0.1,
+        num_classes: int = 0,               # 0: unconditional; else labels in [0, num_classes], num_classes = NULL
     ):
         super().__init__()
+        for key, value in (("in_channels", in_channels), ("image_size", image_size), ("channels", channels),
+                           ("num_res_blocks", num_res_blocks)):
+            require_int(key, value)
+        require_ints("channel_mult", channel_mult)
+        require_ints("attention_resolutions", attention_resolutions, allow_empty=True)
+        require_float("dropout", dropout, 0.0, 1.0)
+        check_num_classes(num_classes)
         levels = len(channel_mult)
         if image_size % (2 ** (levels - 1)) != 0:
             raise ConfigError(
-                f"model: image_size={image_size} cannot be halved {levels - 1} times "
+                f"model.net.image_size={image_size} cannot be halved {levels - 1} times "
                 f"(channel_mult has {levels} levels); use an image size divisible by {2 ** (levels - 1)}"
             )
         if channels % 8 != 0:
-            raise ConfigError(f"model.channels must be a multiple of 8, got {channels}")
+            raise ConfigError(f"model.net.channels={channels}: must be a multiple of 8 (GroupNorm groups)")
+        self.num_classes = num_classes
         emb_ch = 4 * channels
         self.embed = NoiseEmbedding(channels, emb_ch)
         self.stem = nn.Conv2d(in_channels, channels, 3, padding=1)
@@ -128,6 +141,8 @@ class UNet(nn.Module):
         self.out = nn.Sequential(_norm(ch), nn.SiLU(), nn.Conv2d(ch, in_channels, 3, padding=1))
         nn.init.zeros_(self.out[-1].weight)
         nn.init.zeros_(self.out[-1].bias)
+        # built last: the other layers draw the same initial weights as the unconditional net's
+        self.label_embed = LabelEmbedding(num_classes, emb_ch) if num_classes else None
 
     @staticmethod
     def _run(blocks: nn.ModuleList, h: Tensor, emb: Tensor) -> Tensor:
@@ -135,8 +150,14 @@ class UNet(nn.Module):
             h = block(h, emb) if isinstance(block, ResBlock) else block(h)
         return h
 
-    def forward(self, x: Tensor, c_noise: Tensor) -> Tensor:
-        emb = self.embed(c_noise).to(x.dtype) if not torch.is_autocast_enabled() else self.embed(c_noise)
+    def forward(self, x: Tensor, c_noise: Tensor, class_labels: Tensor | None = None,
+                augment_labels: Tensor | None = None) -> Tensor:
+        reject_augment_labels(augment_labels, self)
+        check_class_labels(class_labels, self.num_classes, x.shape[0], self)
+        emb = self.embed(c_noise)
+        if self.label_embed is not None:
+            emb = emb + self.label_embed(class_labels, x.shape[0])  # ADM: emb = time_embed(t) + label_emb(y)
+        emb = emb.to(x.dtype) if not torch.is_autocast_enabled() else emb
         h = self.stem(x)
         skips = [h]
         for blocks in self.down:

@@ -5,20 +5,73 @@ import inspect
 
 import torch
 from omegaconf import DictConfig
+from torch import nn
 from torch.optim.lr_scheduler import ConstantLR, CosineAnnealingLR, LinearLR, SequentialLR
 
 from diffrun.config import build
 from diffrun.errors import ConfigError
 
 
+def decays(module: nn.Module, name: str, param: nn.Parameter) -> bool:
+    """Whether weight decay applies to `param` (called `name` in its owner `module`). Exempt are:
+    1. vectors and scalars (ndim ≤ 1): biases, norm gains and shifts, BEiT's q/v biases;
+    2. embedding tables (nn.Embedding): class-label tables with their NULL row, noise-level tables;
+    3. parameters the owner lists in `no_weight_decay_names` (e.g. a learned positional table `pos_embed`).
+    Everything else — linear and convolution weights, including the MLPs after fixed sinusoidal features —
+    decays. The same rule as timm's `param_groups_weight_decay` plus embedding tables."""
+    if param.ndim <= 1 or isinstance(module, nn.Embedding):
+        return False
+    return name not in getattr(module, "no_weight_decay_names", ())
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """[{decayed params, weight_decay}, {exempt params, weight_decay 0}] by `decays`, each with its names."""
+    decay, exempt = {"params": [], "names": [], "weight_decay": weight_decay}, {"params": [], "names": [], "weight_decay": 0.0}
+    seen: set[int] = set()  # a tied parameter goes in one group, under its first name
+    for module_name, module in model.named_modules():
+        for name, param in module.named_parameters(recurse=False):
+            if param.requires_grad and id(param) not in seen:
+                seen.add(id(param))
+                group = decay if decays(module, name, param) else exempt
+                group["params"].append(param)
+                group["names"].append(f"{module_name}.{name}" if module_name else name)
+    return [group for group in (decay, exempt) if group["params"]]
+
+
+def _weight_decay(factory, target) -> float:
+    """The weight decay the optimizer will use: the config's, else the optimizer's own default (AdamW: 0.01)."""
+    keywords = getattr(factory, "keywords", {})
+    if "weight_decay" in keywords:
+        return float(keywords["weight_decay"])
+    default = inspect.signature(target).parameters.get("weight_decay")
+    return float(default.default) if default is not None and isinstance(default.default, (int, float)) else 0.0
+
+
 def build_optimizer(cfg: DictConfig, params, device: torch.device) -> torch.optim.Optimizer:
-    """The configured optimizer; fused kernels where torch has them (lets NaN steps be skipped on the device)."""
+    """The configured optimizer; fused kernels where torch has them (lets NaN steps be skipped on the device).
+
+    `params` is the model (an nn.Module) or its parameters. With `optimizer.no_decay_norms_biases_embeddings:
+    true` and a weight decay > 0 the parameters are split into two groups by `decays` (this needs the
+    model, for the names); otherwise one group, exactly as before. Off by default: Min-SNR's official
+    trainer (guided_diffusion/train_util.py) applies AdamW's decay of 0.03 to every parameter."""
     factory = build(cfg.optim)
     target = factory.func if hasattr(factory, "func") else factory
     kwargs = {}
     if "fused" in inspect.signature(target).parameters and device.type in ("cuda", "cpu"):
         kwargs["fused"] = True
-    return factory(params, **kwargs)
+    exempt_some = cfg.get("no_decay_norms_biases_embeddings", False)
+    if not isinstance(exempt_some, bool):
+        raise ConfigError(f"optimizer.no_decay_norms_biases_embeddings={exempt_some!r}: expected true or false")
+    weight_decay = _weight_decay(factory, target)
+    if weight_decay < 0:
+        raise ConfigError(f"optimizer.optim.weight_decay={weight_decay}: must be >= 0")
+    if exempt_some and weight_decay > 0:
+        if not isinstance(params, nn.Module):
+            raise ConfigError("optimizer.no_decay_norms_biases_embeddings=true needs parameter names: build_optimizer "
+                              "must be given the model (an nn.Module), not its parameters()")
+        groups = parameter_groups(params, weight_decay)
+        return factory([{k: v for k, v in group.items() if k != "names"} for group in groups], **kwargs)
+    return factory(params.parameters() if isinstance(params, nn.Module) else params, **kwargs)
 
 
 def build_lr_schedule(cfg: DictConfig, optimizer: torch.optim.Optimizer, total_steps: int):
