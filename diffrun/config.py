@@ -28,8 +28,22 @@ class Precision(str, Enum):
 
 
 class SamplerName(str, Enum):
-    ddim = "ddim"    # Song et al. 2021, η = sample.eta
-    ddpm = "ddpm"    # ancestral (Ho et al. 2020), posterior variance
+    ddim = "ddim"                        # Song et al. 2021, η = sample.eta
+    ddpm = "ddpm"                        # ancestral (Ho et al. 2020) on the discrete T-step grid, sample.ddpm_variance
+    ddpm_continuous = "ddpm_continuous"  # the same ancestral step on a uniform continuous-t grid
+    heun = "heun"                        # EDM's 2nd-order sampler (Karras et al. 2022, Alg. 2); NFE = 2·steps − 1
+
+
+class DDPMVariance(str, Enum):
+    fixed_large = "fixed_large"  # σ_t² = β_t (Ho et al. 2020 CIFAR-10, tqch/ddpm-torch)
+    fixed_small = "fixed_small"  # σ_t² = β̃_t, the posterior variance
+
+
+class SamplingPrecision(str, Enum):
+    fp32 = "fp32"    # no autocast (the default: sample quality is not traded for speed unless asked)
+    bf16 = "bf16"    # autocast bf16
+    fp16 = "fp16"    # autocast fp16
+    train = "train"  # the autocast dtype the run trains with (`precision`)
 
 
 class NanPolicy(str, Enum):
@@ -62,13 +76,30 @@ class EMAConfig:
 
 
 @dataclass
-class SampleConfig:
+class SamplerConfig:
+    """The sampler keys shared by `sample.*` and `eval.*` (diffrun/sampling, docs/samplers.md)."""
     sampler: SamplerName = SamplerName.ddim
-    steps: int = 50                   # number of denoising steps
+    steps: int = 50                   # number of denoising steps (heun: NFE = 2·steps − 1)
     eta: float = 0.0                  # DDIM stochasticity (0 = deterministic)
+    clip_x0: Optional[bool] = None    # clip predicted x0 to [−1, 1]; null: ddim/ddpm clip, heun does not (EDM)
+    ddpm_variance: DDPMVariance = DDPMVariance.fixed_large
+    rho: float = 7.0                  # heun: ρ of EDM's σ grid
+    sigma_min: float = 0.002          # heun: σ range, clipped to the schedule's
+    sigma_max: float = 80.0
+    s_churn: float = 0.0              # heun: EDM's S_churn (0: deterministic), S_min, S_max, S_noise
+    s_min: float = 0.0
+    s_max: float = float("inf")
+    s_noise: float = 1.0
+    cfg_scale: float = 1.0            # classifier-free guidance (1: conditional only, 0: unconditional only)
+    guidance_sigma_min: Optional[float] = None  # guide only for σ in (min, max] (Kynkäänniemi et al. 2024)
+    guidance_sigma_max: Optional[float] = None
+    precision: SamplingPrecision = SamplingPrecision.fp32  # network autocast while sampling
+
+
+@dataclass
+class SampleConfig(SamplerConfig):
     num_images: int = 64              # images in the sample grid
     every_steps: int = 0              # also sample during training every N steps (0: only at the end)
-    clip_x0: bool = True              # clip predicted x0 to [−1, 1] at each step
     seed: int = 0                     # sample seed (grids comparable across runs)
 
 
@@ -80,13 +111,11 @@ class CheckpointConfig:
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(SamplerConfig):
     enabled: bool = True
     every_steps: int = 0              # FID during training every N steps (0: only at the end)
     num_samples: int = 200            # generated images; 50,000 for paper numbers
     num_reference: Optional[int] = None  # training images as reference; None: min(num_samples, dataset size)
-    sampler: SamplerName = SamplerName.ddim
-    steps: int = 50
     batch_size: int = 100
     kid_subset_size: int = 100        # KID subset size (≤ num_samples)
     seed: int = 12345                 # sample seed for FID (same images across runs and steps)

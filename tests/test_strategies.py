@@ -16,7 +16,9 @@ import diffrun.strategies as S
 GOOD = torch.tensor(True)   # the step the strategy is told about was applied
 from diffrun.config import build
 from diffrun.models.parameterization import PREDICTIONS, Denoiser
-from diffrun.schedules import CosineSchedule, EDMSchedule, LinearSchedule, ShiftedCosineSchedule, alpha_sigma
+from diffrun.errors import ConfigError
+from diffrun.schedules import (CosineSchedule, EDMSchedule, LinearSchedule, QuadSchedule, ShiftedCosineSchedule,
+                               alpha_sigma)
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "weighting"
 CONFIGS = sorted(CONF.glob("*.yaml"))
@@ -25,6 +27,7 @@ SCHEDULES = {
     "cosine": CosineSchedule,
     "shifted_cosine": lambda: ShiftedCosineSchedule(image_size=32),
     "edm": EDMSchedule,
+    "quad": QuadSchedule,
 }
 # CPU-sized overrides so that every config can run its per-step path quickly
 SMALL = {"importance": {"num_timesteps": 100}, "speed": {"num_timesteps": 100}, "adaptive_timestep": {"num_timesteps": 50, "in_channels": 1}}
@@ -551,3 +554,92 @@ def test_speed_weight_is_p2_and_rejects_bad_values():
     for bad in ({"suppression": 0.5}, {"epsilon": 0.0}, {"num_timesteps": 1}, {"p2_k": 0.0}):
         with pytest.raises(Exception, match="weighting\\."):
             S.SpeeD(**bad)
+
+
+# ------------------------------------------------------------------------------------------------
+# discrete time: schedule.timesteps = T
+# ------------------------------------------------------------------------------------------------
+# draw λ from a continuous density (the variance-aware configs sample as EDM does)
+CONTINUOUS_ONLY = {"lognormal", "edm", "logit_normal", "adaptive_histogram", "variance_aware", "variance_aware_binned",
+                   "variance_aware_cauchy", "variance_aware_gaussian", "variance_aware_zscore"}
+
+
+def test_uniform_on_a_discrete_schedule_draws_the_ddpm_table():
+    """k ~ U{1..T}: every draw is a grid point, λ is the exact DDPM table's, and the timesteps are uniform."""
+    sched = LinearSchedule(timesteps=1000)
+    s = bound(S.Uniform(), "eps", sched)
+    torch.manual_seed(0)
+    draw = s.sample(torch.zeros(200000, 1, 1, 1))
+    table = sched.discrete_logsnr(1000)
+    assert draw.index.dtype == torch.long and 0 <= draw.index.min() and draw.index.max() < 1000
+    assert torch.equal(draw.logsnr, table.float()[draw.index])
+    torch.testing.assert_close(draw.t, (draw.index + 1).float() / 1000)
+    counts = torch.bincount(draw.index, minlength=1000).double()
+    chi2 = ((counts - 200.0) ** 2 / 200.0).sum().item()                      # 999 degrees of freedom
+    assert 999 - 5 * math.sqrt(2 * 999) < chi2 < 999 + 5 * math.sqrt(2 * 999), chi2
+    assert set(torch.unique(draw.logsnr).tolist()) == set(table.float().tolist())
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_config_on_a_discrete_schedule(path):
+    sched = QuadSchedule(timesteps=50)
+    fixed_t = {"num_timesteps": None} if "num_timesteps" in SMALL.get(path.stem, {}) else {}
+    strategy = load(path, **fixed_t)
+    if path.stem in CONTINUOUS_ONLY:
+        with pytest.raises(ConfigError, match=rf"weighting={path.stem} draws λ from a continuous density; "
+                                              r"schedule\.timesteps=50 is not supported"):
+            bound(strategy, "eps", sched)
+        return
+    s = bound(strategy, "eps", sched)
+    torch.manual_seed(0)
+    draw = s.sample(torch.randn(64, 1, 8, 8))
+    table = sched.discrete_logsnr(50).float()
+    assert draw.index is not None and torch.equal(draw.logsnr, table[draw.index]), path.stem
+    assert torch.isfinite(s.loss_weights(draw, toy_loss(draw.logsnr).float())).all()
+
+
+@pytest.mark.parametrize("make", [
+    lambda **kw: S.ImportanceSampling(**kw),
+    lambda **kw: S.SpeeD(**kw),
+    lambda **kw: S.AdaptiveTimestep(in_channels=1, probe_timesteps=10, **kw),
+], ids=["importance", "speed", "adaptive_timestep"])
+def test_grid_strategies_take_T_from_the_schedule(make):
+    s = bound(make(), "eps", QuadSchedule(timesteps=200))
+    assert s.num_timesteps == 200
+    torch.testing.assert_close(s.logsnr_table, QuadSchedule().discrete_logsnr(200).float())
+    draw = s.sample(torch.randn(16, 1, 8, 8))
+    assert draw.index.max() < 200
+    assert bound(make(num_timesteps=200), "eps", QuadSchedule(timesteps=200)).num_timesteps == 200
+    assert bound(make(), "eps", QuadSchedule()).num_timesteps == 1000          # continuous schedule: DDPM's T
+    assert bound(make(num_timesteps=64), "eps", QuadSchedule()).num_timesteps == 64
+    with pytest.raises(ConfigError, match=r"weighting\.num_timesteps=100 differs from schedule\.timesteps=200"):
+        bound(make(num_timesteps=100), "eps", QuadSchedule(timesteps=200))
+
+
+def test_grid_strategy_buffers_follow_the_schedule_T():
+    s = bound(S.ImportanceSampling(history=3), "eps", LinearSchedule(timesteps=40))
+    assert s.loss_history.shape == (40, 3) and s.filled.shape == (40,)
+    a = bound(S.AdaptiveTimestep(in_channels=1), "eps", LinearSchedule(timesteps=40))
+    assert a.probe_grid.numel() == 40 and a.delta_kl.shape == (20, 40) and a.kl_mean_coef.shape == (40,)
+
+
+def test_discrete_uniform_density_is_the_histogram_of_the_draws():
+    """On a T-step grid p(λ) has mass 1/T on the cell around each table value: it integrates to 1, is finite at
+    every draw, and density-corrected sigmoid weights give Σ_k sigmoid(b − λ_k)·width_k."""
+    sched = QuadSchedule(timesteps=50)
+    table = sched.discrete_logsnr(50)
+    grid = torch.linspace(-10, 12, 200001, dtype=torch.float64)
+    p = S.uniform_t_log_density(sched, grid).exp()
+    assert abs(torch.trapezoid(p, grid).item() - 1) < 1e-3
+    at_draws = S.uniform_t_log_density(sched, table)
+    assert torch.isfinite(at_draws).all()
+    ascending = table.flip(0)
+    inner = 0.5 * (ascending[2:] - ascending[:-2])                  # the cell width of an inner point
+    torch.testing.assert_close(at_draws.flip(0)[1:-1].exp(), 1 / (50 * inner))
+    # E_k[w(λ_k)] of the density-corrected sigmoid ≈ ∫ sigmoid(b − λ) dλ over the cells = softplus(b − lo) − softplus(b − hi)
+    s = bound(S.Sigmoid(bias=1.5, density_corrected=True), "eps", sched)
+    mean_weight = s.weight_in("eps", table.float()).double().mean().item()
+    lo = (ascending[0] - 0.5 * (ascending[1] - ascending[0])).item()
+    hi = (ascending[-1] + 0.5 * (ascending[-1] - ascending[-2])).item()
+    integral = math.log1p(math.exp(1.5 - lo)) - math.log1p(math.exp(1.5 - hi))
+    assert mean_weight == pytest.approx(integral, rel=0.01)

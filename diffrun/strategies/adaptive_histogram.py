@@ -30,6 +30,7 @@ class AdaptiveHistogram(Strategy):
 
     name = "adaptive_histogram"
     observes = True
+    supports_timesteps = False
 
     def __init__(self, bins: int = 100, ema: float = 0.99, uniform_mix: float = 0.01, base: Strategy | None = None,
                  logsnr_min: float | None = None, logsnr_max: float | None = None, **kw):

@@ -29,7 +29,7 @@ from torch.distributions import Beta
 from diffrun.errors import ConfigError
 from diffrun.models.parameterization import WEIGHT_SPACES
 from diffrun.schedules import alpha_sigma
-from diffrun.strategies.base import NoiseDraw, Strategy, uniform_t_log_density
+from diffrun.strategies.base import NoiseDraw, Strategy, grid_timesteps, uniform_t_log_density
 
 _U_EPS = 1e-6  # u is clamped to [ε, 1 − ε] for log π(u): Beta(a < 1) has infinite density at 0 and 1
 
@@ -101,7 +101,7 @@ class AdaptiveTimestep(Strategy):
     name = "adaptive_timestep"
     # learns through on_before_update / on_after_update (the KL probes around the update), not `observe`
 
-    def __init__(self, num_timesteps: int = 1000, in_channels: int = 3, update_every: int = 40,
+    def __init__(self, num_timesteps: int | None = None, in_channels: int = 3, update_every: int = 40,
                  num_selected: int = 3, buffer_size: int = 20, policy_lr: float = 1e-2,
                  entropy_coef: float = 0.01, grad_clip: float = 1.0, hidden_dim: int = 256, hidden_depth: int = 2,
                  probe_timesteps: int | None = None, probe_batch: int = 250, model_variance: str = "fixed_small",
@@ -111,34 +111,43 @@ class AdaptiveTimestep(Strategy):
             raise ConfigError(f"weighting.model_variance={model_variance!r}: allowed fixed_small, fixed_large")
         if space not in ("target", *WEIGHT_SPACES):
             raise ConfigError(f"weighting.space={space!r}: allowed target, {', '.join(WEIGHT_SPACES)}")
-        if num_timesteps < 2 or update_every < 1 or buffer_size < 3 or probe_batch < 1:
-            raise ConfigError("weighting: need num_timesteps >= 2, update_every >= 1, buffer_size >= 3, "
+        if (num_timesteps is not None and num_timesteps < 2) or update_every < 1 or buffer_size < 3 or probe_batch < 1:
+            raise ConfigError("weighting: need num_timesteps >= 2 (or null), update_every >= 1, buffer_size >= 3, "
                               f"probe_batch >= 1; got {num_timesteps}, {update_every}, {buffer_size}, {probe_batch}")
-        grid = torch.arange(num_timesteps)
-        if probe_timesteps is not None:
-            if probe_timesteps < 1:
-                raise ConfigError(f"weighting.probe_timesteps must be >= 1 or null, got {probe_timesteps}")
-            spaced = torch.linspace(0, num_timesteps - 1, probe_timesteps).round().long()
-            grid = torch.unique(torch.cat([torch.arange(min(num_selected, num_timesteps)), spaced]))
-        if not 1 <= num_selected <= grid.numel():
-            raise ConfigError(f"weighting.num_selected must be in [1, {grid.numel()}], got {num_selected}")
-        self.num_timesteps, self.update_every, self.num_selected = num_timesteps, update_every, num_selected
+        if probe_timesteps is not None and probe_timesteps < 1:
+            raise ConfigError(f"weighting.probe_timesteps must be >= 1 or null, got {probe_timesteps}")
+        self.requested_timesteps, self.probe_timesteps, self.buffer_size = num_timesteps, probe_timesteps, buffer_size
+        self.update_every, self.num_selected = update_every, num_selected
         self.entropy_coef, self.grad_clip, self.probe_batch = entropy_coef, grad_clip, probe_batch
         self.model_variance, self.common_noise, self.space = model_variance, bool(common_noise), space
         self.policy = BetaPolicy(in_channels, hidden_dim, hidden_depth)
         self.policy_optimizer = torch.optim.Adam(self.policy.parameters(), lr=policy_lr)
-        self.register_buffer("probe_grid", grid.long(), persistent=False)
-        self.register_buffer("selected", grid[:num_selected].clone().long())          # S, initially {0, 1, 2}
-        self.register_buffer("delta_kl", torch.zeros(buffer_size, grid.numel()))      # ring buffer of ΔKL rows
+        self._build_probes(num_timesteps or 1000)
         self.register_buffer("buffer_rows", torch.zeros((), dtype=torch.long))        # rows ever pushed
         self.register_buffer("extra_forwards", torch.zeros((), dtype=torch.long))     # image-forwards spent on probes
         self.register_buffer("policy_updates", torch.zeros((), dtype=torch.long))
         self._last_u: Tensor | None = None       # the batch's Beta draws, for the next policy update
         self._before: dict | None = None         # KL before the optimizer step (between the two hooks)
 
+    def _build_probes(self, num_timesteps: int) -> None:
+        """The probe timesteps (all T, or `probe_timesteps` evenly spaced plus the initial S) and the buffers sized by them."""
+        grid = torch.arange(num_timesteps)
+        if self.probe_timesteps is not None:
+            spaced = torch.linspace(0, num_timesteps - 1, self.probe_timesteps).round().long()
+            grid = torch.unique(torch.cat([torch.arange(min(self.num_selected, num_timesteps)), spaced]))
+        if not 1 <= self.num_selected <= grid.numel():
+            raise ConfigError(f"weighting.num_selected must be in [1, {grid.numel()}], got {self.num_selected}")
+        self.num_timesteps = num_timesteps
+        self.register_buffer("probe_grid", grid.long(), persistent=False)
+        self.register_buffer("selected", grid[:self.num_selected].clone().long())          # S, initially {0, 1, 2}
+        self.register_buffer("delta_kl", torch.zeros(self.buffer_size, grid.numel()))      # ring buffer of ΔKL rows
+
     # --- wiring: the discrete DDPM chain of the run's schedule -----------------------------------
     def bind(self, schedule, prediction, sigma_data=0.5, comm=None):
         super().bind(schedule, prediction, sigma_data, comm)
+        T = grid_timesteps(schedule, self.requested_timesteps)
+        if T != self.num_timesteps:  # T from schedule.timesteps
+            self._build_probes(T)
         dev = self.selected.device
         lam = schedule.discrete_logsnr(self.num_timesteps).double()
         abar = torch.sigmoid(lam)

@@ -16,6 +16,7 @@ Per-step work must stay on the device: no `.item()`, no host-side branching on t
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -28,9 +29,18 @@ from diffrun.schedules import NoiseSchedule
 
 
 def uniform_t_log_density(schedule: NoiseSchedule, logsnr: Tensor, h: float = 1e-3) -> Tensor:
-    """log |dt/dλ|: the log-SNR density of t ~ U[0, 1] on `schedule` (central difference of t(λ), float64)."""
+    """log |dt/dλ|: the log-SNR density of t ~ U[0, 1] on `schedule` (central difference of t(λ), float64).
+
+    On a discrete schedule (`schedule.timesteps = T`, k ~ U{1..T}) the draws are point masses 1/T at the table's λ_k;
+    the density is then their histogram: mass 1/T spread evenly over the cell around each λ_k (cells split at the
+    midpoints between neighbours, the outer cells mirrored), i.e. p(λ) = 1/(T·width_k), 0 outside the cells. It is
+    finite at every λ the strategy can draw, and a density-corrected weight w/p turns Σ_k (1/T)·w/p into the
+    Riemann sum Σ_k w(λ_k)·width_k of the λ-integral.
+    """
     dtype = torch.float32 if logsnr.device.type == "mps" else torch.float64
     lam = logsnr.to(dtype)
+    if schedule.timesteps is not None:
+        return _grid_log_density(schedule.timestep_table(lam.device, dtype), lam).to(logsnr.dtype)
     dt = schedule.t_of_logsnr(lam - h) - schedule.t_of_logsnr(lam + h)
     return torch.log(dt.clamp(min=0.0) / (2 * h)).to(logsnr.dtype)
 
@@ -65,6 +75,28 @@ class SingleProcess:
         pass
 
 
+def _grid_log_density(table: Tensor, lam: Tensor) -> Tensor:
+    """log of the histogram density of T equally likely λ values (`table`, descending) at `lam`."""
+    ascending = table.flip(0)
+    mids = 0.5 * (ascending[1:] + ascending[:-1])
+    edges = torch.cat([(2 * ascending[:1] - mids[:1]), mids, (2 * ascending[-1:] - mids[-1:])])
+    cell = (torch.searchsorted(edges, lam.contiguous()) - 1).clamp(0, table.numel() - 1)
+    log_p = -torch.log(table.numel() * (edges[1:] - edges[:-1]))[cell]
+    inside = (lam >= edges[0]) & (lam <= edges[-1])
+    return torch.where(inside, log_p, torch.full_like(log_p, -math.inf))
+
+
+def grid_timesteps(schedule: NoiseSchedule, requested: int | None, key: str = "weighting.num_timesteps") -> int:
+    """T of a strategy defined on a T-step grid: `schedule.timesteps` when set (a different explicit T is
+    refused), else the requested T, else DDPM's 1000."""
+    if schedule.timesteps is None:
+        return 1000 if requested is None else requested
+    if requested is not None and requested != schedule.timesteps:
+        raise ConfigError(f"{key}={requested} differs from schedule.timesteps={schedule.timesteps}: the run trains "
+                          f"on one grid; set {key}=null (take T from the schedule) or {key}={schedule.timesteps}")
+    return schedule.timesteps
+
+
 @dataclass
 class NoiseDraw:
     """The noise levels drawn for one batch."""
@@ -76,11 +108,13 @@ class NoiseDraw:
 
 
 class Strategy(nn.Module):
-    """Default behaviour: t ~ U[0, 1], λ = schedule.logsnr(t), weight 1 in the target's own space."""
+    """Default behaviour: t ~ U[0, 1], λ = schedule.logsnr(t), weight 1 in the target's own space; on a
+    discrete schedule (`schedule.timesteps = T`) k ~ U{1..T}, λ = schedule.discrete_logsnr(T)[k − 1]."""
 
     name = "uniform"
     space = "target"  # "target" means: the weight applies to whatever the model predicts
     observes = False  # True: `observe` learns from the losses (the trainer gathers them every step)
+    supports_timesteps = True  # False: draws λ from a continuous density, refuses schedule.timesteps
 
     def __init__(self, name: str | None = None, citation: str | None = None):
         super().__init__()
@@ -97,12 +131,21 @@ class Strategy(nn.Module):
         """Called once by the trainer with the run's schedule, prediction target and ranks."""
         if self.space not in ("target", *WEIGHT_SPACES):
             raise ConfigError(f"strategy {self.name}: unknown weight space {self.space!r}")
+        if schedule.timesteps is not None and not self.supports_timesteps:
+            raise ConfigError(f"weighting={self.name} draws λ from a continuous density; schedule.timesteps="
+                              f"{schedule.timesteps} is not supported with it (use schedule.timesteps=null)")
         self.schedule, self.prediction, self.sigma_data = schedule, prediction, sigma_data
         self.comm = comm or SingleProcess()
         return self
 
     # --- 1. sampling --------------------------------------------------------------------------
     def sample(self, x0: Tensor) -> NoiseDraw:
+        if self.schedule.timesteps is not None:
+            T = self.schedule.timesteps
+            index = torch.randint(T, (x0.shape[0],), device=x0.device)  # k − 1, k ~ U{1..T} (Ho et al. 2020, Alg. 1)
+            logsnr = self.schedule.timestep_table(x0.device, torch.float32)[index]
+            return NoiseDraw(logsnr=logsnr, proposal_weight=torch.ones_like(logsnr),
+                             t=(index + 1).float() / T, index=index)
         t = torch.rand(x0.shape[0], device=x0.device)
         logsnr = self.schedule.logsnr(t)
         return NoiseDraw(logsnr=logsnr.float(), proposal_weight=torch.ones_like(t), t=t)

@@ -27,6 +27,7 @@ class LogNormal(Strategy):
     λ is not clipped to the schedule's range (EDM does not clip either)."""
 
     name = "lognormal"
+    supports_timesteps = False
 
     def __init__(self, p_mean: float = -1.2, p_std: float = 1.2, **kw):
         super().__init__(**kw)
@@ -74,6 +75,7 @@ class LogitNormal(Strategy):
     """
 
     name = "logit_normal"
+    supports_timesteps = False
 
     def __init__(self, m: float = 0.0, s: float = 1.0, **kw):
         super().__init__(**kw)

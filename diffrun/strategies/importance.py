@@ -10,13 +10,14 @@ import torch
 from torch import Tensor
 
 from diffrun.errors import ConfigError
-from diffrun.strategies.base import NoiseDraw, Strategy
+from diffrun.strategies.base import NoiseDraw, Strategy, grid_timesteps
 from diffrun.strategies.ops import ring_push, sample_categorical
 
 
 class ImportanceSampling(Strategy):
     """p_t ∝ √E[L_t²] over the last `history` losses per timestep (unbiased: weight 1/(T p_t)).
 
+    T (`num_timesteps`) is `schedule.timesteps` when the schedule is discrete, else the given T (1000 if null).
     Duplicate timesteps in one batch are all pushed, in batch order (a timestep drawn m > K times keeps
     only its last K). Under DDP `observe` gets the global batch (rank order), as improved-diffusion's
     all-gathering resampler does, so the history is one on all ranks.
@@ -25,18 +26,26 @@ class ImportanceSampling(Strategy):
     name = "importance"
     observes = True
 
-    def __init__(self, num_timesteps: int = 1000, history: int = 10, uniform_prob: float = 0.001, **kw):
+    def __init__(self, num_timesteps: int | None = None, history: int = 10, uniform_prob: float = 0.001, **kw):
         super().__init__(**kw)
-        if num_timesteps < 2 or history < 1:
-            raise ConfigError(f"weighting.num_timesteps must be >= 2 and history >= 1, got {num_timesteps}, {history}")
+        if (num_timesteps is not None and num_timesteps < 2) or history < 1:
+            raise ConfigError(f"weighting.num_timesteps must be >= 2 (or null) and history >= 1, "
+                              f"got {num_timesteps}, {history}")
         if not 0.0 < uniform_prob <= 1.0:
             raise ConfigError(f"weighting.uniform_prob must be in (0, 1] (keeps every p_t > 0), got {uniform_prob}")
-        self.num_timesteps, self.history, self.uniform_prob = num_timesteps, history, uniform_prob
-        self.register_buffer("loss_history", torch.zeros(num_timesteps, history))
+        self.requested_timesteps, self.history, self.uniform_prob = num_timesteps, history, uniform_prob
+        self._allocate(num_timesteps or 1000)
+
+    def _allocate(self, num_timesteps: int) -> None:
+        self.num_timesteps = num_timesteps
+        self.register_buffer("loss_history", torch.zeros(num_timesteps, self.history))
         self.register_buffer("filled", torch.zeros(num_timesteps, dtype=torch.long))
 
     def bind(self, schedule, prediction, sigma_data=0.5, comm=None):
         super().bind(schedule, prediction, sigma_data, comm)
+        T = grid_timesteps(schedule, self.requested_timesteps)
+        if T != self.num_timesteps:  # T from schedule.timesteps
+            self._allocate(T)
         table = schedule.discrete_logsnr(self.num_timesteps).float()
         self.register_buffer("logsnr_table", table.to(self.filled.device), persistent=False)
         return self

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from diffrun.errors import ConfigError
-from diffrun.strategies.base import NoiseDraw, Strategy, uniform_t_log_density
+from diffrun.strategies.base import NoiseDraw, Strategy, grid_timesteps, uniform_t_log_density
 from diffrun.strategies.ops import sample_categorical
 from diffrun.strategies.weights import p2_log_weight
 
@@ -41,11 +41,12 @@ class SpeeD(Strategy):
     name = "speed"
     space = "eps"
 
-    def __init__(self, num_timesteps: int = 1000, suppression: float = 5.0, epsilon: float = 1e-4,
+    def __init__(self, num_timesteps: int | None = None, suppression: float = 5.0, epsilon: float = 1e-4,
                  dual_sampling: bool = True, p2_gamma: float = 1.0, p2_k: float = 1.0, **kw):
         super().__init__(**kw)
-        if num_timesteps < 2:
-            raise ConfigError(f"weighting.num_timesteps must be >= 2, got {num_timesteps}")
+        if num_timesteps is not None and num_timesteps < 2:
+            raise ConfigError(f"weighting.num_timesteps must be >= 2 or null (schedule.timesteps, else 1000), "
+                              f"got {num_timesteps}")
         if not suppression >= 1.0:
             raise ConfigError(f"weighting.suppression must be >= 1 (SpeeD's k: how many times more often the "
                               f"timesteps before τ are drawn; 1 = uniform), got {suppression}")
@@ -53,12 +54,14 @@ class SpeeD(Strategy):
             raise ConfigError(f"weighting.epsilon must be > 0 (SpeeD's threshold on dσ_t/dt), got {epsilon}")
         if p2_gamma < 0 or not p2_k > 0:
             raise ConfigError(f"weighting.p2_gamma must be >= 0 and p2_k > 0, got {p2_gamma}, {p2_k}")
-        self.num_timesteps, self.suppression, self.epsilon = num_timesteps, float(suppression), float(epsilon)
+        self.requested_timesteps, self.num_timesteps = num_timesteps, num_timesteps or 1000
+        self.suppression, self.epsilon = float(suppression), float(epsilon)
         self.dual_sampling, self.p2_gamma, self.p2_k = bool(dual_sampling), float(p2_gamma), float(p2_k)
-        self.tau = num_timesteps
+        self.tau = self.num_timesteps
 
     def bind(self, schedule, prediction, sigma_data=0.5, comm=None):
         super().bind(schedule, prediction, sigma_data, comm)
+        self.num_timesteps = grid_timesteps(schedule, self.requested_timesteps)
         table = schedule.discrete_logsnr(self.num_timesteps)
         self.tau = convergence_threshold(table, self.epsilon)
         T, tau, k = self.num_timesteps, self.tau, self.suppression
