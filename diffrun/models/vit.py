@@ -104,7 +104,8 @@ class ViT(nn.Module):
         # created after the init above, so they keep nn.Embedding's N(0, 1) as in the official code
         if noise_embedding == "table":
             self.noise_embed = nn.Embedding(table_rows, hidden_size)
-            logsnr = CosineSchedule().discrete_logsnr(num_timesteps).float()  # λ_t, t = 0..T−1 (guided-diffusion's index)
+            with torch.device("cpu"):   # a host-side table, also when the net is built on the meta device
+                logsnr = CosineSchedule().discrete_logsnr(num_timesteps).float()  # λ_t, t = 0..T−1 (guided-diffusion's index)
             self.register_buffer("timestep_logsnr", logsnr, persistent=False)
         else:
             self.noise_embed = nn.Sequential(nn.Linear(256, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
