@@ -14,16 +14,21 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, OmegaConf
 
 from diffrun import conf_dir
-from diffrun.config import DistConfig, register_configs
+from diffrun.config import DistConfig, register_configs, validate
 from diffrun.errors import DiffrunError
 
 log = logging.getLogger("diffrun")
 CONF_DIR = str(conf_dir())
 
 register_configs()
+
+
+class JobFailed(DiffrunError, CompactHydraException):
+    """A multirun job's DiffrunError as the sweeper re-raises it at the end: Hydra prints it as one line."""
 
 
 def run_dir_of(cfg: DictConfig) -> Path:
@@ -87,9 +92,21 @@ def _train_rank(cfg: DictConfig, run_dir: Path, is_main: bool) -> dict:
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> float | None:
     from diffrun.launching import distributed
+    from diffrun.launching.preflight import remove_hydra_leftovers
     from diffrun.launching.sweep import pin_sweep_name, record_job_start
 
     pin_sweep_name(cfg)
+    hydra_cfg = HydraConfig.get()
+    try:
+        # A single run was checked before Hydra made its folder (launching/preflight.py); a multirun job is
+        # checked here too, on the machine it runs on (a SLURM node's devices and paths).
+        validate(cfg)
+    except DiffrunError as exc:
+        log.error("%s", exc)
+        remove_hydra_leftovers(Path(hydra_cfg.runtime.output_dir), hydra_cfg.job.name)
+        if hydra_cfg.mode.name == "RUN":
+            sys.exit(1)
+        raise JobFailed(str(exc)) from exc
     if distributed.env_info().rank == 0:
         record_job_start(cfg, previous_state=read_status(run_dir_of(cfg)).get("state"))  # multirun: <sweep>/index.jsonl
     else:  # torchrun / srun ranks > 0: warnings only, and not into rank 0's log file
@@ -101,9 +118,9 @@ def main(cfg: DictConfig) -> float | None:
         summary = train(cfg)
     except DiffrunError as exc:
         log.error("%s", exc)
-        if HydraConfig.get().mode.name == "RUN":
+        if hydra_cfg.mode.name == "RUN":
             sys.exit(1)
-        raise
+        raise JobFailed(str(exc)) from exc
     log.info("done: %s", summary)
     return summary.get("fid") if isinstance(summary, dict) else None
 

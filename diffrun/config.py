@@ -1,9 +1,10 @@
-"""The run's configuration schema (Hydra ConfigStore) and the checks that need more than a type.
+"""The run's configuration schema (Hydra ConfigStore) and how group nodes are built.
 
 Types and enumerations are checked by OmegaConf when Hydra composes the config, so `train.steps=abc`
 or `precision=fp8` fail before any work with the key and the allowed values. The group options
 (`dataset`, `schedule`, `weighting`, `model`, `optimizer`) are validated by Hydra (unknown option →
-list of available ones) and by the constructors they instantiate. `validate` adds cross-field checks.
+list of available ones) and by the constructors they instantiate. `validate` runs every other check
+(diffrun/validation.py): ranges, NaN/inf, unknown keys, devices, paths, the groups built once.
 """
 from __future__ import annotations
 
@@ -257,6 +258,45 @@ def check_argument_types(spec: dict, where: str) -> None:
                               f"{' (true or false)' if kind is bool else ''}{' or null' if type(None) in arms else ''}")
 
 
+def show(value: Any) -> str:
+    """A config value as a user would type it after `key=` (strings quoted, so '' is visible)."""
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def spec_values(spec: dict, where: str) -> str:
+    """`where.key=value, ...` for the arguments of an instantiate spec (what an error message should show)."""
+    items = []
+    for key, value in spec.items():
+        if key.startswith("_") or key in META_KEYS:
+            continue
+        if isinstance(value, dict) and "_target_" in value:
+            value = value["_target_"]
+        items.append(f"{where}.{key}={show(value)}")
+    return ", ".join(items)
+
+
+def build_spec(spec: Any, where: str, **kwargs: Any) -> Any:
+    """Hydra `instantiate` of a resolved spec whose config key is `where`, after checking the scalar argument
+    types its target declares. Any error comes out as a DiffrunError naming `where` and the values given."""
+    if isinstance(spec, dict):
+        check_argument_types(spec, where)
+    try:
+        return instantiate(spec, **kwargs)
+    except DiffrunError:
+        raise
+    except Exception as exc:  # Hydra wraps constructor errors; unwrap ours so the message stays clean
+        cause, root = exc.__cause__ or exc.__context__, exc
+        while cause is not None:
+            if isinstance(cause, DiffrunError):
+                raise cause from None
+            root, cause = cause, cause.__cause__ or cause.__context__
+        target = spec.get("_target_", where) if isinstance(spec, dict) else where
+        values = spec_values(spec, where) if isinstance(spec, dict) else ""
+        reason = " ".join(f"{type(root).__name__}: {root}".split())
+        raise ConfigError(f"{where} cannot be built ({target} with {values or 'no arguments'}): {reason}; "
+                          f"check the {where}.* values") from exc
+
+
 def build(node: DictConfig, **kwargs: Any) -> Any:
     """Hydra `instantiate` of a group node, without the descriptive keys (name, citation, ...), after
     checking the scalar argument types its target declares."""
@@ -265,52 +305,14 @@ def build(node: DictConfig, **kwargs: Any) -> Any:
     for key in META_KEYS:
         if key not in meta_ok:
             spec.pop(key, None)
-    if isinstance(spec, dict):
-        check_argument_types(spec, node._get_full_key(None) or str(spec.get("_target_", "config")))
-    try:
-        return instantiate(spec, **kwargs)
-    except DiffrunError:
-        raise
-    except Exception as exc:  # Hydra wraps constructor errors; unwrap ours so the message stays clean
-        cause = exc.__cause__ or exc.__context__
-        while cause is not None:
-            if isinstance(cause, DiffrunError):
-                raise cause from None
-            cause = cause.__cause__ or cause.__context__
-        raise ConfigError(f"cannot build {spec.get('_target_', node)}: {exc}") from exc
+    where = node._get_full_key(None) or (str(spec.get("_target_", "config")) if isinstance(spec, dict) else "config")
+    return build_spec(spec, where, **kwargs)
 
 
-def _positive(cfg: DictConfig, key: str, allow_zero: bool = False) -> None:
-    value = OmegaConf.select(cfg, key)
-    if value is None or value < 0 or (value == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ConfigError(f"{key}={value} is out of range: must be {bound}")
+def validate(cfg: DictConfig, environment: bool = True) -> None:
+    """Every check of a run's config before any work (diffrun/validation.py): raises a one-line ConfigError
+    naming the key, the value and what is allowed. `environment=False` skips the checks of this machine
+    (devices, backends, paths), for a sweep checked where it is submitted rather than where it runs."""
+    from diffrun.validation import validate_run
 
-
-def validate(cfg: DictConfig) -> None:
-    """Cross-field checks that types alone cannot express. Raise ConfigError naming key and value."""
-    for key in ("train.steps", "train.batch_size", "train.log_every", "sample.steps", "checkpoint.keep",
-                "eval.num_samples", "eval.batch_size", "stats.bins", "dist.devices", "dist.interrupt_check_every"):
-        _positive(cfg, key)
-    for key in ("train.grad_clip", "checkpoint.every_steps", "sample.every_steps", "eval.every_steps",
-                "sample.num_images"):
-        _positive(cfg, key, allow_zero=True)
-    if not 0.0 <= cfg.ema.decay < 1.0:
-        raise ConfigError(f"ema.decay={cfg.ema.decay} is out of range: must be in [0, 1)")
-    warmup = OmegaConf.select(cfg, "optimizer.warmup_steps", default=0) or 0
-    if warmup >= cfg.train.steps:
-        raise ConfigError(
-            f"optimizer.warmup_steps={warmup} is not shorter than train.steps={cfg.train.steps}: "
-            f"the learning rate would never reach its peak; use warmup_steps < train.steps"
-        )
-    if cfg.stats.logsnr_min >= cfg.stats.logsnr_max:
-        raise ConfigError(f"stats.logsnr_min={cfg.stats.logsnr_min} must be < stats.logsnr_max={cfg.stats.logsnr_max}")
-    if cfg.eval.kid_subset_size > cfg.eval.num_samples:
-        raise ConfigError(
-            f"eval.kid_subset_size={cfg.eval.kid_subset_size} exceeds eval.num_samples={cfg.eval.num_samples}"
-        )
-    if not (cfg.resume in ("auto", "never", "force") or cfg.resume.endswith((".pt", ".pth"))):
-        raise ConfigError(f"resume={cfg.resume!r}: allowed auto, never, force, or a path to a .pt checkpoint")
-    device = str(cfg.device)
-    if not (device in ("auto", "cpu", "cuda", "mps") or device.startswith("cuda:")):
-        raise ConfigError(f"device={device!r}: allowed auto, cpu, cuda, cuda:N, mps")
+    validate_run(cfg, environment=environment)

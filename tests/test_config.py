@@ -12,7 +12,7 @@ from diffrun.config import build, validate
 from diffrun.errors import ConfigError
 from diffrun.models.parameterization import Denoiser
 
-from conftest import compose_config
+from conftest import compose_config, write_image_folder
 
 GROUPS = ["dataset", "schedule", "weighting", "model", "optimizer"]
 
@@ -22,10 +22,10 @@ def options(group):
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
-def test_every_option_composes(group, option):
+def test_every_option_composes(group, option, tmp_path):
     overrides = [f"{group}={option}"]
     if option == "image_folder":
-        overrides.append("dataset.root=/nonexistent")
+        overrides.append(f"dataset.root={write_image_folder(tmp_path, size=32)}")
     cfg = compose_config(overrides)
     validate(cfg)
     assert cfg[group].name == option

@@ -97,7 +97,8 @@ def test_cli_dist_devices_spawns_ranks(tmp_path):
     proc = subprocess.run([*base, "train.batch_size=9", f"hydra.run.dir={tmp_path / 'odd'}"], env=env,
                           capture_output=True, text=True, timeout=180)
     assert proc.returncode != 0
-    assert "train.batch_size=9 is the global batch and must be divisible by the 2 ranks" in proc.stdout + proc.stderr
+    assert "train.batch_size=9 is the global batch and must be divisible by dist.devices=2" in proc.stdout + proc.stderr
+    assert not (tmp_path / "odd").exists()  # refused before Hydra made the run directory
 
 
 @pytest.mark.slow

@@ -43,6 +43,15 @@ CIFAR = {
                  "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz", "cifar-100-python.tar.gz"),
 }
 CIFAR_TEST_FILES = {"cifar10": ["test_batch"], "cifar100": ["test"]}
+CIFAR_SPLITS = ("train", "test")
+CIFAR_SHAPE = (3, 32)   # (channels, image size) of every CIFAR image; the loader does not resize
+
+
+def cifar_paths(release: str, root: str, split: str = "train") -> list[Path]:
+    """The batch files `load_cifar` reads: `<root>/<folder in the archive>/<file>`."""
+    folder, train_files = CIFAR[release][:2]
+    files = train_files if split == "train" else CIFAR_TEST_FILES[release]
+    return [Path(root).expanduser() / folder / f for f in files]
 
 
 def _download_cifar(name: str, root: Path) -> None:
@@ -62,12 +71,12 @@ def load_cifar(release: str, root: str, split: str = "train", download: bool = T
     name = release
     if name not in CIFAR:
         raise ConfigError(f"dataset.loader.release={name!r}: allowed {', '.join(CIFAR)}")
-    if split not in ("train", "test"):
-        raise ConfigError(f"dataset.split={split!r}: allowed train, test")
-    folder, train_files, label_key, url, archive = CIFAR[name]
+    if split not in CIFAR_SPLITS:
+        raise ConfigError(f"dataset.loader.split={split!r}: allowed {', '.join(CIFAR_SPLITS)}")
+    folder, _, label_key, url, archive = CIFAR[name]
     root_path = Path(root).expanduser()
-    files = train_files if split == "train" else CIFAR_TEST_FILES[name]
-    paths = [root_path / folder / f for f in files]
+    paths = cifar_paths(name, root, split)
+    files = [p.name for p in paths]
     if not all(p.exists() for p in paths) and download:
         try:
             _download_cifar(name, root_path)
@@ -79,13 +88,14 @@ def load_cifar(release: str, root: str, split: str = "train", download: bool = T
                 f"Fix: download {url} on a machine with internet and extract it so that "
                 f"{root_path / folder}/ holds {', '.join(files)}, e.g.\n"
                 f"    tar -xzf {archive} -C {root_path}\n"
-                f"or point dataset.root=/path/containing/{folder}"
+                f"or point dataset.loader.root=/path/containing/{folder}"
             ) from exc
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
         raise DataError(
             f"{name} not found: missing {', '.join(missing)}. Extract {archive} ({url}) into "
-            f"{root_path} or set dataset.root to the folder that contains {folder}/ (dataset.download=false)"
+            f"{root_path}, or set dataset.loader.root to the folder that contains {folder}/ "
+            f"(or dataset.loader.download=true to fetch it when online)"
         )
     chunks, labels = [], []
     for path in paths:
@@ -93,7 +103,7 @@ def load_cifar(release: str, root: str, split: str = "train", download: bool = T
             with open(path, "rb") as fh:
                 entry = pickle.load(fh, encoding="bytes")
             data = np.asarray(entry[b"data"], dtype=np.uint8)
-            chunks.append(data.reshape(-1, 3, 32, 32))
+            chunks.append(data.reshape(-1, CIFAR_SHAPE[0], CIFAR_SHAPE[1], CIFAR_SHAPE[1]))
             labels.append(np.asarray(entry[label_key]))
         except Exception as exc:
             raise DataError(
@@ -132,7 +142,7 @@ def load_image_folder(root: str, image_size: int, channels: int = 3, random_flip
                     if not resize:
                         raise DataError(
                             f"{path} is {img.size[0]}x{img.size[1]}, expected {image_size}x{image_size}; "
-                            f"resize the images or set dataset.resize=true"
+                            f"resize the images or set dataset.loader.resize=true"
                         )
                     img = img.resize((image_size, image_size), Image.BICUBIC)
                 arrays.append(np.asarray(img, dtype=np.uint8).reshape(image_size, image_size, channels))

@@ -15,8 +15,9 @@ import sys
 from pathlib import Path
 
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from diffrun.errors import DiffrunError
+from diffrun.errors import ConfigError, DiffrunError
 
 log = logging.getLogger("diffrun.eval")
 
@@ -49,7 +50,11 @@ def evaluate_checkpoint(ckpt: Path, overrides: list[str] = ()) -> dict:
     state = checkpoint.load(ckpt)
     if "config" not in state:
         raise DiffrunError(f"{ckpt} has no embedded config: was it written by diffrun?")
-    cfg = OmegaConf.merge(OmegaConf.structured(RunConfig), state["config"], OmegaConf.from_dotlist(list(overrides)))
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(RunConfig), state["config"], OmegaConf.from_dotlist(list(overrides)))
+    except OmegaConfBaseException as exc:  # a wrong type or an unknown key: one line naming it, no traceback
+        key = getattr(exc, "full_key", None) or "override"
+        raise ConfigError(f"{key}: {str(exc).splitlines()[0]}") from None
     run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
     trainer = Trainer(cfg, run_dir, callbacks=[], lock=False)
     trainer.load_state_dict(state)

@@ -16,11 +16,24 @@ from diffrun.errors import ConfigError
 
 
 def resolve_device(name: str) -> torch.device:
+    """The device `device=` names (auto | cpu | cuda | cuda:N | mps), if this machine has it."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device={name!r} but CUDA is not available here; use device=cpu or device=auto")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device={name!r}: allowed auto, cpu, cuda, cuda:N, mps") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"device={name!r} but CUDA is not available here; use device=cpu or device=auto")
+        if device.index is not None and device.index >= count:
+            raise ConfigError(f"device={name!r} but this machine has {count} GPU(s): "
+                              f"allowed cuda:0 to cuda:{count - 1}")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device={name!r} but MPS is not available here; use device=cpu or device=auto")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"device={name!r}: allowed auto, cpu, cuda, cuda:N, mps")
     return device
 
 

@@ -1,0 +1,566 @@
+"""Every value of a run checked before any work: before the run directory exists, before data is read.
+
+`validate_run(cfg)` raises a one-line ConfigError (DataError for data that is not there) naming the key,
+the value and what is allowed. The checks, cheapest first:
+
+    complete     no `???` left, every interpolation resolves;
+    keys         no key that nothing reads (`+foo=1`, `+train.foo=1`, `+weighting.gama=2`): schema sections
+                 against the dataclasses of config.py, `_target_` nodes against their target's signature;
+    values       ranges and NaN/inf of every number of the schema, the group values diffrun reads itself,
+                 names that become folders, the forms of `device`, `resume` and `dist.backend`;
+    groups       schedule, weighting, model and optimizer built once, cheaply: the schedule's λ(t) probed,
+                 the strategy bound to it, the model built on the meta device and run on a 2-image meta
+                 batch (no memory), the optimizer and its learning-rate schedule on one dummy parameter;
+    environment  devices and distributed backends that exist on this machine, files and folders that must
+                 exist. Skipped (`environment=False`) where a sweep is checked by the machine that submits it.
+
+It runs in a Hydra callback before the run directory is made (diffrun.launching.preflight), in every job
+of a multirun, and in the Trainer's constructor (`diffrun.config.validate`).
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import math
+import re
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from diffrun.config import META_KEYS, RunConfig, build_spec, check_argument_types, show, spec_values
+from diffrun.errors import ConfigError, DataError, DiffrunError
+
+GROUPS = ("dataset", "schedule", "weighting", "model", "optimizer")
+HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
+# Keys of a group option that diffrun reads itself: (keys it must have, keys it may have). Everything else in
+# the option is a constructor argument of a `_target_` node, or a value such a node interpolates (image_folder's
+# `root: ???`). The schedule and weighting options are `_target_` nodes themselves.
+GROUP_KEYS = {
+    "dataset": (("image_size", "channels", "loader"), ("name",)),
+    "model": (("net", "prediction"), ("name", "sigma_data")),
+    "optimizer": (("optim",), ("name", "warmup_steps", "decay", "min_lr_ratio")),
+}
+DEVICE_FORMS = "auto, cpu, cuda, cuda:N, mps"
+BACKENDS = ("auto", "gloo", "nccl", "mpi")
+SAFE_NAME = "one folder name: not empty, no slash or backslash, not '.' or '..'"
+
+
+@dataclass(frozen=True)
+class Interval:
+    """The numbers a key allows: finite, and between `low` and `high` (an end excluded where `open`)."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    note: str = ""
+
+    def __contains__(self, x: float) -> bool:
+        above = self.low is None or x > self.low or (x == self.low and not self.low_open)
+        below = self.high is None or x < self.high or (x == self.high and not self.high_open)
+        return math.isfinite(x) and above and below
+
+    def describe(self, integer: bool = False) -> str:
+        noun = "an integer" if integer else "a finite number"
+        if self.low is not None and self.high is not None:
+            text = f"{noun} in {'(' if self.low_open else '['}{self.low}, {self.high}{')' if self.high_open else ']'}"
+        elif self.low is not None:
+            text = f"{noun} {'>' if self.low_open else '>='} {self.low}"
+        else:
+            text = noun
+        return text + (f" ({self.note})" if self.note else "")
+
+
+POSITIVE = Interval(0, low_open=True)
+NON_NEGATIVE = Interval(0)
+FRACTION = Interval(0, 1)
+FINITE = Interval()
+SEED = Interval(0, 2**63 - 1, note="each run's seed is part of its identity: there is no random seed")
+
+# Every int and float key of the schema (tests/test_validation.py checks that none is missing).
+RANGES: dict[str, Interval] = {
+    "seed": SEED,
+    "train.steps": POSITIVE,
+    "train.batch_size": POSITIVE,
+    "train.log_every": POSITIVE,
+    "train.grad_clip": Interval(0, note="0 disables clipping"),
+    "train.max_skipped_fraction": FRACTION,
+    "ema.decay": Interval(0, 1, high_open=True),
+    "sample.steps": POSITIVE,
+    "sample.eta": Interval(0, 1, note="0: deterministic DDIM, 1: the DDPM posterior variance"),
+    "sample.num_images": Interval(0, note="0: no sample grid"),
+    "sample.every_steps": Interval(0, note="0: only at the end"),
+    "sample.seed": SEED,
+    "checkpoint.every_steps": Interval(0, note="0: only at the end"),
+    "checkpoint.keep": POSITIVE,
+    "eval.every_steps": Interval(0, note="0: only at the end"),
+    "eval.num_samples": POSITIVE,
+    "eval.num_reference": Interval(0, low_open=True, note="or null: min(eval.num_samples, dataset size)"),
+    "eval.steps": POSITIVE,
+    "eval.batch_size": POSITIVE,
+    "eval.kid_subset_size": POSITIVE,
+    "eval.seed": SEED,
+    "stats.bins": POSITIVE,
+    "stats.logsnr_min": FINITE,
+    "stats.logsnr_max": FINITE,
+    "wandb.plots_every": POSITIVE,
+    "wandb.init_timeout": Interval(0, low_open=True, note="seconds"),
+    "report.target_fid": Interval(0, low_open=True, note="or null"),
+    "dist.devices": POSITIVE,
+    "dist.timeout_s": Interval(0, low_open=True, note="seconds"),
+    "dist.interrupt_check_every": POSITIVE,
+}
+
+
+def check_number(key: str, value: Any, allowed: Interval, integer: bool = False) -> None:
+    """`value` is a number (an int where `integer`) inside `allowed`; None passes (the schema says where it may)."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
+        raise ConfigError(f"{key}={show(value)} is not {'an integer' if integer else 'a number'}: "
+                          f"allowed {allowed.describe(integer)}")
+    if value not in allowed:
+        problem = "is not a number" if math.isnan(value) else "is out of range"
+        raise ConfigError(f"{key}={show(value)} {problem}: allowed {allowed.describe(integer)}")
+
+
+def check_choice(key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={show(value)}: allowed {', '.join(map(str, allowed))}")
+
+
+def check_folder_name(key: str, value: Any) -> None:
+    """A value that becomes a folder name (outputs/runs/<name>) must stay one path component inside the output root."""
+    if not isinstance(value, str) or not value or value in (".", "..") or any(c in value for c in "/\\\0"):
+        raise ConfigError(f"{key}={show(value)}: must be {SAFE_NAME}, since it names a folder of the run's output")
+
+
+def validate_run(cfg: DictConfig, environment: bool = True) -> None:
+    """All checks of the module docstring, in its order. Raises ConfigError / DataError (one line each)."""
+    check_complete(cfg)
+    check_keys(cfg)
+    check_values(cfg)
+    check_groups(cfg)
+    if environment:
+        check_environment(cfg)
+
+
+# ------------------------------------------------------------------------------------------------
+# complete: no ??? left, every interpolation resolves
+# ------------------------------------------------------------------------------------------------
+def _missing(node: DictConfig | ListConfig, prefix: str) -> Iterator[str]:
+    keys = node.keys() if isinstance(node, DictConfig) else range(len(node))
+    for key in keys:
+        if prefix == "" and key == "hydra":
+            continue
+        child = node._get_node(key)
+        if OmegaConf.is_missing(node, key):
+            yield f"{prefix}{key}"
+        elif isinstance(child, (DictConfig, ListConfig)) and not child._is_interpolation() and not child._is_none():
+            yield from _missing(child, f"{prefix}{key}.")
+
+
+def check_complete(cfg: DictConfig) -> None:
+    for key in _missing(cfg, ""):
+        group = key.split(".")[0]
+        option = OmegaConf.select(cfg, f"{group}.name", default=None) if group in GROUPS else None
+        where = f"{group}={option} sets no default for it" if option else "it has no default"
+        raise ConfigError(f"{key}=??? is required: {where}; add {key}=<value> to the command line")
+    for key in (k for k in cfg.keys() if k != "hydra"):  # the callback sees Hydra's own node too
+        try:
+            resolved(cfg[key])
+        except OmegaConfBaseException as exc:
+            full_key = getattr(exc, "full_key", None) or key
+            raise ConfigError(f"{full_key}: {str(exc).splitlines()[0]}") from None
+
+
+def resolved(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, (DictConfig, ListConfig)) else node
+
+
+# ------------------------------------------------------------------------------------------------
+# keys: nothing that nobody reads
+# ------------------------------------------------------------------------------------------------
+def _schema_keys(kind: type) -> dict[str, Any]:
+    """{field: the field's dataclass type or None} of a schema dataclass."""
+    return {f.name: f.default_factory if is_dataclass(getattr(f, "default_factory", None)) else None
+            for f in fields(kind)}
+
+
+def _unknown(where: str, key: str, node: DictConfig, allowed: set[str], owner: str) -> ConfigError:
+    full = f"{where}.{key}" if where else key
+    try:
+        value = show(resolved(node[key]))
+    except OmegaConfBaseException:
+        value = "?"
+    return ConfigError(f"{full}={value}: unknown key; {owner} takes {', '.join(sorted(allowed))}")
+
+
+def check_schema_keys(node: DictConfig, kind: type, where: str) -> None:
+    known = _schema_keys(kind)
+    for key in node.keys():
+        if where == "" and key == "hydra":
+            continue
+        if key not in known:
+            raise _unknown(where, key, node, set(known), where or "the top level")
+        if known[key] is not None and isinstance(node[key], DictConfig):
+            check_schema_keys(node[key], known[key], f"{where}.{key}" if where else key)
+
+
+def target_parameters(target_path: str) -> tuple[set[str] | None, set[str]]:
+    """(keyword arguments `_target_` accepts, or None when it takes **kwargs or cannot be inspected here;
+    the arguments it requires)."""
+    from hydra.utils import get_object
+
+    try:
+        parameters = inspect.signature(get_object(target_path)).parameters.values()
+    except Exception:  # not importable or no signature: instantiate reports it when the group is built
+        return None, set()
+    named = [p for p in parameters if p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)]
+    required = {p.name for p in named if p.default is inspect.Parameter.empty}
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return None, required
+    return {p.name for p in named}, required
+
+
+def check_target_keys(node: DictConfig, where: str, top_level: bool = False) -> None:
+    """Every key of a `_target_` node is an argument of its target, and every argument it requires is there
+    (unless `_partial_`: the caller gives the rest); nested `_target_` nodes too."""
+    accepted, required = target_parameters(str(node._target_))
+    for key in node.keys():
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and not child._is_none() and "_target_" in child:
+            check_target_keys(node[key], f"{where}.{key}")
+        if accepted is None or key in accepted or key in HYDRA_KEYS or (top_level and key in META_KEYS):
+            continue
+        raise _unknown(where, key, node, accepted, str(node._target_))
+    missing = sorted(required - set(node.keys()))
+    if missing and not node.get("_partial_", False):
+        raise ConfigError(f"{where}.{missing[0]} is required by {node._target_}: add {where}.{missing[0]}=<value>")
+
+
+def _interpolated_keys(node: DictConfig, group: str) -> set[str]:
+    """Keys of a group that its own interpolations read (`${..root}` in dataset.loader, `${dataset.root}` → root)."""
+    text = json.dumps(OmegaConf.to_container(node, resolve=False))
+    return set(re.findall(rf"\$\{{(?:\.\.|{group}\.)(\w+)\}}", text))
+
+
+def check_keys(cfg: DictConfig) -> None:
+    check_schema_keys(cfg, RunConfig, "")
+    for group in GROUPS:
+        node = cfg.get(group)
+        if not isinstance(node, DictConfig) or node._is_none():
+            raise ConfigError(f"{group}={show(resolved(node))}: allowed a {group} option (conf/{group}/*.yaml), "
+                              f"e.g. {group}=<name>")
+        option = f"{group}={node.get('name')}"
+        if group not in GROUP_KEYS:
+            if "_target_" not in node:
+                raise ConfigError(f"{group}._target_ is required: {option} does not set it; allowed a class path")
+            check_target_keys(node, group, top_level=True)
+            continue
+        required, optional = GROUP_KEYS[group]
+        for key in required:
+            if key not in node:
+                raise ConfigError(f"{group}.{key} is required: {option} does not set it; add {group}.{key}=<value>")
+        allowed = {*required, *optional, *META_KEYS, *_interpolated_keys(node, group)}
+        for key in node.keys():
+            child = node._get_node(key)
+            if key not in allowed:
+                raise _unknown(group, key, node, allowed, option)
+            if isinstance(child, DictConfig) and "_target_" in child:
+                check_target_keys(node[key], f"{group}.{key}")
+
+
+# ------------------------------------------------------------------------------------------------
+# values
+# ------------------------------------------------------------------------------------------------
+def _nan_keys(value: Any, where: str) -> Iterator[str]:
+    if isinstance(value, float) and math.isnan(value):
+        yield where
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _nan_keys(item, f"{where}.{key}")
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from _nan_keys(item, f"{where}[{i}]")
+
+
+def check_values(cfg: DictConfig) -> None:
+    # --- the schema ------------------------------------------------------------------------------
+    for key, allowed in RANGES.items():
+        value = OmegaConf.select(cfg, key)
+        check_number(key, value, allowed, integer=type(value) is int)  # the schema has made each an int or a float
+    for key in (*(f"{g}.name" for g in GROUPS), "name", "sweep_name"):  # `name` is made of the group names
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is not None or key in ("name", "sweep_name"):
+            check_folder_name(key, value)
+    device = str(cfg.device)
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", device):
+        raise ConfigError(f"device={show(cfg.device)}: allowed {DEVICE_FORMS}")
+    if not (cfg.resume in ("auto", "never", "force") or str(cfg.resume).endswith((".pt", ".pth"))):
+        raise ConfigError(f"resume={show(cfg.resume)}: allowed auto, never, force (continue a run whose config "
+                          f"changed), or a path to a .pt checkpoint")
+    check_choice("dist.backend", cfg.dist.backend, BACKENDS)
+    if cfg.stats.logsnr_min >= cfg.stats.logsnr_max:
+        raise ConfigError(f"stats.logsnr_min={cfg.stats.logsnr_min} must be < stats.logsnr_max={cfg.stats.logsnr_max}")
+    if cfg.eval.kid_subset_size > cfg.eval.num_samples:
+        raise ConfigError(f"eval.kid_subset_size={cfg.eval.kid_subset_size} exceeds "
+                          f"eval.num_samples={cfg.eval.num_samples}: allowed at most eval.num_samples")
+    if cfg.dist.devices > 1 and cfg.train.batch_size % cfg.dist.devices:
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} is the global batch and must be divisible by "
+                          f"dist.devices={cfg.dist.devices} (each rank draws batch_size / dist.devices)")
+
+    # --- what diffrun reads from the groups itself ------------------------------------------------
+    check_number("dataset.image_size", cfg.dataset.get("image_size"), POSITIVE, integer=True)
+    check_choice("dataset.channels", cfg.dataset.get("channels"), (1, 3))
+    check_choice("model.prediction", cfg.model.get("prediction"), _predictions())
+    check_number("model.sigma_data", cfg.model.get("sigma_data", 0.5), POSITIVE)
+    check_dataset_values(cfg)
+    check_optimizer_values(cfg)
+    for group in GROUPS:
+        for key in _nan_keys(resolved(cfg[group]), group):
+            raise ConfigError(f"{key}=nan is not a number: allowed a finite value")
+
+
+def _predictions() -> tuple[str, ...]:
+    from diffrun.models.parameterization import PREDICTIONS
+
+    return PREDICTIONS
+
+
+def _loader(cfg: DictConfig) -> tuple[Any, dict]:
+    from hydra.utils import get_object
+
+    spec = resolved(cfg.dataset.loader)
+    try:
+        return get_object(spec["_target_"]), spec
+    except Exception:
+        raise ConfigError(f"dataset.loader._target_={show(spec.get('_target_'))}: not an importable function") from None
+
+
+def check_dataset_values(cfg: DictConfig) -> None:
+    from diffrun.data.loaders import CIFAR, CIFAR_SHAPE, CIFAR_SPLITS, load_cifar, load_digits
+
+    target, spec = _loader(cfg)
+    check_argument_types(spec, "dataset.loader")
+    size, channels = cfg.dataset.image_size, cfg.dataset.channels
+    for key, wanted in (("image_size", size), ("channels", channels)):
+        if key in spec and spec[key] != wanted:
+            raise ConfigError(f"dataset.loader.{key}={show(spec[key])} differs from dataset.{key}={wanted}: "
+                              f"set dataset.{key} (the loader follows it)")
+    if target is load_cifar:
+        check_choice("dataset.loader.release", spec.get("release"), tuple(CIFAR))
+        check_choice("dataset.loader.split", spec.get("split", "train"), CIFAR_SPLITS)
+        check_number("dataset.loader.limit", spec.get("limit"), Interval(0, low_open=True, note="or null: every image"),
+                     integer=True)
+        if (channels, size) != CIFAR_SHAPE:
+            key, value = ("dataset.image_size", size) if size != CIFAR_SHAPE[1] else ("dataset.channels", channels)
+            raise ConfigError(f"{key}={value}: CIFAR images are {CIFAR_SHAPE[0]}x{CIFAR_SHAPE[1]}x{CIFAR_SHAPE[1]} "
+                              f"and are not resized; allowed dataset.channels={CIFAR_SHAPE[0]}, "
+                              f"dataset.image_size={CIFAR_SHAPE[1]}")
+    elif target is load_digits and channels != 1:
+        raise ConfigError(f"dataset.channels={channels}: the digits are grayscale; allowed 1")
+
+
+def check_optimizer_values(cfg: DictConfig) -> None:
+    optim = cfg.optimizer.get("optim")
+    if not isinstance(optim, DictConfig) or "_target_" not in optim:
+        raise ConfigError(f"optimizer.optim={show(resolved(optim))}: allowed a node with _target_ "
+                          f"(e.g. torch.optim.AdamW)")
+    check_number("optimizer.optim.lr", optim.get("lr", 1e-3), POSITIVE)
+    check_number("optimizer.optim.eps", optim.get("eps"), NON_NEGATIVE)
+    check_number("optimizer.optim.weight_decay", optim.get("weight_decay"), NON_NEGATIVE)
+    betas = resolved(optim.get("betas"))
+    if betas is not None:
+        if not isinstance(betas, list) or len(betas) != 2:
+            raise ConfigError(f"optimizer.optim.betas={show(betas)}: allowed two numbers in [0, 1), e.g. [0.9, 0.999]")
+        for i, beta in enumerate(betas):
+            check_number(f"optimizer.optim.betas[{i}]", beta, Interval(0, 1, high_open=True))
+    warmup = cfg.optimizer.get("warmup_steps")
+    check_number("optimizer.warmup_steps", warmup, Interval(0, note="linear warm-up steps; 0: none"), integer=True)
+    if (warmup or 0) >= cfg.train.steps:
+        raise ConfigError(
+            f"optimizer.warmup_steps={warmup} is not shorter than train.steps={cfg.train.steps}: "
+            f"the learning rate would never reach its peak; use warmup_steps < train.steps"
+        )
+    check_number("optimizer.min_lr_ratio", cfg.optimizer.get("min_lr_ratio"), FRACTION)
+
+
+# ------------------------------------------------------------------------------------------------
+# groups: built once, cheaply
+# ------------------------------------------------------------------------------------------------
+def _spec(cfg: DictConfig, key: str, keep_meta: tuple[str, ...] = ()) -> dict:
+    spec = resolved(OmegaConf.select(cfg, key))
+    for meta in META_KEYS:
+        if meta not in keep_meta:
+            spec.pop(meta, None)
+    return spec
+
+
+def _failure(where: str, spec: dict, what: str, exc: BaseException) -> ConfigError:
+    reason = " ".join(f"{type(exc).__name__}: {exc}".split())
+    return ConfigError(f"{where} ({spec_values(spec, where)}): {what} fails with {reason}; check the {where}.* values")
+
+
+def build_schedule(spec: dict):
+    """The schedule, with λ(t) probed on [0, 1]: no NaN, and decreasing from λ(0) to λ(1)."""
+    schedule = build_spec(spec, "schedule")
+    t = torch.linspace(0.0, 1.0, 257, dtype=torch.float64)
+    try:
+        logsnr = schedule.logsnr(t)
+    except Exception as exc:
+        raise _failure("schedule", spec, "λ(t) on t ∈ [0, 1]", exc) from None
+    bad = torch.isnan(logsnr)
+    rises = logsnr[1:] > logsnr[:-1]
+    if bad.any() or rises.any() or not logsnr[0] > logsnr[-1]:
+        where = f"is NaN at t={float(t[bad][0]):.3g}" if bad.any() else (
+            f"rises at t={float(t[1:][rises][0]):.3g}" if rises.any() else "is constant")
+        raise ConfigError(f"schedule ({spec_values(spec, 'schedule')}): its log-SNR λ(t) {where}; allowed values "
+                          f"give a λ(t) that decreases from t=0 to t=1 without NaN")
+    return schedule
+
+
+@functools.lru_cache(maxsize=16)
+def check_model(spec_json: str, prediction: str, sigma_data: float, channels: int, image_size: int) -> None:
+    """Build the denoiser on the meta device (no memory, no init cost) and run it on a 2-image meta batch, so
+    shape errors show here; cached, since a sweep checks the same model for every job."""
+    from diffrun.models.parameterization import Denoiser
+
+    spec = json.loads(spec_json)
+    with torch.device("meta"):
+        net = build_spec(spec, "model.net")
+        denoiser = Denoiser(net, prediction, sigma_data)
+        x = torch.empty(2, channels, image_size, image_size)
+        try:
+            out = denoiser(x, torch.zeros(2))
+        except DiffrunError:
+            raise
+        except NotImplementedError:  # an op without a meta kernel: the shapes cannot be checked this way
+            return
+        except Exception as exc:
+            if "meta" in str(exc):   # a tensor the model made on a fixed device met the meta ones: not the config's fault
+                return
+            raise _failure("model.net", spec, f"a {channels}x{image_size}x{image_size} image batch", exc) from None
+    if tuple(out.shape) != tuple(x.shape):
+        raise ConfigError(f"model.net ({spec_values(spec, 'model.net')}): returns {tuple(out.shape)} for a batch of "
+                          f"{tuple(x.shape)}; it must return the input's shape")
+
+
+def check_groups(cfg: DictConfig) -> None:
+    from diffrun.training.optim import build_lr_schedule, build_optimizer
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        schedule = build_schedule(_spec(cfg, "schedule"))
+        prediction, sigma_data = cfg.model.prediction, cfg.model.get("sigma_data", 0.5)
+        check_model(json.dumps(_spec(cfg, "model.net"), sort_keys=True), prediction, sigma_data,
+                    cfg.dataset.channels, cfg.dataset.image_size)
+        weighting = _spec(cfg, "weighting", keep_meta=("name", "citation"))
+        strategy = build_spec(weighting, "weighting")
+        try:
+            strategy.bind(schedule, prediction, sigma_data)
+        except DiffrunError:
+            raise
+        except Exception as exc:
+            raise _failure("weighting", weighting, f"binding to schedule={cfg.schedule.get('name')}", exc) from None
+        optim = _spec(cfg, "optimizer.optim")
+        try:
+            optimizer = build_optimizer(cfg.optimizer, [torch.nn.Parameter(torch.zeros(1))], torch.device("cpu"))
+            build_lr_schedule(cfg.optimizer, optimizer, cfg.train.steps)
+        except DiffrunError:
+            raise
+        except Exception as exc:
+            raise _failure("optimizer.optim", optim, "building the optimizer", exc) from None
+
+
+# ------------------------------------------------------------------------------------------------
+# environment: this machine
+# ------------------------------------------------------------------------------------------------
+def check_environment(cfg: DictConfig) -> None:
+    import torch.distributed as dist
+
+    from diffrun.launching import distributed
+    from diffrun.training.environment import resolve_device
+
+    device = resolve_device(str(cfg.device))
+    precision = str(getattr(cfg.precision, "value", cfg.precision))
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError(f"precision=fp16 on device={device.type} needs CUDA (GradScaler); "
+                          f"allowed here auto, fp32, bf16")
+    launched = distributed.env_info()
+    world = launched.world_size if launched.enabled else cfg.dist.devices
+    if world > 1:
+        backend = distributed.backend_for(cfg.dist.backend, device)
+        available = {"gloo": dist.is_available() and dist.is_gloo_available(),
+                     "nccl": dist.is_available() and dist.is_nccl_available() and device.type == "cuda",
+                     "mpi": dist.is_available() and dist.is_mpi_available()}
+        if not available[backend]:
+            usable = ", ".join(["auto", *(b for b, ok in available.items() if ok)])
+            raise ConfigError(f"dist.backend={show(str(cfg.dist.backend))} ({backend}) is not available with "
+                              f"device={device} here; allowed {usable}")
+        if backend == "nccl" and not launched.enabled and cfg.dist.devices > torch.cuda.device_count():
+            raise ConfigError(f"dist.devices={cfg.dist.devices} with nccl needs one GPU per rank, and this machine has "
+                              f"{torch.cuda.device_count()}; allowed at most {torch.cuda.device_count()}")
+        if cfg.train.batch_size % world:
+            raise ConfigError(f"train.batch_size={cfg.train.batch_size} is the global batch and must be divisible by "
+                              f"the {world} ranks (each draws batch_size / world_size)")
+    if cfg.resume not in ("auto", "never", "force") and not Path(cfg.resume).expanduser().is_file():
+        raise ConfigError(f"resume={show(cfg.resume)}: no such checkpoint; "
+                          f"allowed auto, never, or an existing .pt file")
+    if cfg.eval.enabled and cfg.eval.inception_weights is not None:
+        path = Path(cfg.eval.inception_weights).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"eval.inception_weights={show(cfg.eval.inception_weights)}: no such file; allowed a "
+                              f"torch-fidelity Inception state dict, or null to search the cache")
+    check_dataset_files(cfg)
+
+
+def check_dataset_files(cfg: DictConfig) -> None:
+    """The data a loader will read is there (CIFAR may be missing where `download=true`: the loader fetches it,
+    and offline it stops naming the archive to provide)."""
+    from diffrun.data.loaders import CIFAR, IMAGE_SUFFIXES, cifar_paths, load_cifar, load_image_folder
+
+    target, spec = _loader(cfg)
+    if target is load_cifar:
+        root = Path(spec["root"]).expanduser()
+        if root.exists() and not root.is_dir():
+            raise DataError(f"dataset.loader.root={show(spec['root'])} is a file; allowed a folder that contains "
+                            f"{CIFAR[spec['release']][0]}/")
+        missing = [p for p in cifar_paths(spec["release"], spec["root"], spec.get("split", "train")) if not p.exists()]
+        if missing and not spec.get("download", True):
+            folder, archive = CIFAR[spec["release"]][0], CIFAR[spec["release"]][4]
+            raise DataError(f"dataset.loader.root={show(spec['root'])} does not hold {folder}/{missing[0].name}: "
+                            f"allowed a folder that contains {folder}/ (extract {archive} there), or "
+                            f"dataset.loader.download=true to fetch it")
+    elif target is load_image_folder:
+        key = "dataset.root" if "root" in cfg.dataset else "dataset.loader.root"
+        root = Path(spec["root"]).expanduser()
+        if not root.is_dir():
+            raise DataError(f"{key}={show(spec['root'])} is not a directory; allowed a folder of "
+                            f"{'/'.join(s.lstrip('.') for s in IMAGE_SUFFIXES)} images")
+        if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in root.rglob("*")):
+            raise DataError(f"{key}={show(spec['root'])} holds no images; allowed a folder of "
+                            f"{'/'.join(s.lstrip('.') for s in IMAGE_SUFFIXES)} images (searched recursively)")
+
+
+def check_writable_dir(path: str | Path, key: str) -> None:
+    """`path` can be made: its nearest existing ancestor is a folder in which a folder can be created (probed
+    with a temporary folder, removed at once: file permissions alone do not tell, e.g. for root or /proc)."""
+    import tempfile
+
+    target = Path(path).expanduser().absolute()
+    ancestor = next(p for p in (target, *target.parents) if p.exists())
+    if not ancestor.is_dir():
+        raise ConfigError(f"{key}={show(str(path))}: {ancestor} is a file; allowed a writable folder")
+    try:
+        Path(tempfile.mkdtemp(prefix=".diffrun-probe-", dir=ancestor)).rmdir()
+    except OSError as exc:
+        raise ConfigError(f"{key}={show(str(path))}: cannot create folders in {ancestor} ({exc.strerror or exc}); "
+                          f"allowed a writable folder") from None
