@@ -45,7 +45,7 @@ HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
 GROUP_KEYS = {
     "dataset": (("image_size", "channels", "loader"), ("name",)),
     "model": (("net", "prediction"), ("name", "sigma_data")),
-    "optimizer": (("optim",), ("name", "warmup_steps", "decay", "min_lr_ratio")),
+    "optimizer": (("optim",), ("name", "warmup_steps", "decay", "min_lr_ratio", "no_decay_norms_biases_embeddings")),
 }
 DEVICE_FORMS = "auto, cpu, cuda, cuda:N, mps"
 BACKENDS = ("auto", "gloo", "nccl", "mpi")
@@ -117,6 +117,10 @@ RANGES: dict[str, Interval] = {
     "dist.timeout_s": Interval(0, low_open=True, note="seconds"),
     "dist.interrupt_check_every": POSITIVE,
 }
+# Sampler keys of `sample.*` and `eval.*` checked by diffrun.sampling.SamplerOptions, which states their ranges
+# once for the trainer, diffrun-eval and this check.
+SAMPLER_OPTION_KEYS = ("eta", "rho", "sigma_min", "sigma_max", "s_churn", "s_min", "s_max", "s_noise", "cfg_scale",
+                       "guidance_sigma_min", "guidance_sigma_max")
 
 
 def check_number(key: str, value: Any, allowed: Interval, integer: bool = False) -> None:
@@ -293,7 +297,11 @@ def _nan_keys(value: Any, where: str) -> Iterator[str]:
 
 
 def check_values(cfg: DictConfig) -> None:
+    from diffrun.sampling import SamplerOptions
+
     # --- the schema ------------------------------------------------------------------------------
+    for section in ("sample", "eval"):
+        SamplerOptions.from_config(resolved(cfg[section]), section)
     for key, allowed in RANGES.items():
         value = OmegaConf.select(cfg, key)
         check_number(key, value, allowed, integer=type(value) is int)  # the schema has made each an int or a float

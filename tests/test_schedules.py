@@ -136,7 +136,7 @@ def test_every_schedule_config_builds_continuous_and_discrete(path, timesteps):
     (lambda: CosineSchedule(logsnr_min=-math.inf), r"schedule\.logsnr_min=-inf"),
     (lambda: CosineSchedule(logsnr_min=40.0), r"schedule\.logsnr_min=40\.0 is out of range: allowed \(−∞, 27\.63\)"),
     (lambda: LinearSchedule(beta_start=0.0), r"schedule\.beta_start=0\.0"),
-    (lambda: LinearSchedule(beta_end=1.5), r"schedule\.beta_end=1\.5 is out of range: allowed \(0\.0001, 1\)"),
+    (lambda: LinearSchedule(beta_end=1.5), r"schedule\.beta_end=1\.5 is out of range: allowed \(schedule\.beta_start=0\.0001, 1\)"),
     (lambda: LinearSchedule(beta_start=0.03), r"schedule\.beta_end=0\.02"),
     (lambda: LinearSchedule(beta_end=float("nan")), r"schedule\.beta_end=nan"),
     (lambda: LinearSchedule(t_min=0.0), r"schedule\.t_min=0\.0"),

@@ -19,7 +19,7 @@ from diffrun.cli import CONF_DIR
 from diffrun.config import RunConfig, validate
 from diffrun.errors import DiffrunError
 from diffrun.launching.preflight import ValidateBeforeRun, remove_hydra_leftovers
-from diffrun.validation import RANGES, target_parameters
+from diffrun.validation import RANGES, SAMPLER_OPTION_KEYS, target_parameters
 
 from conftest import FAST, write_image_folder
 
@@ -288,7 +288,8 @@ def test_every_number_of_the_schema_has_a_range():
             elif any(t in str(f.type) for t in ("int", "float")):
                 yield f"{prefix}{f.name}"
 
-    assert sorted(numbers(RunConfig)) == sorted(RANGES)
+    sampler_keys = {f"{section}.{key}" for section in ("sample", "eval") for key in SAMPLER_OPTION_KEYS}
+    assert sorted(numbers(RunConfig)) == sorted({*RANGES, *sampler_keys})
 
 
 def test_leftovers_of_a_refused_job_go_and_an_earlier_run_stays(tmp_path):

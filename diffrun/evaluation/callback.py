@@ -12,8 +12,8 @@ import time
 import torch
 
 from diffrun.evaluation.fid import compute_fid_kid_from_sampler
-from diffrun.training.callbacks import Callback
 from diffrun.evaluation.inception import InceptionWeightsUnavailable, resolve_inception_weights
+from diffrun.training.callbacks import Callback
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +33,12 @@ def evaluate(trainer, eval_cfg) -> dict:
     weights = resolve_inception_weights(eval_cfg.inception_weights, cache_dir=eval_cfg.cache_dir)
     reference = reference_images(trainer, eval_cfg.num_reference, eval_cfg.num_samples)
     batch_counter = iter(range(10**9))
+    nfe = []
 
     def sample_fn(n: int) -> torch.Tensor:
-        seed = eval_cfg.seed + next(batch_counter)
-        return trainer.generate(n, eval_cfg.steps, eval_cfg.sampler, seed).cpu()
+        images, evaluations = trainer.generate(n, eval_cfg.seed + next(batch_counter), "eval")
+        nfe.append(evaluations)
+        return images.cpu()
 
     dataset_cfg = trainer.cfg.dataset
     start = time.perf_counter()
@@ -56,6 +58,8 @@ def evaluate(trainer, eval_cfg) -> dict:
         "fid_num_samples": metrics["num_samples"],
         "fid_num_reference": metrics["num_reference"],
         "fid_sampler": f"{getattr(eval_cfg.sampler, 'value', eval_cfg.sampler)}-{eval_cfg.steps}",
+        "fid_nfe": nfe[0] if nfe else None,
+        "fid_precision": str(getattr(eval_cfg.precision, "value", eval_cfg.precision)),
         "inception_weights": weights.source,
         "eval_seconds": time.perf_counter() - start,
     }

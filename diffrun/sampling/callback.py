@@ -1,7 +1,7 @@
 """Sample grids during and at the end of training (a callback): `<run>/samples/step_<step>.png`."""
 from __future__ import annotations
 
-from diffrun.sampling.samplers import save_grid
+from diffrun.sampling.images import save_grid
 from diffrun.training.callbacks import Callback
 
 
@@ -16,7 +16,7 @@ class SampleGrids(Callback):
         settings = trainer.cfg.sample
         if settings.num_images <= 0:
             return None
-        images = trainer.generate(settings.num_images, settings.steps, settings.sampler, settings.seed, settings.eta)
+        images, _ = trainer.generate(settings.num_images, settings.seed, "sample")
         path = save_grid(images, trainer.run_dir / "samples" / f"step_{trainer.step:08d}.png")
         trainer.events.emit_sample(trainer, images, path)
         return path

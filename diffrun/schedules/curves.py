@@ -22,7 +22,8 @@ class BetaSchedule(NoiseSchedule):
 
     def __init__(self, beta_start: float, beta_end: float, t_min: float, timesteps: int | None):
         require(is_real(beta_start) and 0 < beta_start < 1, "beta_start", beta_start, "(0, beta_end)")
-        require(is_real(beta_end) and beta_start < beta_end < 1, "beta_end", beta_end, f"({beta_start}, 1)")
+        require(is_real(beta_end) and beta_start < beta_end < 1, "beta_end", beta_end,
+                f"(schedule.beta_start={beta_start}, 1): beta_start < beta_end < 1")
         require(is_real(t_min) and 0 < t_min < 1, "t_min", t_min, "(0, 1) (λ is finite only for t > 0)")
         self.beta_start, self.beta_end, self.t_min = beta_start, beta_end, t_min
         super().__init__(timesteps)

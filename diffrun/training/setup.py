@@ -85,7 +85,7 @@ def build_components(cfg: DictConfig, ranks: distributed.DistInfo) -> Components
     comm.broadcast_module_(strategy)
 
     # --- optimizer -------------------------------------------------------------------------------
-    optimizer = build_optimizer(cfg.optimizer, denoiser.parameters(), device)
+    optimizer = build_optimizer(cfg.optimizer, denoiser, device)   # the module: parameter names decide decay groups
     return Components(
         device=device, autocast_dtype=autocast_dtype, data=data,
         local_batch_size=cfg.train.batch_size // ranks.world_size, schedule=schedule, denoiser=denoiser,

@@ -21,11 +21,12 @@ from diffrun.errors import CheckpointError, DiffrunError
 from diffrun.files import atomic_write, atomic_write_json
 from diffrun.launching import distributed
 from diffrun.monitoring.logsnr_stats import LogSNRStats
-from diffrun.sampling import sample, to_uint8
+from diffrun.sampling import SamplerOptions, autocast_dtype, run_sampler, to_uint8
 from diffrun.training import checkpoint as ckpt
 from diffrun.training.callbacks import Callback, Events, build_callbacks
 from diffrun.training.environment import provenance, rng_state, seed_everything, set_rng_state
 from diffrun.training.interrupt import GracefulInterrupt, StopRequested
+from diffrun.training.nonfinite import nonfinite_hint
 from diffrun.training.run_state import RunDirectory, check_checkpoint, fingerprint, trained_config
 from diffrun.training.setup import build_components
 from diffrun.training.step import StepCounters, train_step
@@ -224,25 +225,25 @@ class Trainer:
             raise NonFiniteLossError(
                 f"non-finite loss or gradient at step {first_bad} ({self.nonfinite_total} of {self.step} steps"
                 f"{'' if policy == 'halt' else f', more than train.max_skipped_fraction={self.cfg.train.max_skipped_fraction}'}); "
-                f"those updates were skipped and the last good state was saved to {path}. Usual causes: a learning "
-                f"rate too high (optimizer.optim.lr), a loss weight that explodes at an end of the schedule "
-                f"(weighting=..., schedule=...), or bf16/fp16 range (precision=fp32); train.grad_clip bounds the "
-                f"update size.")
+                f"those updates were skipped and the last good state was saved to {path}. "
+                + nonfinite_hint(self.cfg, reduced_precision=self.autocast_dtype is not None))
         log.warning("skipped %d non-finite step(s) (first at step %d); train.nan_policy=skip", nonfinite, first_bad)
 
     # ------------------------------------------------------------------------------------------------
     # sampling (for callbacks: sample grids, FID)
     # ------------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, num_images: int, steps: int, sampler: str, seed: int, eta: float = 0.0) -> torch.Tensor:
-        """uint8 samples from the EMA model with their own generator (fixed seed: comparable across runs and steps)."""
+    def generate(self, num_images: int, seed: int, section: str = "sample") -> tuple[torch.Tensor, int]:
+        """(uint8 images, network evaluations per image) from the EMA model, with the sampler options of
+        `sample.*` or `eval.*` and a generator of their own (a fixed seed: comparable across runs and steps)."""
         self.interrupt.check()
+        settings = self.cfg[section]
+        options = SamplerOptions.from_config(settings, section)
         generator = torch.Generator(self.device).manual_seed(seed)
         shape = (num_images, self.data.channels, self.data.image_size, self.data.image_size)
-        x = sample(self.ema.model, self.schedule, shape, steps=steps, sampler=sampler, eta=eta,
-                   clip_x0=self.cfg.sample.clip_x0, generator=generator, device=self.device,
-                   autocast_dtype=self.autocast_dtype)
-        return to_uint8(x)
+        result = run_sampler(self.ema.model, self.schedule, shape, options, generator=generator, device=self.device,
+                             autocast_dtype=autocast_dtype(settings.precision, self.autocast_dtype, section))
+        return to_uint8(result.images), result.nfe
 
     # ------------------------------------------------------------------------------------------------
     # the run
