@@ -39,7 +39,7 @@ def run_dir_of(cfg: DictConfig) -> Path:
 
 
 def read_status(run_dir: Path) -> dict:
-    from diffrun.training.run_state import RunDirectory
+    from diffrun.training.run_directory import RunDirectory
 
     return RunDirectory(run_dir).read_status()
 
@@ -65,7 +65,8 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict:
 
 def _train_rank(cfg: DictConfig, run_dir: Path, is_main: bool) -> dict:
     from diffrun.config import validate
-    from diffrun.training.run_state import RunDirectory, RunMismatchError
+    from diffrun.training.identity import RunMismatchError
+    from diffrun.training.run_directory import RunDirectory
     from diffrun.training.trainer import Trainer
 
     validate(cfg)

@@ -210,7 +210,7 @@ def run_name(base: str, *, _root_: DictConfig) -> str:
     """`name`'s default: `base`, plus `_<6 hex>` of the run fingerprint when the command line changed something
     `base` does not say (diffrun.training.run_state.name_suffix), so that different runs get different
     directories."""
-    from diffrun.training.run_state import name_suffix
+    from diffrun.training.identity import name_suffix
 
     return base + name_suffix(_root_)
 

@@ -189,7 +189,7 @@ def run_steps(trainer, steps: int) -> None:
         train_step(trainer.parts, trainer.data.batch(trainer.parts.local_batch_size), trainer.step, trainer.counters,
                    trainer.stats)
         trainer.step += 1
-        trainer.images_seen += trainer.cfg.train.batch_size
+        trainer.state.images_seen += trainer.cfg.train.batch_size
 
 
 def count_flops(trainer) -> tuple[float, float]:

@@ -73,7 +73,7 @@ def test_fp16_overflow_is_counted_apart_and_never_halts(make_cfg, tmp_path):
                       tmp_path, callbacks=[])
     trainer.parts.scaler.update(2.0 ** 40)          # a scale that overflows the fp16 gradients on the first step
     trainer.fit()                                   # nan_policy=halt must not fire: an overflow is routine
-    assert trainer.overflow_total >= 1 and trainer.nonfinite_total == 0
+    assert trainer.state.overflow_total >= 1 and trainer.state.nonfinite_total == 0
 
 
 @pytest.mark.parametrize("weighting", [s for s in STRATEGIES if s not in HOST_SYNCING])

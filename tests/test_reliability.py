@@ -164,7 +164,7 @@ def test_real_disk_full_fails_clearly_keeps_the_checkpoint_and_resumes(make_cfg,
     assert state["step"] == 2 and path.name == "ckpt_00000002.pt"                 # SHA-256 verified on load
 
     subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
-    with caplog.at_level("INFO", logger="diffrun.training.trainer"):
+    with caplog.at_level("INFO"):
         summary = train(cfg, run)
     assert "ckpt_00000002.pt at step 2" in caplog.text and summary["step"] == 6
     assert json.loads((run / "status.json").read_text())["state"] == "finished"

@@ -18,8 +18,8 @@ from diffrun.monitoring.metrics import read_jsonl
 from diffrun.training import checkpoint as ckpt
 from diffrun.training.callbacks import Callback
 from diffrun.training.checkpoint import CheckpointManager
-from diffrun.training.run_state import (RunDirectory, RunLockedError, RunMismatchError, fingerprint,
-                                        fingerprint_of, trained_config)
+from diffrun.training.identity import RunMismatchError, fingerprint, fingerprint_of, trained_config
+from diffrun.training.run_directory import RunDirectory, RunLockedError
 from diffrun.training.trainer import NonFiniteLossError, Trainer
 
 from conftest import FAST
@@ -99,7 +99,7 @@ def test_second_process_on_the_same_run_stops_naming_the_holder(make_cfg, tmp_pa
 
 
 def test_lock_of_a_dead_process_is_taken_over(make_cfg, tmp_path, caplog):
-    holder = subprocess.Popen([sys.executable, "-c", "import sys; from diffrun.training.run_state import RunDirectory; "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; from diffrun.training.run_directory import RunDirectory; "
                                f"RunDirectory({str(tmp_path)!r}).lock(); print('locked', flush=True); sys.stdin.read()"],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "locked"
@@ -296,7 +296,7 @@ def test_second_interrupt_while_checkpointing_finishes_the_write(make_cfg, tmp_p
 
 
 def test_status_is_rewritten_in_place_when_the_disk_is_full(tmp_path, monkeypatch):
-    from diffrun.training import run_state
+    from diffrun.training import run_directory
 
     directory = RunDirectory(tmp_path)
     directory.write_status("running", 3, 10)
@@ -304,7 +304,7 @@ def test_status_is_rewritten_in_place_when_the_disk_is_full(tmp_path, monkeypatc
     def no_space(path, data):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(run_state, "atomic_write", no_space)
+    monkeypatch.setattr(run_directory, "atomic_write", no_space)
     directory.write_status("failed", 5, 10, error="CheckpointError: the disk is full")
     status = json.loads((tmp_path / "status.json").read_text())
     assert status == {"state": "failed", "step": 5, "total_steps": 10, "error": "CheckpointError: the disk is full"}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from pathlib import Path
 
@@ -42,8 +43,20 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
+@functools.lru_cache(maxsize=None)
+def _composed(stem: str):
+    from conftest import compose_config
+
+    return compose_config([f"weighting={stem}", "dataset=cifar10"], fast=False).weighting   # 3 channels
+
+
+def composed(path: Path):
+    """The weighting option as Hydra composes it (a thin preset inherits its base option's keys)."""
+    return copy.deepcopy(_composed(path.stem))
+
+
 def load(path: Path, **overrides) -> S.Strategy:
-    node = OmegaConf.load(path)
+    node = composed(path)
     for key, value in {**SMALL.get(path.stem, {}), **overrides}.items():
         node[key] = value
     return build(node, _keep_meta=("name", "citation"))
@@ -219,7 +232,7 @@ def run_steps(s: S.Strategy, steps: int, batch: int = 64, shape=(1, 8, 8), seed:
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_config_binds_everywhere_with_finite_weights(path):
-    node = OmegaConf.load(path)
+    node = composed(path)
     assert node.name == path.stem and node.citation, "name must equal the file name; citation required"
     for sched_name, make in SCHEDULES.items():
         for prediction in PREDICTIONS:
@@ -239,14 +252,14 @@ def test_config_binds_everywhere_with_finite_weights(path):
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_published_config_as_is(path, make_cfg):
     """The file exactly as published (no test overrides), standalone and composed into a full run config."""
-    s = bound(build(OmegaConf.load(path), _keep_meta=("name", "citation")), "v")
+    s = bound(build(composed(path), _keep_meta=("name", "citation")), "v")
     draw = s.sample(torch.randn(16, 3, 8, 8))
     assert torch.isfinite(s.loss_weights(draw, toy_loss(draw.logsnr).float())).all()
     cfg = make_cfg([f"weighting={path.stem}"])
-    composed = build(cfg.weighting, _keep_meta=("name", "citation"))
-    assert type(composed) is type(s) and composed.name == path.stem
+    in_run = build(cfg.weighting, _keep_meta=("name", "citation"))
+    assert type(in_run) is type(s) and in_run.name == path.stem
     if path.stem == "adaptive_timestep":   # the policy CNN follows the dataset's channels (digits: 1)
-        assert composed.policy.features[0].in_channels == cfg.dataset.channels
+        assert in_run.policy.features[0].in_channels == cfg.dataset.channels
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)

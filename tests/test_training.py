@@ -75,7 +75,7 @@ def test_resume_continues_same_step_and_optimizer(make_cfg, tmp_path):
     state3 = ckpt.load(CheckpointManager(out / "checkpoints").list()[-1])
     cfg6 = make_cfg(["train.steps=6"])
     trainer = Trainer(cfg6, out)
-    assert trainer.resume() and trainer.step == 3
+    assert trainer.state.resume() and trainer.step == 3
     opt_state = trainer.optimizer.state_dict()["state"]
     first = next(iter(opt_state))
     torch.testing.assert_close(opt_state[first]["exp_avg"], state3["optimizer"]["state"][first]["exp_avg"])

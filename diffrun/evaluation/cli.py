@@ -57,7 +57,7 @@ def evaluate_checkpoint(ckpt: Path, overrides: list[str] = ()) -> dict:
         raise ConfigError(f"{key}: {str(exc).splitlines()[0]}") from None
     run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
     trainer = Trainer(cfg, run_dir, callbacks=[], lock=False)
-    trainer.load_state_dict(state)
+    trainer.state.load_state_dict(state)
     record = evaluate(trainer, cfg.eval)
     out = run_dir / "eval" / f"fid_step{record['step']}_{record['fid_num_samples']}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,7 @@ so a schedule only has to say λ(t) (and its inverse, for strategies that sample
 t = 0 is the clean end (λ_max), t = 1 the noisy end (λ_min). `timesteps = T` puts training on the
 DDPM grid t = k/T instead (λ from the exact T-step product where the schedule has betas).
 """
-from diffrun.schedules.base import NoiseSchedule, alpha_sigma, snr
+from diffrun.schedules.base import NoiseSchedule, alpha_sigma
 from diffrun.schedules.curves import (
     BetaSchedule,
     CosineSchedule,
@@ -18,7 +18,6 @@ from diffrun.schedules.curves import (
 __all__ = [
     "NoiseSchedule",
     "alpha_sigma",
-    "snr",
     "BetaSchedule",
     "LinearSchedule",
     "QuadSchedule",

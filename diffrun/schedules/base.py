@@ -14,11 +14,6 @@ def alpha_sigma(logsnr: Tensor) -> tuple[Tensor, Tensor]:
     return torch.sigmoid(logsnr).sqrt(), torch.sigmoid(-logsnr).sqrt()
 
 
-def snr(logsnr: Tensor) -> Tensor:
-    """SNR = α²/σ² = exp(λ)."""
-    return logsnr.exp()
-
-
 def require(ok: bool, key: str, value, allowed: str) -> None:
     """ConfigError naming `schedule.<key>`, its value and the allowed range unless `ok`.
 

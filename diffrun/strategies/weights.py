@@ -44,9 +44,6 @@ class MinSNR(Strategy):
         super().__init__(**kw)
         self.gamma = _positive(gamma, "gamma", "Min-SNR-γ")
 
-    def weight(self, logsnr: Tensor) -> Tensor:
-        return torch.clamp(logsnr.exp(), max=self.gamma)
-
     def log_weight(self, logsnr: Tensor) -> Tensor:
         return torch.clamp(logsnr, max=math.log(self.gamma))          # log min(SNR, γ)
 

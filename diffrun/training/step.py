@@ -29,13 +29,21 @@ class StepCounters:
         self.overflow = torch.zeros((), dtype=torch.long, device=device)
         self.first_bad = torch.full((), -1, dtype=torch.long, device=device)  # 1-based step of the first non-finite one
 
-    def tensors(self) -> list[Tensor]:
-        return [self.sums, self.good, self.nonfinite, self.overflow, self.first_bad]
-
-    def reset(self) -> None:
-        for tensor in self.tensors():
+    def read(self, comm) -> dict:
+        """The window's numbers on the host (one sync), then reset. Under DDP: loss sums averaged over ranks,
+        counts maxed (a step is skipped on every rank alike)."""
+        if comm.world_size > 1:
+            comm.all_reduce_(self.sums).div_(comm.world_size)
+            for tensor in (self.good, self.nonfinite, self.overflow, self.first_bad):
+                comm.all_reduce_(tensor, "max")
+        good = int(self.good)
+        loss, weighted, grad_norm = (self.sums / max(1, good)).tolist() if good else [float("nan")] * 3
+        out = {"loss": loss, "weighted_loss": weighted, "grad_norm": grad_norm, "good": good,
+               "nonfinite": int(self.nonfinite), "overflow": int(self.overflow), "first_bad": int(self.first_bad)}
+        for tensor in (self.sums, self.good, self.nonfinite, self.overflow):
             tensor.zero_()
         self.first_bad.fill_(-1)
+        return out
 
 
 def train_step(c: Components, x0: Tensor, step: int, counters: StepCounters, stats: LogSNRStats) -> None:

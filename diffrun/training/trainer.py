@@ -1,11 +1,11 @@
 """The training loop: resume, step, flush, checkpoint, tell the callbacks — then the final checkpoint and the
-callbacks' end-of-run work (sample grid, FID). Where things are:
+callbacks' end-of-run work (sample grid, FID). Where the rest is:
 
-    the step                  diffrun/training/step.py         (train_step: no host sync, no config)
-    building it all           diffrun/training/setup.py        (build_components)
-    the run directory         diffrun/training/run_state.py    (lock, identity, status.json)
-    checkpoint files          diffrun/training/checkpoint.py
-    everything else           diffrun/training/callbacks.py    (metrics file, statistics, W&B, samples, FID)
+    the step                  diffrun/training/step.py            (train_step: no host sync, no config)
+    building it all           diffrun/training/setup.py           (build_components)
+    checkpoint state, resume  diffrun/training/run_state.py       (RunState; files: checkpoint.py)
+    the run directory         diffrun/training/run_directory.py   (lock, status.json; identity.py)
+    everything else           diffrun/training/callbacks.py       (metrics file, statistics, W&B, samples, FID)
 """
 from __future__ import annotations
 
@@ -17,17 +17,18 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from diffrun.config import validate
-from diffrun.errors import CheckpointError, DiffrunError
+from diffrun.errors import DiffrunError
 from diffrun.files import atomic_write, atomic_write_json
 from diffrun.launching import distributed
 from diffrun.monitoring.logsnr_stats import LogSNRStats
 from diffrun.sampling import SamplerOptions, autocast_dtype, run_sampler, to_uint8
-from diffrun.training import checkpoint as ckpt
 from diffrun.training.callbacks import Callback, Events, build_callbacks
-from diffrun.training.environment import provenance, rng_state, seed_everything, set_rng_state
+from diffrun.training.environment import provenance
+from diffrun.training.identity import fingerprint
 from diffrun.training.interrupt import GracefulInterrupt, StopRequested
 from diffrun.training.nonfinite import nonfinite_hint
-from diffrun.training.run_state import RunDirectory, check_checkpoint, fingerprint, trained_config
+from diffrun.training.run_directory import RunDirectory
+from diffrun.training.run_state import NonFiniteWeightsError, RunState
 from diffrun.training.setup import build_components
 from diffrun.training.step import StepCounters, train_step
 
@@ -35,7 +36,7 @@ log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(DiffrunError):
-    """Training stopped because losses or gradients became NaN/Inf (nan_policy=halt, or too many skips)."""
+    """Training stopped because losses, gradients or weights became NaN/Inf (nan_policy=halt, or too many skips)."""
 
 
 class Trainer:
@@ -58,16 +59,10 @@ class Trainer:
             self._release()
             raise
         self.events = Events(build_callbacks(cfg, self.rank) if callbacks is None else callbacks)
-        self.step = 0
-        self.images_seen = 0
-        self.checkpointed_step = -1          # the step of the checkpoint on disk that matches the state in memory
-        self.nonfinite_total = 0
-        self.overflow_total = 0
+        self.interrupt = GracefulInterrupt()
         self.counters = StepCounters(self.device)
         self.stats = LogSNRStats.from_config(cfg.stats, self.schedule, self.device)
-        self.checkpoints = ckpt.CheckpointManager(self.run_dir / "checkpoints", cfg.checkpoint.keep,
-                                                  bool(cfg.checkpoint.get("allow_unverified", False)))
-        self.interrupt = GracefulInterrupt()
+        self.state = RunState(cfg, self.run_dir, self.parts, self.stats, self.rank, self.world_size, self.interrupt)
 
     # what callbacks and tools read
     device = property(lambda self: self.parts.device)
@@ -78,156 +73,61 @@ class Trainer:
     strategy = property(lambda self: self.parts.strategy)
     optimizer = property(lambda self: self.parts.optimizer)
     autocast_dtype = property(lambda self: self.parts.autocast_dtype)
+    images_seen = property(lambda self: self.state.images_seen)
 
-    # ------------------------------------------------------------------------------------------------
-    # checkpoint / resume
-    # ------------------------------------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        p = self.parts
-        return {
-            "step": self.step,
-            "images_seen": self.images_seen,
-            "model": p.denoiser.state_dict(),
-            "ema": p.ema.state_dict(),
-            "optimizer": p.optimizer.state_dict(),
-            "lr_schedule": p.lr_schedule.state_dict(),
-            "scaler": p.scaler.state_dict(),
-            "strategy": p.strategy.state_dict(),
-            "stats_sums": p.comm.summed(self.stats.sums).cpu(),   # unflushed window, summed over ranks
-            "nonfinite_total": self.nonfinite_total,
-            "overflow_total": self.overflow_total,
-            "rng": rng_state(),
-            "rng_per_rank": distributed.gather_objects(rng_state()) if self.world_size > 1 else None,
-            "config": OmegaConf.to_container(self.cfg, resolve=True, enum_to_str=True),
-            "trained_config": trained_config(self.cfg),
-            "fingerprint": fingerprint(self.cfg),
-        }
+    @property
+    def step(self) -> int:
+        return self.state.step
 
-    def load_state_dict(self, state: dict) -> None:
-        p, device = self.parts, self.device
-        p.denoiser.load_state_dict(state["model"])
-        p.ema.load_state_dict(state["ema"])
-        p.optimizer.load_state_dict(state["optimizer"])      # moves its state to the parameters' device
-        p.lr_schedule.load_state_dict(state["lr_schedule"])
-        p.scaler.load_state_dict(state["scaler"])
-        p.strategy.load_state_dict(state["strategy"])
-        self.stats.sums.copy_(state["stats_sums"].to(device))
-        if self.rank != 0:
-            self.stats.sums.zero_()                             # saved already summed over ranks: count them once
-        self.step, self.images_seen = state["step"], state["images_seen"]
-        self.nonfinite_total = state.get("nonfinite_total", 0)
-        self.overflow_total = state.get("overflow_total", 0)
-        per_rank = state.get("rng_per_rank")
-        if self.world_size == 1:
-            set_rng_state(state["rng"])
-        elif per_rank is not None and len(per_rank) == self.world_size:
-            set_rng_state(per_rank[self.rank])
-        else:  # world size changed since the checkpoint: fresh, distinct streams per rank
-            seed_everything(self.cfg.seed + self.rank + 1_000_003 * self.step)
-
-    def weights_finite(self) -> bool:
-        """Model and EMA weights are finite (a host sync: called at flushes and before saving)."""
-        tensors = [t for m in (self.denoiser, self.ema.model) for t in m.parameters()]
-        return bool(torch.stack(torch._foreach_norm(tensors)).isfinite().all())
-
-    def save_checkpoint(self) -> Path:
-        """Save the state (a collective under DDP: every rank calls it at the same step). Refuses a state whose
-        weights are not finite: the newest checkpoint on disk then stays the last good one."""
-        if not self.weights_finite():
-            raise NonFiniteLossError(
-                f"the model weights are not finite at step {self.step}: an applied update overflowed (the learning "
-                f"rate, a loss weight or the schedule is too large). Not saved; the last good checkpoint is "
-                f"{self._newest_checkpoint()}.")
-        state = self.state_dict()
-        path = self.checkpoints.path_for(self.step)
-        if self.rank == 0:
-            with self.interrupt.critical():   # a second Ctrl-C waits for the file to be whole
-                path = self.checkpoints.save(state, self.step)
-                self.checkpointed_step = self.step
-                log.info("saved checkpoint %s", path)
-        self.checkpointed_step = self.step
-        return path
-
-    def _newest_checkpoint(self) -> str:
-        found = self.checkpoints.list()
-        return str(found[-1]) if found else "none (no checkpoint was written)"
-
-    def resume(self) -> bool:
-        """Load the state to continue from (resume=auto|force: the newest good checkpoint; a path: that file).
-        A checkpoint of another run stops the run (RunMismatchError) unless resume=force."""
-        resume = str(self.cfg.resume)
-        if resume == "never":
-            if self.checkpoints.list():
-                log.warning("resume=never: ignoring the checkpoints in %s (they will be replaced)", self.checkpoints.directory)
-            return False
-        if resume in ("auto", "force"):
-            found = self.checkpoints.load_latest()
-            if found is None:
-                return False
-            state, path = found
-        else:
-            path = Path(resume).expanduser()
-            state = ckpt.load(path, self.checkpoints.allow_unverified)
-        check_checkpoint(state, path, self.cfg, force=resume == "force")
-        self.load_state_dict(state)
-        if path.parent == self.checkpoints.directory:
-            self.checkpointed_step = self.step
-        log.info("resumed from %s at step %d", path, self.step)
-        return True
+    @step.setter
+    def step(self, value: int) -> None:   # benchmarks swap strategies with their own step counts
+        self.state.step = value
 
     # ------------------------------------------------------------------------------------------------
     # flush: metrics of the window, NaN policy
     # ------------------------------------------------------------------------------------------------
     def flush(self, window_steps: int, window_seconds: float) -> dict:
-        c = self.counters
-        if self.world_size > 1:  # rank means of the loss sums; counts summed or maxed; per-bin statistics summed
-            comm = self.parts.comm
-            comm.all_reduce_(c.sums).div_(self.world_size)
-            for tensor in (c.good, c.nonfinite, c.overflow, c.first_bad):
-                comm.all_reduce_(tensor, "max")
-            self.stats.reduce_(comm.all_reduce_)
-        good = int(c.good)
-        sums = (c.sums / max(1, good)).tolist()
-        nonfinite, overflow, first_bad = int(c.nonfinite), int(c.overflow), int(c.first_bad)
-        c.reset()
-        self.nonfinite_total += nonfinite
-        self.overflow_total += overflow
-        record = {
-            "step": self.step,
-            "images_seen": self.images_seen,
-            "loss": sums[0] if good else float("nan"),
-            "weighted_loss": sums[1] if good else float("nan"),
-            "grad_norm": sums[2] if good else float("nan"),
-            "lr": self.optimizer.param_groups[0]["lr"],
-            "images_per_sec": window_steps * self.cfg.train.batch_size / max(window_seconds, 1e-9),
-            "nonfinite_steps": self.nonfinite_total,
-            "ema_decay": self.ema.current_decay(),
-            "time": time.time(),
-        }
+        window = self.counters.read(self.parts.comm)
+        if self.world_size > 1:
+            self.stats.reduce_(self.parts.comm.all_reduce_)   # per-bin sums over ranks
+        state = self.state
+        state.nonfinite_total += window["nonfinite"]
+        state.overflow_total += window["overflow"]
+        record = {"step": self.step, "images_seen": self.images_seen,
+                  **{k: window[k] for k in ("loss", "weighted_loss", "grad_norm")},
+                  "lr": self.optimizer.param_groups[0]["lr"],
+                  "images_per_sec": window_steps * self.cfg.train.batch_size / max(window_seconds, 1e-9),
+                  "nonfinite_steps": state.nonfinite_total, "ema_decay": self.ema.current_decay(), "time": time.time()}
         if self.parts.scaler.is_enabled():
-            record["grad_scale"] = self.parts.scaler.get_scale()
-            record["overflow_steps"] = self.overflow_total
+            record.update(grad_scale=self.parts.scaler.get_scale(), overflow_steps=state.overflow_total)
         self.events.flush(self, record, self.stats.flush())
-        if not self.weights_finite():
+        if not state.weights_finite():
             raise NonFiniteLossError(
                 f"the model weights became non-finite before step {self.step} although every applied step had a finite "
-                f"loss and gradient: an update overflowed (learning rate, loss weight or schedule too large). The last "
-                f"good checkpoint is {self._newest_checkpoint()}.")
-        if nonfinite:
-            self._apply_nan_policy(nonfinite, first_bad)
+                f"loss and gradient: an update overflowed. The last good checkpoint is {state.newest_checkpoint()}. "
+                + nonfinite_hint(self.cfg, reduced_precision=self.autocast_dtype is not None))
+        if window["nonfinite"]:
+            self._apply_nan_policy(window["nonfinite"], window["first_bad"])
         return record
 
     def _apply_nan_policy(self, nonfinite: int, first_bad: int) -> None:
         policy = str(getattr(self.cfg.train.nan_policy, "value", self.cfg.train.nan_policy))
-        too_many = self.nonfinite_total > self.cfg.train.max_skipped_fraction * max(1, self.step)
-        if policy == "halt" or too_many:
+        total, limit = self.state.nonfinite_total, self.cfg.train.max_skipped_fraction
+        if policy == "halt" or total > limit * max(1, self.step):
             path = self.save_checkpoint()    # every bad update was skipped: this state is the last good one
             raise NonFiniteLossError(
-                f"non-finite loss or gradient at step {first_bad} ({self.nonfinite_total} of {self.step} steps"
-                f"{'' if policy == 'halt' else f', more than train.max_skipped_fraction={self.cfg.train.max_skipped_fraction}'}); "
-                f"those updates were skipped and the last good state was saved to {path}. "
+                f"non-finite loss or gradient at step {first_bad} ({total} of {self.step} steps"
+                f"{'' if policy == 'halt' else f', more than train.max_skipped_fraction={limit}'}); those updates "
+                f"were skipped and the last good state was saved to {path}. "
                 + nonfinite_hint(self.cfg, reduced_precision=self.autocast_dtype is not None))
         log.warning("skipped %d non-finite step(s) (first at step %d); train.nan_policy=skip", nonfinite, first_bad)
+
+    def save_checkpoint(self) -> Path:
+        try:
+            return self.state.save()
+        except NonFiniteWeightsError as exc:
+            raise NonFiniteLossError(f"{exc}: an applied update overflowed. Not saved; the last good checkpoint is "
+                                     f"{self.state.newest_checkpoint()}.") from None
 
     # ------------------------------------------------------------------------------------------------
     # sampling (for callbacks: sample grids, FID)
@@ -260,33 +160,32 @@ class Trainer:
             return False
         return distributed.any_rank(self.interrupt.requested, self.device)
 
-    def _begin(self) -> bool:
+    def _begin(self) -> None:
         if self.rank == 0:
             atomic_write(self.run_dir / "config.yaml", OmegaConf.to_yaml(self.cfg, resolve=True))
             atomic_write_json(self.run_dir / "provenance.json", provenance())
-        resumed = self.resume()
+        resumed = self.state.resume()
         log.info("run %s: %s on %s, %s, %d params, strategy %s, %s", self.cfg.name, self.cfg.dataset.name, self.device,
                  self.autocast_dtype or "fp32", sum(p.numel() for p in self.denoiser.parameters()),
                  self.strategy.describe(), f"resumed at step {self.step}" if resumed else "from scratch")
         self.write_status("running")
         self.events.start(self)
-        return resumed
 
     def _train(self) -> None:
-        cfg, total = self.cfg, self.cfg.train.steps
+        cfg, total, state = self.cfg, self.cfg.train.steps, self.state
         self.denoiser.train()
         window_start, window_steps = time.perf_counter(), 0
-        while self.step < total:
-            train_step(self.parts, self.data.batch(self.parts.local_batch_size), self.step, self.counters, self.stats)
-            self.step += 1
-            self.images_seen += cfg.train.batch_size
+        while state.step < total:
+            train_step(self.parts, self.data.batch(self.parts.local_batch_size), state.step, self.counters, self.stats)
+            state.step += 1
+            state.images_seen += cfg.train.batch_size
             window_steps += 1
-            if self.step % cfg.train.log_every == 0 or self.step == total:
+            if state.step % cfg.train.log_every == 0 or state.step == total:
                 self.flush(window_steps, time.perf_counter() - window_start)
                 window_start, window_steps = time.perf_counter(), 0
-            if self.step == total:
+            if state.step == total:
                 break
-            if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0:
+            if cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0:
                 self.save_checkpoint()
             self.events.step(self)
             if self.stop_requested():
@@ -299,7 +198,7 @@ class Trainer:
                 try:
                     self._begin()
                     self._train()
-                    if self.checkpointed_step != self.step:
+                    if self.state.checkpointed_step != self.step:
                         self.save_checkpoint()
                     summary = {"step": self.step, **self.events.end(self)}
                     self.write_status("finished", **{k: v for k, v in summary.items() if k != "step"})
@@ -313,20 +212,20 @@ class Trainer:
             raise
         except KeyboardInterrupt:
             self.write_status("interrupted", reason="second interrupt (stopped at once)",
-                              checkpoint_step=max(self.checkpointed_step, 0))
+                              checkpoint_step=max(self.state.checkpointed_step, 0))
             raise
         except BaseException as exc:
-            self.write_status("failed", error=f"{type(exc).__name__}: {exc}", checkpoint_step=max(self.checkpointed_step, 0))
+            self.write_status("failed", error=f"{type(exc).__name__}: {exc}",
+                              checkpoint_step=max(self.state.checkpointed_step, 0))
             raise
         finally:
             self.events.close()
             self._release()
 
     def _stop_after_signal(self) -> dict:
-        if self.checkpointed_step != self.step:
+        if self.state.checkpointed_step != self.step:
             self.save_checkpoint()
-        signum = self.interrupt.signum
-        self.write_status("interrupted", signal=signum, checkpoint_step=self.checkpointed_step)
+        self.write_status("interrupted", signal=self.interrupt.signum, checkpoint_step=self.state.checkpointed_step)
         distributed.barrier()
         self.events.close()
         self._release()
@@ -336,6 +235,3 @@ class Trainer:
     def _release(self) -> None:
         if self.directory is not None:
             self.directory.unlock()
-
-
-__all__ = ["Trainer", "NonFiniteLossError", "CheckpointError"]

@@ -1,0 +1,125 @@
+"""A run directory between processes: who owns it (`.lock`) and how far it got (`status.json`).
+
+* **Ownership.** `.lock` holds an exclusive `flock` for the life of the process (released by the kernel
+  if the process dies, so a stale lock is simply taken over); a second process on the same run stops
+  at once naming the holder.
+* **Progress.** `status.json`: running / interrupted / halted / failed / finished, the step, the reason,
+  the run's fingerprint. Written atomically; when the disk is full or the directory not writable, the
+  existing file is rewritten in place (it is padded when written, so that needs no new blocks).
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from diffrun.errors import DiffrunError
+from diffrun.files import atomic_write, json_text, overwrite_in_place, remove_stale_temporaries
+from diffrun.training.identity import (mismatch_without_config, check_same_run, fingerprint, fingerprint_of,
+                                       trained_config)
+
+log = logging.getLogger(__name__)
+STATUS_PADDING = 2048                                  # bytes status.json is padded to (see overwrite_in_place)
+
+
+class RunLockedError(DiffrunError):
+    """Another process is training this run."""
+
+
+class RunDirectory:
+    """Lock, status and identity checks of one run directory (rank 0 only)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.status_path = self.path / "status.json"
+        self._lock_fd: int | None = None
+
+    # --- ownership ------------------------------------------------------------------------------------
+    def lock(self) -> None:
+        lock_path = self.path / ".lock"
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise DiffrunError(
+                f"run directory {self.path} is not writable ({exc.strerror or exc}); set hydra.run.dir (or "
+                f"hydra.sweep.dir) to a writable location with free space") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = self._read_holder(fd)
+            os.close(fd)
+            raise RunLockedError(
+                f"run directory {self.path} is in use by PID {holder.get('pid', '?')} on {holder.get('host', '?')} "
+                f"(started {holder.get('started', '?')}); two processes must not train the same run. Wait for it to "
+                f"finish, stop it, or give this run another name=...") from None
+        previous = self._read_holder(fd)
+        if previous.get("pid") and previous.get("pid") != os.getpid():
+            log.info("taking over %s from PID %s on %s, which no longer holds it", lock_path, previous["pid"], previous.get("host"))
+        holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(holder).encode(), 0)
+        self._lock_fd = fd
+        for path in remove_stale_temporaries(self.path, self.path / "checkpoints"):
+            log.info("removed %s, left by a process killed while writing it", path)
+
+    @staticmethod
+    def _read_holder(fd: int) -> dict:
+        try:
+            return json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+        except (OSError, ValueError):
+            return {}
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            with contextlib.suppress(OSError):
+                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+                os.close(self._lock_fd)
+            self._lock_fd = None
+
+    # --- progress --------------------------------------------------------------------------------------
+    def read_status(self) -> dict:
+        try:
+            return json.loads(self.status_path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def write_status(self, state: str, step: int, total_steps: int, **extra) -> None:
+        """Never raises: a status that cannot be written is logged (the exception in flight says why)."""
+        text = json_text({"state": state, "step": step, "total_steps": total_steps, **extra}).rstrip("\n")
+        text = text.ljust(STATUS_PADDING - 1) + "\n"   # padded: room to rewrite it in place later
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            atomic_write(self.status_path, text)
+        except OSError as exc:
+            if overwrite_in_place(self.status_path, text):
+                return
+            log.error("could not write %s (%s): it may still say %r", self.status_path, exc.strerror or exc,
+                      self.read_status().get("state"))
+
+    # --- identity --------------------------------------------------------------------------------------
+    def check_identity(self, cfg: DictConfig, force: bool) -> dict:
+        """The previous status, after checking it was written by this run (RunMismatchError otherwise). The
+        differing keys come from the previous run's config.yaml."""
+        status = self.read_status()
+        recorded = status.get("fingerprint")
+        if recorded is None or recorded == fingerprint(cfg):
+            return status
+        try:
+            previous = trained_config(OmegaConf.load(self.path / "config.yaml"))
+        except Exception:  # noqa: BLE001 - no readable config.yaml: say only that the fingerprints differ
+            previous = None
+        if previous is not None and fingerprint_of(previous) == recorded:
+            check_same_run(previous, cfg, f"run directory {self.path}", force)   # lists the keys that differ
+        else:
+            mismatch_without_config(self.path, recorded, cfg, force)
+        return status
+
+
