@@ -1,0 +1,37 @@
+"""The package's shape, checked: strategies know nothing of launching, callbacks are typed, files are written once."""
+import ast
+from pathlib import Path
+
+import diffrun
+from diffrun.training.callbacks import Callback, build_callbacks
+
+PACKAGE = Path(diffrun.__file__).parent
+
+
+def imported_modules(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+def test_no_strategy_imports_the_launching_layer():
+    offenders = {path.name: sorted(m for m in imported_modules(path) if m.startswith("diffrun.launching"))
+                 for path in (PACKAGE / "strategies").glob("*.py")}
+    assert not any(offenders.values()), offenders
+
+
+def test_every_default_callback_is_typed(make_cfg):
+    callbacks = build_callbacks(make_cfg([]))
+    assert callbacks and all(isinstance(cb, Callback) for cb in callbacks)
+    assert {type(cb).__name__ for cb in callbacks} >= {"MetricsFile", "StatsWriter", "WandbLogger", "Progress",
+                                                       "SampleGrids", "FIDCallback"}
+
+
+def test_no_duck_typed_callback_dispatch():
+    for path in PACKAGE.rglob("*.py"):
+        text = path.read_text()
+        assert "hasattr(cb" not in text and "hasattr(callback" not in text, path
