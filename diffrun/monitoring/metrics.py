@@ -41,7 +41,7 @@ class MetricsFile(Callback):
 
     def on_start(self, trainer) -> None:
         path = Path(trainer.run_dir) / FILENAME
-        if path.exists():
+        if path.exists() and getattr(trainer, "job_type", "train") == "train":   # an evaluation only appends
             kept = [r for r in read_jsonl(path) if int(r.get("step", 0)) <= trainer.step]
             atomic_write(path, "".join(json.dumps(r) + "\n" for r in kept))
         self._fh = open(path, "a", buffering=1)
