@@ -239,6 +239,7 @@ def run_in_terminal(cmd: list[str], env: dict, timeout: float) -> tuple[int | No
     return code, b"".join(chunks).decode(errors="replace"), elapsed
 
 
+@pytest.mark.slow
 def test_terminal_without_key_never_prompts(wandb_env, tmp_path):
     """wandb.mode=online in an interactive terminal with no credentials: no account prompt, training runs
     (logging offline). Without the credential check W&B asks "Enter your choice" and waits forever."""
@@ -278,6 +279,7 @@ def sweep(tmp_path_factory):
     return {job.name: records_of(offline_runs(job)[0]) for job in jobs}
 
 
+@pytest.mark.slow
 def test_sweep_groups_one_line_per_strategy(sweep):
     runs = {name: run_record(records) for name, records in sweep.items()}
     groups = {name: run["run_group"] for name, run in runs.items()}
@@ -290,6 +292,7 @@ def test_sweep_groups_one_line_per_strategy(sweep):
         assert run["config"]["update"]["strategy"] == strategy and run["config"]["update"]["seed"] == int(seed)
 
 
+@pytest.mark.slow
 def test_sweep_every_series_is_plotted_against_images_seen(sweep):
     for name, records in sweep.items():
         step_metric = step_metric_of(records)
@@ -301,6 +304,7 @@ def test_sweep_every_series_is_plotted_against_images_seen(sweep):
             assert step_metric(key) == STEP_METRIC, (name, key)
 
 
+@pytest.mark.slow
 def test_sweep_logs_band_scalars(sweep):
     """Per-band loss mean/variance as plain scalars (W&B can average them over seeds), 8 bands of 2 bins."""
     for records in sweep.values():
