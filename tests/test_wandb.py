@@ -9,6 +9,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -43,7 +44,12 @@ def read_wandb(path: Path) -> list[dict]:
 
 
 def offline_runs(run_dir: Path) -> list[Path]:
+    """`offline-run-<time>-<id>[-<n>]` folders, oldest first (W&B adds `-<n>` to a second start in the same second)."""
     return sorted((run_dir / "wandb").glob("offline-run-*"))
+
+
+def holds(offline_dir: Path, wandb_id: str) -> bool:
+    return re.fullmatch(rf"offline-run-\d{{8}}_\d{{6}}-{re.escape(wandb_id)}(-\d+)?", offline_dir.name) is not None
 
 
 def records_of(offline_dir: Path) -> list[dict]:
@@ -190,7 +196,7 @@ def test_key_without_network_leaves_a_syncable_offline_run_within_30s(wandb_env,
     assert "logging offline" in caplog.text
     wandb_id = (run_dir / ID_FILE).read_text().strip()
     (offline,) = offline_runs(run_dir)
-    assert offline.name.endswith(wandb_id)
+    assert holds(offline, wandb_id)
     assert list((run_dir / "wandb").glob("run-*")) == [earlier]  # the failed attempt's folder removed, no other
     records = records_of(offline)
     assert run_record(records)["run_id"] == wandb_id
@@ -255,7 +261,7 @@ def test_terminal_without_key_never_prompts(wandb_env, tmp_path):
     assert json.loads((run_dir / "status.json").read_text())["state"] == "finished"
     assert "no W&B credentials were found" in output
     (offline,) = offline_runs(run_dir)
-    assert offline.name.endswith((run_dir / ID_FILE).read_text().strip())
+    assert holds(offline, (run_dir / ID_FILE).read_text().strip())
     assert [r["history"]["step"]["num"] for r in records_of(offline) if r["type"] == "history"] == [3, 6]
 
 
@@ -432,7 +438,7 @@ def test_evaluation_job_resumes_the_training_run(wandb_env, tmp_path):
                                "fid_num_samples": 50000, "fid_sampler": "heun-18"})
     logger.close()
     training, evaluation = offline_runs(run_dir)
-    assert evaluation.name.endswith(wandb_id)                       # the same W&B run, continued
+    assert holds(training, wandb_id) and holds(evaluation, wandb_id)   # the same W&B run, continued
     records = records_of(evaluation)
     run = run_record(records)
     assert run["run_id"] == wandb_id and run["run_group"] == "smoke/uniform"
@@ -463,7 +469,7 @@ def test_evaluation_while_training_runs_goes_to_a_sibling_run(wandb_env, tmp_pat
         assert not WriterLock(run_dir / "wandb").acquire()          # still the training's
     finally:
         training.release()
-    sibling = next(d for d in offline_runs(run_dir) if d.name.endswith(f"{wandb_id}-eval-6"))
+    sibling = next(d for d in offline_runs(run_dir) if holds(d, f"{wandb_id}-eval-6"))
     run = run_record(records_of(sibling))
     assert run["job_type"] == "eval" and run["run_group"] == "smoke/uniform"
     assert WriterLock(run_dir / "wandb").acquire()                  # released by every closed logger
@@ -486,7 +492,7 @@ def test_training_while_an_evaluation_writes_logs_offline(wandb_env, monkeypatch
         evaluation.release()
     assert "an evaluation job is writing" in caplog.text
     (offline,) = offline_runs(run_dir)
-    assert offline.name.endswith((run_dir / ID_FILE).read_text().strip())
+    assert holds(offline, (run_dir / ID_FILE).read_text().strip())
 
 
 def test_online_failure_falls_back_to_offline(wandb_env, monkeypatch, tmp_path, caplog):
@@ -511,7 +517,7 @@ def test_online_failure_falls_back_to_offline(wandb_env, monkeypatch, tmp_path, 
     assert summary["step"] == 4 and modes == ["online", "offline"]
     assert "logging offline" in caplog.text
     (offline,) = offline_runs(tmp_path / "run")
-    assert offline.name.endswith((tmp_path / "run" / ID_FILE).read_text().strip())
+    assert holds(offline, (tmp_path / "run" / ID_FILE).read_text().strip())
 
 
 # ---------------------------------------------------------------------------------------------------
