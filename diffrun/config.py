@@ -150,10 +150,10 @@ class WandbConfig:
     mode: Optional[WandbMode] = None  # None: $WANDB_MODE if set, else online if WANDB_API_KEY is set, else disabled
     project: str = "diffrun"
     entity: Optional[str] = None
-    group: Optional[str] = None       # default: `experiment`, or `sweep_name` in a multirun, else no group
+    group: Optional[str] = None       # W&B group is `<this>/<strategy>`; default `experiment`, or `sweep_name` in a multirun
     tags: list = field(default_factory=list)  # added to the automatic strategy/dataset/seed/schedule/model tags
     plots_every: int = 5              # per-bin line plots and the variance heatmap every N flushes (and the last)
-    init_timeout: float = 60.0        # seconds wandb.init may wait for the server before falling back to offline
+    init_timeout: float = 10.0        # seconds wandb.init may wait for the server before logging offline (docs/wandb.md)
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Per-log-SNR statistics, `logsnr_stats.npz`, W&B (offline, read back with wandb's own reader) and plots.
+"""Per-log-SNR statistics, `logsnr_stats.npz`, W&B of a resumed run (offline, read back with wandb's own
+reader) and plots. The other W&B tests are in test_wandb.py.
 
 No test touches the network: W&B runs offline with no API key and its base URL pointed at a local
 socket that counts connections (asserted to stay at zero).
@@ -24,7 +25,7 @@ from diffrun.monitoring.metrics import read_jsonl
 from diffrun.monitoring.plots import DPI, main as plot_main
 from diffrun.files import atomic_write
 from diffrun.monitoring.stats_writer import FILENAME, PER_BIN, load_stats
-from diffrun.monitoring.wandb_logger import ID_FILE, WandbLogger, resolve_mode
+from diffrun.monitoring.wandb_logger import ID_FILE
 
 from conftest import compose_config
 
@@ -186,7 +187,7 @@ def test_wandb_offline_run_reads_back(resumed_run):
 
     records = _read_wandb(next(offline[0].glob("run-*.wandb")))
     run = next(r["run"] for r in records if r["type"] == "run")
-    assert run["run_id"] == wandb_id and run["job_type"] == "uniform"
+    assert run["run_id"] == wandb_id and run["job_type"] == "train"
     assert {"strategy:uniform", "dataset:digits", "seed:0", "schedule:cosine", "model:unet_tiny"} <= set(run["tags"])
     config = run["config"]["update"]
     assert config["train"]["steps"] == 10 and config["stats"]["bins"] == BINS
@@ -215,89 +216,6 @@ def test_wandb_offline_run_reads_back(resumed_run):
     assert sorted(r["history"]["step"]["num"] for r in resumed if r["type"] == "history") == [15, 20]
     assert resumed_run.server.count == 0                          # never contacted the (local stand-in) server
     assert os.environ.get("WANDB_DATA_DIR") is None or "job" not in os.environ["WANDB_DATA_DIR"]
-
-
-def test_wandb_online_failure_falls_back_to_offline(make_cfg, tmp_path, offline_env, monkeypatch, caplog):
-    import wandb
-
-    real_init, modes = wandb.init, []
-
-    def init(*args, mode=None, **kwargs):
-        modes.append(mode)
-        if mode == "online":
-            raise wandb.errors.CommError("simulated W&B outage")
-        return real_init(*args, mode=mode, **kwargs)
-
-    monkeypatch.setattr(wandb, "init", init)
-    cfg = make_cfg(["train.steps=4", "train.log_every=2", "sample.num_images=0", "wandb.mode=online", *STATS])
-    summary = train(cfg, tmp_path / "run")
-    assert summary["step"] == 4 and modes == ["online", "offline"]
-    assert "logging offline" in caplog.text
-    assert list((tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb"))
-    assert offline_env.count == 0
-
-
-def logger_with(run, run_dir, total_steps, plots_every):
-    logger = WandbLogger()
-    logger.run, logger.run_dir, logger.total_steps, logger.plots_every = run, Path(run_dir), total_steps, plots_every
-    return logger
-
-
-def test_wandb_log_failure_does_not_stop_training(caplog):
-    class BrokenRun:
-        def log(self, *args, **kwargs):
-            raise ConnectionError("simulated")
-
-        def finish(self):
-            pass
-
-    stats = LogSNRStats(4, -1, 1)
-    stats.update(torch.zeros(3), torch.ones(3), torch.ones(3))
-    trainer = SimpleNamespace(stats=stats, step=2, cfg=SimpleNamespace(name="x"))
-    logger = logger_with(BrokenRun(), Path("/nonexistent"), total_steps=10, plots_every=1)
-    logger.on_flush(trainer, {"step": 2, "loss": 1.0}, stats.flush())
-    assert logger.run is None and "no more W&B logging" in caplog.text
-    logger.on_flush(trainer, {"step": 4, "loss": 1.0}, stats.flush())   # silently nothing
-    logger.close()
-
-
-def test_wandb_eval_metrics_reach_the_run(tmp_path):
-    """FID/KID: from the flush record and from the `on_eval` events other callbacks emit (no status.json reading)."""
-    class RecordingRun:
-        step, summary, logged, finished = 0, {}, [], False
-
-        def log(self, data, step):
-            self.logged.append((step, data))
-
-        def finish(self):
-            self.finished = True
-
-    run = RecordingRun()
-    (tmp_path / "status.json").write_text(json.dumps({"state": "finished", "step": 8, "fid": 99.0}))
-    logger = logger_with(run, tmp_path, total_steps=8, plots_every=100)
-    stats = LogSNRStats(4, -1, 1)
-    trainer = SimpleNamespace(stats=stats, step=4, cfg=SimpleNamespace(name="x"))
-    logger.on_flush(trainer, {"step": 4, "loss": 1.0, "fid": 30.0, "time": 1.0}, stats.flush())
-    logger.on_eval(trainer, {"step": 6, "kid_mean": 0.02, "fid_sampler": "ddim-10"})
-    logger.on_eval(trainer, {"step": 8, "fid": 12.5})
-    logger.close()
-    assert run.logged[0][1]["eval/fid"] == 30.0 and run.logged[0][1]["train/loss"] == 1.0
-    assert "train/time" not in run.logged[0][1]
-    assert run.logged[1] == (6, {"eval/kid_mean": 0.02})
-    assert run.logged[2] == (8, {"eval/fid": 12.5})
-    assert len(run.logged) == 3 and run.finished        # status.json is never read
-
-
-def test_wandb_mode_default(monkeypatch):
-    monkeypatch.delenv("WANDB_MODE", raising=False)
-    monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    assert resolve_mode(None) == "disabled"
-    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
-    assert resolve_mode(None) == "online"
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    assert resolve_mode(None) == "offline" and resolve_mode("disabled") == "disabled"
-    trainer = SimpleNamespace(rank=0, run_dir=Path("/nonexistent"))
-    assert WandbLogger.create(compose_config(["wandb.mode=disabled"]), trainer) == (None, {})
 
 
 # ---------------------------------------------------------------------------------------------------
