@@ -59,7 +59,9 @@ class OnUnavailable(str, Enum):
 
 @dataclass
 class TrainConfig:
-    steps: int = 1500                 # optimizer steps
+    steps: int = 1500                 # optimizer steps (with `kimg`: ${diffrun.kimg_to_steps:${train.kimg},${train.batch_size}})
+    kimg: Optional[float] = None      # budget in thousands of training images (EDM's unit); set, it decides the length:
+                                      # steps = ⌈kimg·1000 / batch_size⌉, and a train.steps that disagrees is refused
     batch_size: int = 64              # global batch (split across ranks under DDP)
     log_every: int = 50               # host reads metrics / NaN counters only every N steps
     grad_clip: float = 1.0            # max global grad-norm; 0 disables
@@ -72,8 +74,30 @@ class TrainConfig:
 
 @dataclass
 class EMAConfig:
-    decay: float = 0.999              # EMA decay per step
-    warmup: bool = True               # decay_n = min(decay, (1+n)/(10+n)) (Tarvainen & Valpola 2017 style)
+    """Either a decay per step (`decay`, DDPM's 0.9999) or a half-life in images (`halflife_kimg`, EDM's 500 kimg)."""
+    decay: Optional[float] = 0.999    # EMA decay per step; null with halflife_kimg
+    warmup: bool = True               # decay_n = min(decay, (1+n)/(10+n)) (Tarvainen & Valpola 2017 style); per-step decay only
+    halflife_kimg: Optional[float] = None  # EDM: β = 0.5^(batch / half-life), the half-life in thousands of images
+    rampup_ratio: Optional[float] = None   # EDM: half-life ≤ ratio × images seen (0.05); null: no ramp-up
+
+
+@dataclass
+class AugmentConfig:
+    """EDM's non-leaking augmentation (diffrun/data/augment.py; NVlabs/edm train.py's CIFAR-10 values). Each
+    transform is applied with probability p × its multiplier and its parameters are given to the network
+    (`model.net.augment_dim` = 9 with every transform on)."""
+    p: float = 0.0                    # overall probability (EDM CIFAR-10: 0.12); 0: no augmentation
+    xflip: float = 1e8                # probability multipliers (EDM train.py: xflip 1e8, i.e. a flip in 50 % of images)
+    yflip: float = 1.0
+    scale: float = 1.0
+    rotate_frac: float = 1.0
+    aniso: float = 1.0
+    translate_frac: float = 1.0
+    scale_std: float = 0.2            # log2 std of isotropic scaling
+    rotate_frac_max: float = 1.0      # rotation range, 1 = full circle
+    aniso_std: float = 0.2            # log2 std of anisotropic scaling
+    aniso_rotate_prob: float = 0.5    # probability of scaling along a rotated frame
+    translate_frac_std: float = 0.125  # std of translation, relative to the image size
 
 
 @dataclass
@@ -183,6 +207,7 @@ class RunConfig:
     experiment: Optional[str] = None  # name of the conf/experiment preset, if any
     train: TrainConfig = field(default_factory=TrainConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -215,8 +240,19 @@ def run_name(base: str, *, _root_: DictConfig) -> str:
     return base + name_suffix(_root_)
 
 
+def kimg_to_steps(kimg: float | None, batch_size: int) -> int:
+    """Optimizer steps of a budget of `kimg` thousand images at a global batch of `batch_size`: ⌈kimg·1000 / batch⌉
+    (EDM's loop stops at the first step that reaches the budget). The resolver of `train.steps` in presets that
+    count in images."""
+    if kimg is None:
+        raise ConfigError("train.kimg=null, but train.steps follows it here (${diffrun.kimg_to_steps:...}); to count "
+                          "in steps give both train.kimg=null and train.steps=<N>")
+    return -(-round(float(kimg) * 1000) // int(batch_size))
+
+
 def register_configs() -> None:
     ConfigStore.instance().store(name="run_schema", node=RunConfig)
+    OmegaConf.register_new_resolver("diffrun.kimg_to_steps", kimg_to_steps, replace=True)
     OmegaConf.register_new_resolver("diffrun.hydra_output_subdir", hydra_output_subdir, replace=True)
     OmegaConf.register_new_resolver("diffrun.run_name", run_name, replace=True)
 

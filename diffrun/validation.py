@@ -45,7 +45,8 @@ HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
 GROUP_KEYS = {
     "dataset": (("image_size", "channels", "loader"), ("name",)),
     "model": (("net", "prediction"), ("name", "sigma_data")),
-    "optimizer": (("optim",), ("name", "warmup_steps", "decay", "min_lr_ratio", "no_decay_norms_biases_embeddings")),
+    "optimizer": (("optim",), ("name", "warmup_steps", "warmup_kimg", "decay", "min_lr_ratio",
+                               "no_decay_norms_biases_embeddings")),
 }
 DEVICE_FORMS = "auto, cpu, cuda, cuda:N, mps"
 BACKENDS = ("auto", "gloo", "nccl", "mpi")
@@ -88,11 +89,22 @@ SEED = Interval(0, 2**63 - 1, note="each run's seed is part of its identity: the
 RANGES: dict[str, Interval] = {
     "seed": SEED,
     "train.steps": POSITIVE,
+    "train.kimg": Interval(0, low_open=True, note="or null: the budget is train.steps"),
     "train.batch_size": POSITIVE,
     "train.log_every": POSITIVE,
     "train.grad_clip": Interval(0, note="0 disables clipping"),
     "train.max_skipped_fraction": FRACTION,
-    "ema.decay": Interval(0, 1, high_open=True),
+    "ema.decay": Interval(0, 1, high_open=True, note="or null with ema.halflife_kimg"),
+    "ema.halflife_kimg": Interval(0, low_open=True, note="or null: a decay per step (ema.decay)"),
+    "ema.rampup_ratio": Interval(0, low_open=True, note="or null: no ramp-up of the half-life"),
+    "augment.p": Interval(0, 1, note="0: no augmentation; EDM CIFAR-10: 0.12"),
+    **{f"augment.{name}": Interval(0, note="probability multiplier; 0: transform off")
+       for name in ("xflip", "yflip", "scale", "rotate_frac", "aniso", "translate_frac")},
+    "augment.scale_std": NON_NEGATIVE,
+    "augment.rotate_frac_max": NON_NEGATIVE,
+    "augment.aniso_std": NON_NEGATIVE,
+    "augment.aniso_rotate_prob": FRACTION,
+    "augment.translate_frac_std": NON_NEGATIVE,
     "sample.steps": POSITIVE,
     "sample.eta": Interval(0, 1, note="0: deterministic DDIM, 1: the DDPM posterior variance"),
     "sample.num_images": Interval(0, note="0: no sample grid"),
@@ -324,6 +336,8 @@ def check_values(cfg: DictConfig) -> None:
     if cfg.dist.devices > 1 and cfg.train.batch_size % cfg.dist.devices:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} is the global batch and must be divisible by "
                           f"dist.devices={cfg.dist.devices} (each rank draws batch_size / dist.devices)")
+    check_budget(cfg)
+    check_ema_values(cfg)
 
     # --- what diffrun reads from the groups itself ------------------------------------------------
     check_number("dataset.image_size", cfg.dataset.get("image_size"), POSITIVE, integer=True)
@@ -332,9 +346,60 @@ def check_values(cfg: DictConfig) -> None:
     check_number("model.sigma_data", cfg.model.get("sigma_data", 0.5), POSITIVE)
     check_dataset_values(cfg)
     check_optimizer_values(cfg)
+    check_augment_values(cfg)
     for group in GROUPS:
         for key in _nan_keys(resolved(cfg[group]), group):
             raise ConfigError(f"{key}=nan is not a number: allowed a finite value")
+
+
+def check_budget(cfg: DictConfig) -> None:
+    """One budget: with train.kimg set, train.steps must be the steps it gives (presets write
+    `steps: ${diffrun.kimg_to_steps:${train.kimg},${train.batch_size}}`)."""
+    from diffrun.config import kimg_to_steps
+
+    kimg = cfg.train.kimg
+    steps = None if kimg is None else kimg_to_steps(kimg, cfg.train.batch_size)
+    if steps is not None and cfg.train.steps != steps:
+        raise ConfigError(f"train.steps={cfg.train.steps} disagrees with train.kimg={kimg} (at train.batch_size="
+                          f"{cfg.train.batch_size} that is ⌈kimg·1000 / batch⌉ = {steps} steps): give one budget, "
+                          f"train.kimg=null with train.steps=<N>, or train.kimg=<K> with train.steps following it "
+                          f"(as the presets that count in images do; elsewhere add "
+                          f"train.steps='${{diffrun.kimg_to_steps:${{train.kimg}},${{train.batch_size}}}}')")
+
+
+def check_ema_values(cfg: DictConfig) -> None:
+    """A decay per step or a half-life in images, not both; each with its own ramp-up."""
+    ema = cfg.ema
+    if (ema.decay is None) == (ema.halflife_kimg is None):
+        raise ConfigError(f"ema.decay={ema.decay} and ema.halflife_kimg={ema.halflife_kimg}: give exactly one, a decay "
+                          f"per step (DDPM: 0.9999) or a half-life in thousands of images (EDM: 500) with ema.decay=null")
+    if ema.halflife_kimg is not None and ema.warmup:
+        raise ConfigError(f"ema.warmup=true is the ramp of the per-step decay; with ema.halflife_kimg={ema.halflife_kimg} "
+                          f"set ema.warmup=false and ramp the half-life with ema.rampup_ratio (EDM: 0.05)")
+    if ema.rampup_ratio is not None and ema.halflife_kimg is None:
+        raise ConfigError(f"ema.rampup_ratio={ema.rampup_ratio} ramps a half-life; it needs ema.halflife_kimg "
+                          f"(or ema.rampup_ratio=null with ema.decay)")
+
+
+def check_augment_values(cfg: DictConfig) -> None:
+    """With augmentation on, the network must take its labels, exactly as many as the enabled transforms give."""
+    from diffrun.data.augment import AugmentPipe
+
+    if cfg.augment.p == 0:
+        if (cfg.model.net.get("augment_dim") or 0) > 0:
+            raise ConfigError(f"model.net.augment_dim={cfg.model.net.augment_dim} but augment.p=0: the network would "
+                              f"never be given augmentation labels; set augment.p>0 (EDM: 0.12) or "
+                              f"model.net.augment_dim=0")
+        return
+    pipe = AugmentPipe(**resolved(cfg.augment))
+    if "augment_dim" not in cfg.model.net:
+        raise ConfigError(f"augment.p={cfg.augment.p} needs a network that takes augmentation labels "
+                          f"(model.net.augment_dim, EDM's SongUNet: model=edm_ddpmpp_cifar10); model={cfg.model.get('name')} "
+                          f"has none; set augment.p=0")
+    if cfg.model.net.augment_dim != pipe.label_dim:
+        raise ConfigError(f"model.net.augment_dim={cfg.model.net.augment_dim} but the enabled augmentations "
+                          f"({', '.join(pipe.enabled)}) give {pipe.label_dim} labels: set "
+                          f"model.net.augment_dim={pipe.label_dim}")
 
 
 def _predictions() -> tuple[str, ...]:
@@ -399,6 +464,12 @@ def check_optimizer_values(cfg: DictConfig) -> None:
             f"the learning rate would never reach its peak; use warmup_steps < train.steps"
         )
     check_number("optimizer.min_lr_ratio", cfg.optimizer.get("min_lr_ratio"), FRACTION)
+    warmup_kimg = cfg.optimizer.get("warmup_kimg")
+    check_number("optimizer.warmup_kimg", warmup_kimg,
+                 Interval(0, note="learning-rate ramp in thousands of images (EDM: 10000); 0: none"))
+    if (warmup_kimg or 0) > 0 and (warmup or 0) > 0:
+        raise ConfigError(f"optimizer.warmup_steps={warmup} and optimizer.warmup_kimg={warmup_kimg}: give one warm-up, "
+                          f"in steps or in images (set the other to 0)")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -481,7 +552,7 @@ def check_groups(cfg: DictConfig) -> None:
         optim = _spec(cfg, "optimizer.optim")
         try:
             optimizer = build_optimizer(cfg.optimizer, [torch.nn.Parameter(torch.zeros(1))], torch.device("cpu"))
-            build_lr_schedule(cfg.optimizer, optimizer, cfg.train.steps)
+            build_lr_schedule(cfg.optimizer, optimizer, cfg.train.steps, cfg.train.batch_size)
         except DiffrunError:
             raise
         except Exception as exc:

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PANELS = {
     "x0-space SNR family (t ~ U)": ["uniform", "snr", "truncated_snr", "snr_plus_one", "min_snr", "soft_min_snr"],
     "ε-space weights (t ~ U)": ["uniform", "p2", "p2_gamma05", "debiased", "sigmoid", "sigmoid_density"],
-    "noise-level densities": ["uniform", "edm", "lognormal", "logit_normal", "speed"],
+    "noise-level densities": ["uniform", "edm", "edm_narrow", "lognormal", "logit_normal", "speed", "speed_p2"],
     "adaptive (initial state)": ["uniform", "importance", "adaptive_histogram", "adaptive_timestep",
                                  "variance_aware_gaussian", "variance_aware_cauchy", "variance_aware_zscore",
                                  "variance_aware_binned"],
@@ -42,7 +42,8 @@ NOTES = {
     "adaptive_timestep": "adaptive_timestep (initial Beta)",
     "variance_aware_zscore": "variance_aware_zscore (factor drawn as 1 = edm)",
     "variance_aware_binned": "variance_aware_binned (= edm in warm-up)",
-    "speed": "speed (T = 1000 steps, τ = 959 on cosine)",
+    "speed": "speed (T = 1000 steps, τ = 700, M = 959 on cosine)",
+    "speed_p2": "speed_p2 (tanh levels, P2 weight)",
 }
 STYLES = [(0, ()), (0, (6, 2)), (0, (2, 1.5)), (0, (8, 2, 2, 2)), (0, (3, 3)), (0, (1, 1)), (0, (10, 3)),
           (0, (4, 1, 1, 1))]

@@ -122,7 +122,7 @@ def test_installed_wheel_carries_the_configs(tmp_path):
                           "print(diffrun.__file__); import diffrun.cli; diffrun.cli.main()"],
                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.startswith(str(tmp_path / "site")) and "suppression: 5.0" in out.stdout
+    assert out.stdout.startswith(str(tmp_path / "site")) and "tau: 700" in out.stdout
 
 
 def test_conf_dir_falls_back_to_the_checkout(tmp_path, monkeypatch):
@@ -164,7 +164,7 @@ def test_hydra_writes_its_folder_from_rank_zero_only(monkeypatch):
 @pytest.mark.parametrize("override, match", [
     ("weighting.dual_sampling=maybe", r"weighting\.dual_sampling='maybe': expected bool \(true or false\)"),
     ("weighting.num_timesteps=10.5", r"weighting\.num_timesteps=10\.5: expected int"),
-    ("weighting.p2_gamma=abc", r"weighting\.p2_gamma='abc': expected float"),
+    ("weighting.lam=abc", r"weighting\.lam='abc': expected float"),
 ])
 def test_strategy_arguments_are_type_checked(override, match):
     """Group configs are free-form for the schema: the constructor's own annotations are checked before

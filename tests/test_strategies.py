@@ -31,7 +31,9 @@ SCHEDULES = {
     "quad": QuadSchedule,
 }
 # CPU-sized overrides so that every config can run its per-step path quickly
-SMALL = {"importance": {"num_timesteps": 100}, "speed": {"num_timesteps": 100}, "adaptive_timestep": {"num_timesteps": 50, "in_channels": 1}}
+SMALL = {"importance": {"num_timesteps": 100}, "speed": {"num_timesteps": 100, "tau": 70}, "speed_p2": {"num_timesteps": 100},
+         "adaptive_timestep": {"num_timesteps": 50, "in_channels": 1},
+         "adaptive_timestep_fixed_large": {"num_timesteps": 50, "in_channels": 1}}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -147,7 +149,7 @@ LIMITS = {  # name: {space: (limit at λ = −∞, limit at λ = +∞)}
     "snr_plus_one": {"x0": (1, INF), "eps": (INF, 1), "v": (1, 1), "edm": (0.25, 1)},
     "soft_min_snr": {"x0": (0, 4), "eps": (1, 0), "v": (0, 0), "edm": (0, 0)},
     "p2": {"x0": (0, 1), "eps": (1, 0), "v": (0, 0), "edm": (0, 0)},
-    "speed": {"x0": (0, 1), "eps": (1, 0), "v": (0, 0), "edm": (0, 0)},              # P2 with k = 1, γ = 1
+    "speed_p2": {"x0": (0, 1), "eps": (1, 0), "v": (0, 0), "edm": (0, 0)},           # P2 with k = 1, γ = 1
     "debiased": {"x0": (0, INF), "eps": (INF, 0), "v": (0, 0), "edm": (0, 0)},
     "edm": {"x0": (4, INF), "eps": (INF, 1), "v": (4, 1), "edm": (1, 1)},
     "sigmoid": {"x0": (0, math.exp(2)), "eps": (1, 0), "v": (0, 0), "edm": (0, 0)},   # b = 2: x0-space → e^b
@@ -186,12 +188,13 @@ def test_uniform_t_density_is_one_over_dlambda_dt(schedule):
 
 
 @pytest.mark.parametrize("path", [CONF / "uniform.yaml", CONF / "lognormal.yaml", CONF / "logit_normal.yaml",
-                                  CONF / "speed.yaml"],
+                                  CONF / "speed.yaml", CONF / "speed_p2.yaml"],
                          ids=lambda p: p.stem)
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
 def test_log_density_is_a_density_and_matches_draws(path, schedule):
     # speed draws T discrete λ; its density is the continuous-t approximation, close at the config's T only
-    s = bound(load(path, **({"num_timesteps": 1000} if path.stem == "speed" else {})), "eps", SCHEDULES[schedule]())
+    grid_t = {"num_timesteps": 1000, "tau": 700} if path.stem == "speed" else {"num_timesteps": 1000}
+    s = bound(load(path, **(grid_t if path.stem.startswith("speed") else {})), "eps", SCHEDULES[schedule]())
     grid = torch.linspace(-40, 40, 40001, dtype=torch.float64)
     p = s.log_density(grid).exp()
     mass = torch.trapezoid(p, grid).item()
@@ -516,39 +519,85 @@ def test_adaptive_timestep_kl_matches_the_ddpm_posterior():
 
 
 # ------------------------------------------------------------------------------------------------
-# SpeeD (Wang et al. 2024): τ, the two-level density, dual draws
+# SpeeD (Wang et al. 2024): the official default (speed) and the README variant (speed_p2)
 # ------------------------------------------------------------------------------------------------
-def test_speed_threshold_matches_the_official_rule_on_ddpm_betas():
-    """τ = argmax(np.gradient(√(1 − ᾱ)) < 1e-4) + 1 on DDPM's linear betas (NUS-HPC-AI-Lab/SpeeD), from
+def ddpm_linear_alpha_bar() -> np.ndarray:
+    return np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))
+
+
+def test_speed_pivot_matches_the_official_rule_on_ddpm_betas():
+    """M = argmax(np.gradient(√(1 − ᾱ)) < 1e-4) + 1 on DDPM's linear betas (NUS-HPC-AI-Lab/SpeeD), from
     the betas directly, against ours from the λ-table of the linear schedule."""
-    alpha_bar = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))
-    want = int(np.argmax(np.gradient(np.sqrt(1 - alpha_bar)) < 1e-4)) + 1
-    s = bound(load(CONF / "speed.yaml", num_timesteps=1000), "eps", LinearSchedule())
-    assert s.tau == want == 642
+    want = int(np.argmax(np.gradient(np.sqrt(1 - ddpm_linear_alpha_bar())) < 1e-4)) + 1
+    for config in ("speed", "speed_p2"):
+        s = bound(load(CONF / f"{config}.yaml", num_timesteps=1000, **({"tau": 700} if config == "speed" else {})),
+                  "eps", LinearSchedule())
+        assert s.pivot == want == 642
 
 
-def test_speed_density_has_two_levels_k_apart():
-    s = bound(S.SpeeD(num_timesteps=1000, suppression=5.0, dual_sampling=False), "eps", LinearSchedule())
-    T, tau, k = 1000, s.tau, 5.0
+def test_speed_levels_are_k_before_tau_and_1_after():
+    """Speed_IDDPM: p = normalize([k]·τ + [1]·(T − τ)), τ = 700."""
+    for k in (1.0, 2.0, 5.0):
+        s = bound(load(CONF / "speed.yaml", num_timesteps=1000, tau=700, k=k), "eps", LinearSchedule())
+        want = torch.tensor([k] * 700 + [1.0] * 300, dtype=torch.float64)
+        torch.testing.assert_close(s.probs.double(), want / want.sum(), rtol=1e-6, atol=0)
+
+
+def test_speed_change_aware_weight_closed_form():
+    """w_t = 0.4 + 0.2·(g_t − g_min)/(g_max − g_min) for t < 700, 1 after, g = np.gradient(1 − ᾱ) on DDPM's linear
+    betas (Speed_IDDPM._weights("ours"), lam = 0.6), computed here from the betas; ours through `weight_in` at
+    the grid's λ (so also through the λ → step lookup)."""
+    g = np.gradient(1 - ddpm_linear_alpha_bar())
+    want = np.where(np.arange(1000) < 700, 0.4 + 0.2 * (g - g.min()) / (g.max() - g.min()), 1.0)
+    s = bound(load(CONF / "speed.yaml", num_timesteps=1000, tau=700), "eps", LinearSchedule())
+    got = s.weight_in("eps", s.logsnr_table).double().numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=0)
+    assert 0.4 <= got[:700].min() and got[:700].max() == pytest.approx(0.6) and (got[700:] == 1).all()
+    # in the target's own space the same per-step table: drawn λ land on their own step
+    draw = s.sample(torch.zeros(64, 1, 1, 1))
+    torch.testing.assert_close(s.loss_weights(draw, torch.ones(64)).double(), torch.from_numpy(want)[draw.index],
+                               rtol=1e-6, atol=0)
+    flat = bound(load(CONF / "speed.yaml", num_timesteps=1000, tau=700, change_aware_weight=False), "eps",
+                 LinearSchedule())
+    assert torch.all(flat.weight_in("eps", flat.logsnr_table) == 1)
+
+
+def test_speed_rejects_bad_values():
+    for bad, key in (({"k": 0.5}, "k"), ({"tau": 0}, "tau"), ({"tau": 700.5}, "tau"), ({"lam": 1.5}, "lam"),
+                     ({"epsilon": 0.0}, "epsilon"), ({"num_timesteps": 1}, "num_timesteps")):
+        with pytest.raises(ConfigError, match=rf"weighting\.{key}"):
+            S.SpeeD(**bad)
+    with pytest.raises(ConfigError, match=r"weighting\.tau=700 exceeds the grid's T=100"):
+        bound(S.SpeeD(num_timesteps=100), "eps", LinearSchedule())
+
+
+def test_speed_p2_levels_follow_the_official_tanh():
+    """P ∝ tanh(10⁶(dσ_t/dt − 10⁻⁴)) + 1.5 (Speed_Mask_IDDPM / README), from DDPM's betas; two levels 5 apart
+    away from the step, which falls at M − 1."""
+    increment = np.gradient(np.sqrt(1 - ddpm_linear_alpha_bar()))
+    want = np.tanh(1e6 * (increment - 1e-4)) + 1.5
+    s = bound(S.SpeeDP2(num_timesteps=1000, dual_sampling=False), "eps", LinearSchedule())
+    np.testing.assert_allclose(s.probs.double().numpy(), want / want.sum(), rtol=1e-5, atol=0)
     p = s.probs.double()
-    torch.testing.assert_close(p[:tau], torch.full((tau,), k / (T + tau * (k - 1)), dtype=torch.float64))
-    torch.testing.assert_close(p[tau:], torch.full((T - tau,), 1 / (T + tau * (k - 1)), dtype=torch.float64))
-    assert abs(p.sum().item() - 1) < 1e-6
-    flat = bound(S.SpeeD(num_timesteps=1000, suppression=1.0, dual_sampling=False), "eps", LinearSchedule())
+    assert p[0] / p[-1] == pytest.approx(5.0) and p[s.pivot - 2] > p[s.pivot - 1] > p[s.pivot]
+    flat = bound(S.SpeeDP2(num_timesteps=1000, suppression=1.0, dual_sampling=False), "eps", LinearSchedule())
     torch.testing.assert_close(flat.probs, torch.full((1000,), 1e-3))          # k = 1: uniform
 
 
 def test_speed_duals_by_hand():
-    s = bound(S.SpeeD(num_timesteps=1000), "eps", LinearSchedule())            # τ = 642
-    got = s.dual(torch.tensor([0, 5, 641, 642, 700, 999]))
-    assert got.tolist() == [642, 637, 1, 0, 58, 357]
+    for s in (bound(S.SpeeDP2(num_timesteps=1000), "eps", LinearSchedule()),
+              bound(S.SpeeD(num_timesteps=1000), "eps", LinearSchedule())):             # M = 642
+        got = s.dual(torch.tensor([0, 5, 641, 642, 700, 999]))
+        assert got.tolist() == [642, 637, 1, 0, 58, 357]
 
 
-def test_speed_draws_follow_the_batch_marginal():
+@pytest.mark.parametrize("make", [lambda: S.SpeeDP2(num_timesteps=50), lambda: S.SpeeD(num_timesteps=50, tau=35)],
+                         ids=["speed_p2", "speed"])
+def test_speed_draws_follow_the_batch_marginal(make):
     """Half the batch from P, the rest their duals: timestep frequencies over many batches match
     `marginal(batch)` (total-variation distance of a 64k-draw histogram)."""
     torch.manual_seed(0)
-    s = bound(S.SpeeD(num_timesteps=50), "eps", LinearSchedule())
+    s = bound(make(), "eps", LinearSchedule())
     batch = 64
     counts = torch.zeros(50, dtype=torch.float64)
     for _ in range(1000):
@@ -557,23 +606,23 @@ def test_speed_draws_follow_the_batch_marginal():
         assert torch.equal(d.logsnr, s.logsnr_table[d.index]) and torch.all(d.proposal_weight == 1)
     tv = 0.5 * (counts / counts.sum() - s.marginal(batch)).abs().sum().item()
     assert tv < 0.02, tv
-    assert 0 < s.tau < 50 and (s.marginal(batch)[: s.tau].mean() > s.marginal(batch)[s.tau:].mean())
+    assert 0 < s.pivot < 50 and (s.marginal(batch)[: s.pivot].mean() > s.marginal(batch)[s.pivot:].mean())
 
 
-def test_speed_weight_is_p2_and_rejects_bad_values():
-    s = bound(load(CONF / "speed.yaml"), "eps", LinearSchedule())
+def test_speed_p2_weight_is_p2_and_rejects_bad_values():
+    s = bound(load(CONF / "speed_p2.yaml"), "eps", LinearSchedule())
     x = lam(*L)
     torch.testing.assert_close(s.weight_in("eps", x), 1 / (1 + x.exp()), rtol=1e-5, atol=0)
     for bad in ({"suppression": 0.5}, {"epsilon": 0.0}, {"num_timesteps": 1}, {"p2_k": 0.0}):
         with pytest.raises(Exception, match="weighting\\."):
-            S.SpeeD(**bad)
+            S.SpeeDP2(**bad)
 
 
 # ------------------------------------------------------------------------------------------------
 # discrete time: schedule.timesteps = T
 # ------------------------------------------------------------------------------------------------
 # draw λ from a continuous density (the variance-aware configs sample as EDM does)
-CONTINUOUS_ONLY = {"lognormal", "edm", "logit_normal", "adaptive_histogram", "variance_aware", "variance_aware_binned",
+CONTINUOUS_ONLY = {"lognormal", "edm", "edm_narrow", "logit_normal", "adaptive_histogram", "variance_aware", "variance_aware_binned",
                    "variance_aware_cauchy", "variance_aware_gaussian", "variance_aware_zscore"}
 
 
@@ -597,6 +646,8 @@ def test_uniform_on_a_discrete_schedule_draws_the_ddpm_table():
 def test_config_on_a_discrete_schedule(path):
     sched = QuadSchedule(timesteps=50)
     fixed_t = {"num_timesteps": None} if "num_timesteps" in SMALL.get(path.stem, {}) else {}
+    if path.stem == "speed":
+        fixed_t["tau"] = 35                                                     # τ must lie on the 50-step grid
     strategy = load(path, **fixed_t)
     if path.stem in CONTINUOUS_ONLY:
         with pytest.raises(ConfigError, match=rf"weighting={path.stem} draws λ from a continuous density; "
@@ -613,9 +664,10 @@ def test_config_on_a_discrete_schedule(path):
 
 @pytest.mark.parametrize("make", [
     lambda **kw: S.ImportanceSampling(**kw),
-    lambda **kw: S.SpeeD(**kw),
+    lambda **kw: S.SpeeD(tau=40, **kw),
+    lambda **kw: S.SpeeDP2(**kw),
     lambda **kw: S.AdaptiveTimestep(in_channels=1, probe_timesteps=10, **kw),
-], ids=["importance", "speed", "adaptive_timestep"])
+], ids=["importance", "speed", "speed_p2", "adaptive_timestep"])
 def test_grid_strategies_take_T_from_the_schedule(make):
     s = bound(make(), "eps", QuadSchedule(timesteps=200))
     assert s.num_timesteps == 200

@@ -4,7 +4,7 @@ from diffrun.strategies.adaptive_timestep import AdaptiveTimestep, BetaPolicy
 from diffrun.strategies.base import NoiseDraw, Strategy, uniform_t_log_density
 from diffrun.strategies.densities import EDM, LogitNormal, LogNormal
 from diffrun.strategies.importance import ImportanceSampling
-from diffrun.strategies.speed import SpeeD
+from diffrun.strategies.speed import SpeeD, SpeeDP2
 from diffrun.strategies.variance_aware import BinnedVariance, VarianceAware
 from diffrun.strategies.weights import (
     P2,
@@ -39,6 +39,7 @@ __all__ = [
     # adaptive
     "ImportanceSampling",
     "SpeeD",
+    "SpeeDP2",
     "AdaptiveHistogram",
     "VarianceAware",
     "BinnedVariance",

@@ -1,4 +1,14 @@
-"""Exponential moving average of the weights, updated with one fused `_foreach` call per step."""
+"""Exponential moving average of the weights, updated with one fused `_foreach` call per step.
+
+Two ways to say how fast it forgets, as the papers do:
+
+    per step (DDPM, Ho et al. 2020):   β_n = min(decay, (1 + n)/(10 + n))     (the ramp with `warmup`)
+    half-life in images (EDM):          β_n = 0.5^(B / max(h_n, 1e-8)),   h_n = min(H, r · n · B)
+
+n the updates so far (the images seen before this step are n · B), B the global batch, H = halflife_kimg · 1000
+and r = rampup_ratio (Karras et al. 2022, arXiv:2206.00364; NVlabs/edm `training/training_loop.py`, where the first
+update, with no images seen, copies the weights). The EMA is then ema ← β·ema + (1 − β)·θ.
+"""
 from __future__ import annotations
 
 import copy
@@ -6,17 +16,34 @@ import copy
 import torch
 from torch import nn
 
+from diffrun.errors import ConfigError
+
 
 class EMA:
-    def __init__(self, model: nn.Module, decay: float = 0.999, warmup: bool = True):
+    def __init__(self, model: nn.Module, decay: float | None = 0.999, warmup: bool = True,
+                 halflife_kimg: float | None = None, rampup_ratio: float | None = None, batch_size: int | None = None):
+        if (decay is None) == (halflife_kimg is None):
+            raise ConfigError(f"ema.decay={decay} and ema.halflife_kimg={halflife_kimg}: give exactly one "
+                              f"(a decay per step, or a half-life in thousands of images with ema.decay=null)")
+        if halflife_kimg is not None and (batch_size is None or batch_size <= 0):
+            raise ConfigError("ema.halflife_kimg needs the global batch size (train.batch_size) to count images")
+        if rampup_ratio is not None and halflife_kimg is None:
+            raise ConfigError(f"ema.rampup_ratio={rampup_ratio} ramps a half-life; it needs ema.halflife_kimg")
         self.decay, self.warmup = decay, warmup
+        self.halflife_images = None if halflife_kimg is None else halflife_kimg * 1000
+        self.rampup_ratio, self.batch_size = rampup_ratio, batch_size
         self.model = copy.deepcopy(model).eval().requires_grad_(False)  # starts synced with the model
         self.num_updates = 0
 
     def current_decay(self) -> float:
-        """min(decay, (1 + n)/(10 + n)): averages over the few steps taken so far early in training."""
+        """β of the next update (see the module docstring)."""
         n = self.num_updates
-        return min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
+        if self.halflife_images is None:
+            return min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
+        halflife = self.halflife_images
+        if self.rampup_ratio is not None:
+            halflife = min(halflife, n * self.batch_size * self.rampup_ratio)
+        return 0.5 ** (self.batch_size / max(halflife, 1e-8))
 
     @torch.no_grad()
     def update(self, model: nn.Module, good: torch.Tensor | None = None) -> None:

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import inspect
+import math
 
 import torch
 from omegaconf import DictConfig
 from torch import nn
-from torch.optim.lr_scheduler import ConstantLR, CosineAnnealingLR, LinearLR, SequentialLR
+from torch.optim.lr_scheduler import ConstantLR, CosineAnnealingLR, LambdaLR, LinearLR, SequentialLR
 
 from diffrun.config import build
 from diffrun.errors import ConfigError
@@ -74,18 +75,45 @@ def build_optimizer(cfg: DictConfig, params, device: torch.device) -> torch.opti
     return factory(params.parameters() if isinstance(params, nn.Module) else params, **kwargs)
 
 
-def build_lr_schedule(cfg: DictConfig, optimizer: torch.optim.Optimizer, total_steps: int):
-    """Linear warm-up (DDPM: 5k steps) followed by constant or cosine decay."""
+def build_lr_schedule(cfg: DictConfig, optimizer: torch.optim.Optimizer, total_steps: int, batch_size: int | None = None):
+    """Linear warm-up followed by constant or cosine decay. The warm-up is counted in steps (`warmup_steps`, DDPM:
+    5k steps) or in images (`warmup_kimg`, EDM: lr · min(images seen / (warmup_kimg·1000), 1), the images seen before
+    the step, so EDM's first step has lr 0; NVlabs/edm `training/training_loop.py`). EDM's ramp may outlast a short
+    run, as in EDM's own code; a step warm-up may not."""
     warmup = int(cfg.get("warmup_steps", 0) or 0)
+    warmup_images = float(cfg.get("warmup_kimg", 0) or 0) * 1000
     decay = cfg.get("decay", "constant")
+    if decay not in ("constant", "cosine"):
+        raise ConfigError(f"optimizer.decay={decay!r}: allowed constant, cosine")
+    if warmup_images > 0:
+        if warmup > 0:
+            raise ConfigError(f"optimizer.warmup_steps={warmup} and optimizer.warmup_kimg={cfg.warmup_kimg}: give one "
+                              f"warm-up (the other 0)")
+        if batch_size is None:
+            raise ConfigError("optimizer.warmup_kimg needs the global batch size (train.batch_size) to count images")
+        return LambdaLR(optimizer, _image_ramp(warmup_images, batch_size, decay, total_steps,
+                                               float(cfg.get("min_lr_ratio", 0.0) or 0.0)))
     if decay == "constant":
         after = ConstantLR(optimizer, factor=1.0, total_iters=0)
-    elif decay == "cosine":
+    else:
         base_lr = optimizer.param_groups[0]["lr"]
         after = CosineAnnealingLR(optimizer, T_max=max(1, total_steps - warmup), eta_min=base_lr * cfg.get("min_lr_ratio", 0.0))
-    else:
-        raise ConfigError(f"optimizer.decay={decay!r}: allowed constant, cosine")
     if warmup <= 0:
         return after
     ramp = LinearLR(optimizer, start_factor=1.0 / warmup, end_factor=1.0, total_iters=warmup)
     return SequentialLR(optimizer, [ramp, after], milestones=[warmup])
+
+
+def _image_ramp(warmup_images: float, batch_size: int, decay: str, total_steps: int, min_ratio: float):
+    """The lr factor of step n (0-based): min(n·B / warmup_images, 1), times a cosine from the end of the ramp to
+    the end of the run when `decay` is cosine. A plain function: LambdaLR then keeps only the step in its state."""
+    ramp_steps = math.ceil(warmup_images / batch_size)
+
+    def factor(n: int) -> float:
+        ramp = min(n * batch_size / warmup_images, 1.0)
+        if decay == "constant" or n <= ramp_steps:
+            return ramp
+        progress = min((n - ramp_steps) / max(1, total_steps - ramp_steps), 1.0)
+        return ramp * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    return factor

@@ -12,6 +12,7 @@ from torch import nn
 
 from diffrun.config import build
 from diffrun.data import InMemoryImages
+from diffrun.data.augment import AugmentPipe
 from diffrun.errors import ConfigError
 from diffrun.launching import distributed
 from diffrun.models.parameterization import Denoiser
@@ -29,6 +30,7 @@ class Components:
     device: torch.device
     autocast_dtype: torch.dtype | None     # None: fp32
     data: InMemoryImages
+    augment: AugmentPipe | None            # EDM's augmentation (augment.p > 0), its labels go to the network
     local_batch_size: int                  # train.batch_size / world size
     schedule: NoiseSchedule
     denoiser: Denoiser                     # the bare model (checkpoints, EMA, sampling)
@@ -68,7 +70,7 @@ def build_components(cfg: DictConfig, ranks: distributed.DistInfo) -> Components
     denoiser = Denoiser(build(cfg.model.net), cfg.model.prediction, cfg.model.sigma_data).to(device)
     if cfg.train.channels_last:
         denoiser = denoiser.to(memory_format=torch.channels_last)
-    ema = EMA(denoiser, cfg.ema.decay, cfg.ema.warmup)
+    ema = EMA(denoiser, cfg.ema.decay, cfg.ema.warmup, cfg.ema.halflife_kimg, cfg.ema.rampup_ratio, cfg.train.batch_size)
     model: nn.Module = denoiser
     if ranks.enabled:  # gradients averaged over ranks; DDP also broadcasts rank 0's weights
         from torch.nn.parallel import DistributedDataParallel
@@ -86,11 +88,12 @@ def build_components(cfg: DictConfig, ranks: distributed.DistInfo) -> Components
 
     # --- optimizer -------------------------------------------------------------------------------
     optimizer = build_optimizer(cfg.optimizer, denoiser, device)   # the module: parameter names decide decay groups
+    augment = AugmentPipe(**cfg.augment) if cfg.augment.p > 0 else None
     return Components(
-        device=device, autocast_dtype=autocast_dtype, data=data,
+        device=device, autocast_dtype=autocast_dtype, data=data, augment=augment,
         local_batch_size=cfg.train.batch_size // ranks.world_size, schedule=schedule, denoiser=denoiser,
         model=model, ema=ema, strategy=strategy, comm=comm, optimizer=optimizer,
-        lr_schedule=build_lr_schedule(cfg.optimizer, optimizer, cfg.train.steps),
+        lr_schedule=build_lr_schedule(cfg.optimizer, optimizer, cfg.train.steps, cfg.train.batch_size),
         scaler=torch.amp.GradScaler(device.type, enabled=use_scaler),
         grad_clip=cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf"),
         channels_last=bool(cfg.train.channels_last),

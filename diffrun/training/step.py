@@ -48,6 +48,9 @@ class StepCounters:
 
 def train_step(c: Components, x0: Tensor, step: int, counters: StepCounters, stats: LogSNRStats) -> None:
     """Train on the batch `x0` (this rank's share); `step` is the number of steps already taken."""
+    augment_labels = None
+    if c.augment is not None:                   # EDM's non-leaking augmentation: the net is told what was done
+        x0, augment_labels = c.augment(x0)
     if c.channels_last:
         x0 = x0.contiguous(memory_format=torch.channels_last)
     draw = c.strategy.sample(x0)
@@ -56,7 +59,7 @@ def train_step(c: Components, x0: Tensor, step: int, counters: StepCounters, sta
     z = alpha * x0 + sigma * eps
 
     with torch.autocast(c.device.type, dtype=c.autocast_dtype or torch.float32, enabled=c.autocast_dtype is not None):
-        out = c.model(z, draw.logsnr)
+        out = c.model(z, draw.logsnr, augment_labels=augment_labels)
     target = c.denoiser.target(x0, eps, z, draw.logsnr)
     loss = (out.float() - target).square().mean(dim=(1, 2, 3))          # (B,) unweighted, target space
     weight = c.strategy.loss_weights(draw, loss.detach())
