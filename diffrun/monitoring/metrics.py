@@ -34,14 +34,15 @@ class MetricsFile(Callback):
     """`<run>/metrics.jsonl`: every flush record (train metrics) and every evaluation record (FID, KID, ...).
 
     On a resume, lines written after the checkpoint the run continues from (step > that step) are dropped
-    first, so no step appears twice."""
+    first, so no step appears twice. An evaluation of a checkpoint (`job_type` "eval", diffrun-eval) only
+    appends its record: the training lines stay as they are."""
 
     def __init__(self):
         self._fh = None
 
     def on_start(self, trainer) -> None:
         path = Path(trainer.run_dir) / FILENAME
-        if path.exists():
+        if path.exists() and getattr(trainer, "job_type", "train") == "train":
             kept = [r for r in read_jsonl(path) if int(r.get("step", 0)) <= trainer.step]
             atomic_write(path, "".join(json.dumps(r) + "\n" for r in kept))
         self._fh = open(path, "a", buffering=1)
