@@ -139,10 +139,14 @@ class CheckpointConfig:
 class EvalConfig(SamplerConfig):
     enabled: bool = True
     every_steps: int = 0              # FID during training every N steps (0: only at the end)
-    num_samples: int = 200            # generated images; 50,000 for paper numbers
-    num_reference: Optional[int] = None  # training images as reference; None: min(num_samples, dataset size)
+    num_samples: int = 200            # generated images per FID; 50,000 for paper numbers (FID-50k)
+    num_reference: Optional[int] = None  # training images as reference; None: all of them, whatever num_samples
+    reference_stats: Optional[str] = None  # FID against this statistics file instead (.npz with mu, sigma: EDM,
+    #                                   ADM, TTUR; torch-fidelity's *-stat-fid-2048.pt); no KID then
+    repeats: int = 1                  # FIDs with different sample seeds; `fid` is their min (EDM), `fid_mean` the mean
     batch_size: int = 100
-    kid_subset_size: int = 100        # KID subset size (≤ num_samples)
+    kid_subset_size: int = 1000       # KID subset size (torch-fidelity's default); bounded by the sample and
+    #                                   reference counts, and the record says so
     seed: int = 12345                 # sample seed for FID (same images across runs and steps)
     inception_weights: Optional[str] = None  # path to torch-fidelity-format Inception weights
     cache_dir: Optional[str] = None   # reference statistics and converted weights (default ~/.cache/diffrun)

@@ -114,7 +114,8 @@ RANGES: dict[str, Interval] = {
     "checkpoint.keep": POSITIVE,
     "eval.every_steps": Interval(0, note="0: only at the end"),
     "eval.num_samples": POSITIVE,
-    "eval.num_reference": Interval(0, low_open=True, note="or null: min(eval.num_samples, dataset size)"),
+    "eval.num_reference": Interval(0, low_open=True, note="or null: the whole training set"),
+    "eval.repeats": Interval(1, note="FID evaluations with different sample seeds"),
     "eval.steps": POSITIVE,
     "eval.batch_size": POSITIVE,
     "eval.kid_subset_size": POSITIVE,
@@ -330,9 +331,9 @@ def check_values(cfg: DictConfig) -> None:
     check_choice("dist.backend", cfg.dist.backend, BACKENDS)
     if cfg.stats.logsnr_min >= cfg.stats.logsnr_max:
         raise ConfigError(f"stats.logsnr_min={cfg.stats.logsnr_min} must be < stats.logsnr_max={cfg.stats.logsnr_max}")
-    if cfg.eval.kid_subset_size > cfg.eval.num_samples:
-        raise ConfigError(f"eval.kid_subset_size={cfg.eval.kid_subset_size} exceeds "
-                          f"eval.num_samples={cfg.eval.num_samples}: allowed at most eval.num_samples")
+    if cfg.eval.reference_stats is not None and cfg.eval.num_reference is not None:
+        raise ConfigError(f"eval.num_reference={cfg.eval.num_reference} with eval.reference_stats="
+                          f"{show(cfg.eval.reference_stats)}: the statistics file is the reference; set one of them")
     if cfg.dist.devices > 1 and cfg.train.batch_size % cfg.dist.devices:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} is the global batch and must be divisible by "
                           f"dist.devices={cfg.dist.devices} (each rank draws batch_size / dist.devices)")
@@ -598,6 +599,10 @@ def check_environment(cfg: DictConfig) -> None:
         if not path.is_file():
             raise ConfigError(f"eval.inception_weights={show(cfg.eval.inception_weights)}: no such file; allowed a "
                               f"torch-fidelity Inception state dict, or null to search the cache")
+    if cfg.eval.enabled and cfg.eval.reference_stats is not None:
+        from diffrun.evaluation.reference import read_reference_statistics
+
+        read_reference_statistics(cfg.eval.reference_stats)   # ConfigError naming eval.reference_stats
     check_dataset_files(cfg)
 
 

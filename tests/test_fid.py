@@ -8,6 +8,7 @@ import hashlib
 import io
 import urllib.error
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,12 +20,14 @@ from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d
 
 from diffrun.errors import ConfigError
 from diffrun.evaluation import inception
-from diffrun.evaluation.fid import (UInt8Images, compute_fid_kid, compute_fid_kid_from_sampler,
+from diffrun.evaluation.fid import (UInt8Images, compute_fid_against_statistics, compute_fid_kid,
+                                    compute_fid_kid_from_sampler, frechet_distance,
                                     reference_cache_name)
 from diffrun.evaluation.inception import (CONVERTED_FILENAME, HEADLESS_EXTRACTOR, OFFICIAL_FILENAME,
                                           HeadlessInceptionError, HeadlessInceptionV3, InceptionWeightsUnavailable,
                                           default_cache_dir, describe_weights, fid_helper_source,
                                           fid_helper_state_dict, resolve_inception_weights)
+from diffrun.evaluation.reference import read_reference_statistics
 
 N_REF, N_GEN, N_FEW = 60, 60, 15     # reference, disjoint "generated" digits, and a smaller draw of them
 
@@ -355,3 +358,77 @@ def test_sampler_gives_the_same_numbers_as_the_tensor(runs, converted):
     assert streamed["fid"] == pytest.approx(out["few"]["fid"], rel=1e-5)
     assert streamed["kid_mean"] == pytest.approx(out["few"]["kid_mean"], rel=1e-5)
     assert streamed["num_samples"] == N_FEW
+
+
+# ----------------------------------------------------------------------------- statistics files
+
+def test_frechet_distance_has_its_closed_form_for_diagonal_covariances():
+    """Σ₁ = diag(a), Σ₂ = diag(b): FID = ‖μ₁ − μ₂‖² + Σ (√a − √b)² (Heusel et al. 2017, arXiv:1706.08500)."""
+    rng = np.random.default_rng(0)
+    a, b, mu1, mu2 = rng.uniform(0.1, 3, 64), rng.uniform(0.1, 3, 64), rng.normal(size=64), rng.normal(size=64)
+    exact = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
+    assert frechet_distance(mu1.astype(np.float32), np.diag(a), mu2, np.diag(b)) == pytest.approx(exact, rel=1e-6)
+    assert frechet_distance(mu1, np.diag(a), mu1, np.diag(a)) == pytest.approx(0, abs=1e-9)
+
+
+@pytest.fixture(scope="module")
+def stat_files(runs, tmp_path_factory):
+    """The reference statistics of `runs` (torch-fidelity's cache file) in every format we read."""
+    _, cache = runs
+    cached = next((cache / "fidelity").glob("*-stat-fid-2048.pt"))
+    stats = torch.load(cached, weights_only=False)
+    folder = tmp_path_factory.mktemp("stats")
+    np.savez(folder / "edm.npz", mu=stats["mu"].astype(np.float64), sigma=stats["sigma"])     # NVlabs/edm fid.py ref
+    np.savez(folder / "adm.npz", arr_0=np.zeros((2, 8, 8, 3), np.uint8), mu=stats["mu"], sigma=stats["sigma"],
+             mu_s=np.zeros(3), sigma_s=np.eye(3))                                             # an ADM reference batch
+    return {"torch-fidelity": cached, "edm": folder / "edm.npz", "adm": folder / "adm.npz"}, stats
+
+
+def test_every_statistics_format_reads_the_same_numbers(stat_files):
+    files, stats = stat_files
+    for name, path in files.items():
+        read = read_reference_statistics(path)
+        assert read.format == ("torch-fidelity" if name == "torch-fidelity" else "npz")
+        assert np.array_equal(read.mu, stats["mu"].astype(np.float64)) and np.array_equal(read.sigma, stats["sigma"])
+        assert read.sha256 == hashlib.sha256(path.read_bytes()).hexdigest() and not read.mu.flags.writeable
+
+
+def test_fid_against_a_statistics_file_equals_fid_against_its_images(runs, stat_files, converted):
+    out, _ = runs
+    files, _ = stat_files
+    fid = compute_fid_against_statistics(generated()[:N_FEW], read_reference_statistics(files["adm"]),
+                                         weights_path=converted)
+    assert fid["num_samples"] == N_FEW
+    assert fid["fid"] == pytest.approx(out["few"]["fid"], rel=1e-6)   # same features, float64 instead of float32 mu
+
+
+@pytest.mark.parametrize("arrays, suffix, message", [
+    ({"mu": np.zeros(64), "sigma": np.eye(64)}, ".npz", r"mu is float64 \(64,\), expected float \(2048,\)"),
+    ({"mu": np.zeros(2048), "sigma": np.eye(64)}, ".npz", r"sigma is float64 \(64, 64\), expected float \(2048, 2048\)"),
+    ({"mu": np.zeros(2048)}, ".npz", r"has no sigma \(it holds mu\)"),
+    ({"mu": np.full(2048, np.nan), "sigma": np.eye(2048)}, ".npz", "mu has NaN"),
+    ({"mu": np.zeros(2048), "sigma": np.triu(np.ones((2048, 2048)))}, ".npz", "sigma is not symmetric"),
+    ({"mu": np.zeros(2048, dtype=np.int64), "sigma": np.eye(2048)}, ".npz", "mu is int64"),
+    ({"mu": np.zeros(2048), "sigma": np.eye(2048)}, ".pkl", "allowed an .npz"),
+    ({"mu": torch.zeros(2048), "sigma": torch.eye(64)}, ".pt", r"sigma is float32 \(64, 64\)"),
+])
+def test_wrong_statistics_files_are_refused_by_key(tmp_path, arrays, suffix, message):
+    path = tmp_path / f"stats{suffix}"
+    if suffix == ".pt":
+        torch.save(arrays, path)
+    else:
+        with open(path, "wb") as handle:
+            np.savez(handle, **arrays)
+    with pytest.raises(ConfigError, match=rf"^eval.reference_stats='{path}'.*{message}"):
+        read_reference_statistics(path)
+
+
+def test_a_missing_or_damaged_statistics_file_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"eval.reference_stats='.*nowhere.npz': no such file"):
+        read_reference_statistics(tmp_path / "nowhere.npz")
+    (tmp_path / "broken.npz").write_bytes(b"PK\x03\x04 not a zip")
+    with pytest.raises(ConfigError, match="cannot be read"):
+        read_reference_statistics(tmp_path / "broken.npz")
+    torch.save({"mu": np.zeros(3), "code": print}, tmp_path / "unsafe.pt")   # a pickle of other objects
+    with pytest.raises(ConfigError, match="cannot be read"):
+        read_reference_statistics(tmp_path / "unsafe.pt")

@@ -1,68 +1,18 @@
 """FID/KID of the EMA model during and at the end of training (a Trainer callback).
 
-Samples come from `Trainer.generate` with a fixed seed per batch, so every evaluation of every run
-scores the same noise. The reference side is a fixed, seeded subset of the run's training images,
-whose Inception statistics torch-fidelity caches after the first evaluation.
+The evaluation itself, its reference set and the protocol recorded beside the numbers are in
+protocol.py; `diffrun-eval` (cli.py) runs the same evaluation on a checkpoint afterwards.
 """
 from __future__ import annotations
 
 import logging
-import time
 
-import torch
-
-from diffrun.evaluation.fid import compute_fid_kid_from_sampler
-from diffrun.evaluation.inception import InceptionWeightsUnavailable, resolve_inception_weights
+from diffrun.evaluation.inception import InceptionWeightsUnavailable
+from diffrun.evaluation.protocol import evaluate
+from diffrun.evaluation.reference import check_reference_count
 from diffrun.training.callbacks import Callback
 
 log = logging.getLogger(__name__)
-
-
-def reference_images(trainer, num_reference: int | None, num_samples: int) -> torch.Tensor:
-    """A seeded subset of the training images (uint8, CPU): min(num_reference or num_samples, N)."""
-    images = trainer.data.images
-    count = min(num_reference or num_samples, images.shape[0])
-    if count == images.shape[0]:
-        return images.cpu()
-    index = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(0))[:count]
-    return images.cpu()[index.sort().values]
-
-
-def evaluate(trainer, eval_cfg) -> dict:
-    """Sample `eval.num_samples` images from the EMA model and score them. Raises on missing weights."""
-    weights = resolve_inception_weights(eval_cfg.inception_weights, cache_dir=eval_cfg.cache_dir)
-    reference = reference_images(trainer, eval_cfg.num_reference, eval_cfg.num_samples)
-    batch_counter = iter(range(10**9))
-    nfe = []
-
-    def sample_fn(n: int) -> torch.Tensor:
-        images, evaluations = trainer.generate(n, eval_cfg.seed + next(batch_counter), "eval")
-        nfe.append(evaluations)
-        return images.cpu()
-
-    dataset_cfg = trainer.cfg.dataset
-    start = time.perf_counter()
-    metrics = compute_fid_kid_from_sampler(
-        sample_fn, eval_cfg.num_samples, reference,
-        reference_name=f"{dataset_cfg.name}-train-{dataset_cfg.image_size}px",
-        weights_path=weights, batch_size=eval_cfg.batch_size, device=str(trainer.device),
-        kid_subset_size=min(eval_cfg.kid_subset_size, eval_cfg.num_samples, reference.shape[0]),
-        cache_dir=eval_cfg.cache_dir,
-    )
-    return {
-        "step": trainer.step,
-        "images_seen": trainer.images_seen,
-        "fid": metrics["fid"],
-        "kid_mean": metrics["kid_mean"],
-        "kid_std": metrics["kid_std"],
-        "fid_num_samples": metrics["num_samples"],
-        "fid_num_reference": metrics["num_reference"],
-        "fid_sampler": f"{getattr(eval_cfg.sampler, 'value', eval_cfg.sampler)}-{eval_cfg.steps}",
-        "fid_nfe": nfe[0] if nfe else None,
-        "fid_precision": str(getattr(eval_cfg.precision, "value", eval_cfg.precision)),
-        "inception_weights": weights.source,
-        "eval_seconds": time.perf_counter() - start,
-    }
 
 
 class FIDCallback(Callback):
@@ -73,6 +23,11 @@ class FIDCallback(Callback):
         self.last_step = -1
         self.skipped_reason: str | None = None
         self.last_record: dict = {}
+
+    def on_start(self, trainer) -> None:
+        settings = trainer.cfg.eval
+        if settings.enabled and settings.reference_stats is None:   # a too large reference fails now, not at the end
+            check_reference_count(trainer.data, settings.num_reference, trainer.cfg.dataset.name)
 
     def every_steps(self, trainer) -> int:
         return trainer.cfg.eval.every_steps if trainer.cfg.eval.enabled else 0
@@ -90,9 +45,8 @@ class FIDCallback(Callback):
             log.warning("FID skipped (eval.on_unavailable=skip): %s", exc)
             return {}
         self.last_step, self.last_record = trainer.step, record
-        log.info("step %d: FID %.3f, KID %.5f ± %.5f (%d EMA samples, %s, vs %d training images; %.0fs)",
-                 record["step"], record["fid"], record["kid_mean"], record["kid_std"], record["fid_num_samples"],
-                 record["fid_sampler"], record["fid_num_reference"], record["eval_seconds"])
+        log.info("step %d: %s (%s; %.0fs)", record["step"], summary_line(record), record["fid_protocol"],
+                 record["eval_seconds"])
         trainer.events.emit_eval(trainer, record)
         return record
 
@@ -105,4 +59,15 @@ class FIDCallback(Callback):
         record = self._run(trainer) if self.last_step != trainer.step else self.last_record
         if self.skipped_reason is not None:
             return {"fid_skipped": self.skipped_reason}
-        return {k: record[k] for k in ("fid", "kid_mean", "kid_std", "fid_num_samples") if k in record}
+        return {k: record[k] for k in ("fid", "fid_mean", "kid_mean", "kid_std", "fid_num_samples", "fid_protocol")
+                if k in record}
+
+
+def summary_line(record: dict) -> str:
+    """"FID 12.345 (mean 12.5 of 3), KID 0.01234 ± 0.00050" from an evaluation record."""
+    text = f"FID {record['fid']:.3f}"
+    if len(record.get("fid_values", ())) > 1:
+        text += f" (mean {record['fid_mean']:.3f} of {len(record['fid_values'])})"
+    if "kid_mean" in record:
+        text += f", KID {record['kid_mean']:.5f} ± {record['kid_std']:.5f}"
+    return text

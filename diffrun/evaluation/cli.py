@@ -1,81 +1,119 @@
-"""`diffrun-eval ckpt=PATH [key=value ...]`: FID/KID of an existing checkpoint's EMA model.
+"""`diffrun-eval ckpt=PATH [key=value ...]`: FID/KID of a checkpoint's EMA model, as a Hydra app (conf/eval.yaml).
 
-The run's own config travels inside the checkpoint; `key=value` overrides change it (typically
-`eval.num_samples=50000 eval.steps=100`, or `dataset.loader.root=...` on another machine).
-Results go to `<run>/eval/fid_step<step>_<samples>.json` and are printed as JSON.
+The checkpoint's own config is the base; `key=value` overrides change it with the groups, values and checks
+of `diffrun` (checkpoint_eval.py). The record, with its protocol, is appended to the run's metrics.jsonl and
+sent to W&B (conf/callbacks/eval.yaml); `diffrun-report` reads it. docs/evaluation.md has the paper protocols.
 
-    diffrun-eval ckpt=outputs/runs/cifar10_ddpm_cifar10_min_snr_seed0/checkpoints/ckpt_00200000.pt \
-                 eval.num_samples=50000
+    diffrun-eval ckpt=outputs/runs/<run>/checkpoints/ckpt_00200000.pt eval.num_samples=50000 eval.repeats=3
+    diffrun-eval ckpt=... eval.reference_stats=~/fid-refs/cifar10-32x32.npz       # EDM's published statistics
+    diffrun-eval ckpt=... dataset.loader.root=/scratch/cifar device=cuda           # the run's data elsewhere
+    diffrun-eval -m ckpt=<run>/checkpoints/ckpt_00000250.pt,<run>/checkpoints/ckpt_00000500.pt \\
+                 hydra/launcher=slurm_gpu                                          # any Hydra launcher
+
+Keys inside the checkpoint's groups (`dataset.loader.root=...`) need no `+`: the app adds the one Hydra would
+ask for, since the groups here are the checkpoint's, not Hydra's defaults.
 """
 from __future__ import annotations
 
-import json
 import logging
+import re
 import sys
+from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+import hydra
+from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
 
-from diffrun.errors import ConfigError, DiffrunError
+from diffrun.cli import CONF_DIR, JobFailed
+from diffrun.config import RunConfig
+from diffrun.errors import DiffrunError
+from diffrun.evaluation.checkpoint_eval import evaluate_checkpoint, evaluation_config, run_dir_of_checkpoint
+from diffrun.launching.preflight import BASIC_LAUNCHER, refuse, sweep_jobs
+from diffrun.validation import GROUPS, check_writable_dir
 
 log = logging.getLogger("diffrun.eval")
 
 
-def parse_args(argv: list[str]) -> tuple[Path, list[str]]:
-    ckpt, overrides = None, []
-    for arg in argv:
-        if arg in ("-h", "--help"):
-            print(__doc__)
-            sys.exit(0)
-        if arg.startswith("ckpt="):
-            ckpt = Path(arg.split("=", 1)[1]).expanduser()
-        elif "=" in arg:
-            overrides.append(arg)
-        else:
-            raise DiffrunError(f"unexpected argument {arg!r}: use ckpt=PATH and key=value overrides")
-    if ckpt is None:
-        raise DiffrunError("missing ckpt=PATH (a checkpoint written by diffrun, e.g. <run>/checkpoints/ckpt_*.pt)")
-    return ckpt, overrides
+def register_eval_configs() -> None:
+    """`eval_app_schema`: every key of a run with its default, untyped (the checkpoint's config is typed by the
+    schema when the overrides are applied, so `eval.num_samples=abc` is refused in one line), and `ckpt`."""
+    keys = OmegaConf.to_container(OmegaConf.structured(RunConfig), enum_to_str=True)
+    ConfigStore.instance().store(name="eval_app_schema", node={**keys, "ckpt": "???"})
+    OmegaConf.register_new_resolver("diffrun.eval_dir", lambda ckpt: str(run_dir_of_checkpoint(Path(ckpt)) / "eval"),
+                                    replace=True)
 
 
-def evaluate_checkpoint(ckpt: Path, overrides: list[str] = ()) -> dict:
-    from diffrun.config import RunConfig
-    from diffrun.evaluation.callback import evaluate
-    from diffrun.training import checkpoint
-    from diffrun.training.trainer import Trainer
+register_eval_configs()
 
-    if not ckpt.is_file():
-        raise DiffrunError(f"ckpt={ckpt}: no such file")
-    state = checkpoint.load(ckpt)
-    if "config" not in state:
-        raise DiffrunError(f"{ckpt} has no embedded config: was it written by diffrun?")
+
+def with_group_keys_added(args: list[str]) -> list[str]:
+    """`dataset.loader.root=X` → `+dataset.loader.root=X` where the command line chooses no `dataset`: the
+    app's groups are empty (the checkpoint has them), and Hydra adds keys to an empty group only with `+`."""
+    chosen = {m.group(1) for a in args if (m := re.match(rf"^\+*({'|'.join(GROUPS)})=", a))}
+    pattern = re.compile(rf"^({'|'.join(GROUPS)})\.[^=]+=")
+    return [f"+{a}" if (m := pattern.match(a)) and m.group(1) not in chosen else a for a in args]
+
+
+class ValidateBeforeEvaluation(Callback):
+    """conf/eval.yaml `hydra.callbacks.validate`: the checkpoint read and its config checked before Hydra
+    writes anything; a multirun checks every job the basic sweeper will start, each in one line."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            evaluation_config(config, list(config.hydra.overrides.task))
+            check_writable_dir(config.hydra.run.dir, "hydra.run.dir")
+        except DiffrunError as exc:
+            refuse([str(exc)])
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            check_writable_dir(config.hydra.sweep.dir, "hydra.sweep.dir")
+        except DiffrunError as exc:
+            refuse([str(exc)])
+        local = config.hydra.launcher._target_ == BASIC_LAUNCHER   # else devices and paths are the job machine's
+        jobs = sweep_jobs(config)
+        values = defaultdict(set)   # key → its overrides among the jobs; a job is named by those that vary
+        for overrides, _ in jobs:
+            for override in overrides:
+                values[override.split("=", 1)[0]].add(override)
+        swept = {override for overrides in values.values() if len(overrides) > 1 for override in overrides}
+        failures = []
+        for num, (overrides, job) in enumerate(jobs):
+            try:
+                evaluation_config(job, list(job.hydra.overrides.task), environment=local)
+            except DiffrunError as exc:
+                name = " ".join(o for o in overrides if o in swept)
+                failures.append(f"job {num}{f' ({name})' if name else ''}: {exc}")
+        if failures:
+            refuse(failures)
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")
+def evaluate_job(cfg: DictConfig) -> float | None:
+    """One checkpoint's evaluation (a Hydra job): the record goes to the callbacks; FID is returned."""
+    from diffrun.evaluation.callback import summary_line
+
+    hydra_cfg = HydraConfig.get()
     try:
-        cfg = OmegaConf.merge(OmegaConf.structured(RunConfig), state["config"], OmegaConf.from_dotlist(list(overrides)))
-    except OmegaConfBaseException as exc:  # a wrong type or an unknown key: one line naming it, no traceback
-        key = getattr(exc, "full_key", None) or "override"
-        raise ConfigError(f"{key}: {str(exc).splitlines()[0]}") from None
-    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
-    trainer = Trainer(cfg, run_dir, callbacks=[], lock=False)
-    trainer.state.load_state_dict(state)
-    record = evaluate(trainer, cfg.eval)
-    out = run_dir / "eval" / f"fid_step{record['step']}_{record['fid_num_samples']}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({**record, "checkpoint": str(ckpt)}, indent=2))
-    return {**record, "written": str(out)}
-
-
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
-    try:
-        ckpt, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-        result = evaluate_checkpoint(ckpt, overrides)
+        record = evaluate_checkpoint(cfg, list(hydra_cfg.overrides.task))
     except DiffrunError as exc:
         log.error("%s", exc)
-        return 1
-    print(json.dumps(result, indent=2))
-    return 0
+        if hydra_cfg.mode.name == "RUN":
+            sys.exit(1)
+        raise JobFailed(str(exc)) from exc
+    log.info("%s at step %d: %s (%s; %.0fs)", record["checkpoint"], record["step"], summary_line(record),
+             record["fid_protocol"], record["eval_seconds"])
+    return record["fid"]
+
+
+def main() -> None:
+    sys.argv = [sys.argv[0], *with_group_keys_added(sys.argv[1:])]
+    evaluate_job()
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

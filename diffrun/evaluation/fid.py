@@ -3,7 +3,9 @@
 torch-fidelity does the arithmetic (resize, Inception, statistics, KID subsets); this module only
 feeds it uint8 images and names the reference side so that its features are computed once per
 (dataset, split, contents, weights, extractor) and read from disk afterwards. Repeated evaluations
-during training then pay only for the generated samples.
+during training then pay only for the generated samples. Against a statistics file (mu, sigma of a
+published reference set; reference.py) only the generated side goes through Inception, and the
+Fréchet distance is torch-fidelity's formula in float64.
 
 Cache files (torch-fidelity writes them under `<cache_dir>/fidelity/`):
     diffrun-<reference_name>-<N>x<C>x<H>x<W>-<data sha1[:12]>-w<weights sha256[:8]>
@@ -19,14 +21,18 @@ import os
 import re
 from typing import Callable
 
+import numpy as np
 import torch
 import torch_fidelity
+import torch_fidelity.utils
 from torch.utils.data import Dataset
 from torch_fidelity.generative_model_base import GenerativeModelBase
+from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
 
 from diffrun.errors import ConfigError
 from diffrun.evaluation.inception import (HeadlessInceptionError, InceptionWeights, default_cache_dir,
                                           resolve_inception_weights)
+from diffrun.evaluation.reference import FEATURE_DIM, ReferenceStatistics
 
 KID_SUBSET_SIZE_MAX = 1000   # torch-fidelity's default, the KID paper's (arXiv:1801.01401) choice
 
@@ -144,6 +150,39 @@ def compute_fid_kid_from_sampler(sample_fn: Callable[[int], torch.Tensor], num_s
                                  reference: torch.Tensor, **kwargs) -> dict[str, float | int]:
     """`compute_fid_kid` with generated images pulled from `sample_fn(n)` in batches of `batch_size`."""
     return compute_fid_kid(SampledImages(sample_fn, num_samples), reference, **kwargs)
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """‖μ₁ − μ₂‖² + Tr(Σ₁ + Σ₂ − 2(Σ₁Σ₂)^½) (Heusel et al. 2017, arXiv:1706.08500), by torch-fidelity in float64
+    (the statistics files mix float32 and float64; torch-fidelity requires one dtype)."""
+    as64 = lambda mu, sigma: {"mu": np.asarray(mu, np.float64), "sigma": np.asarray(sigma, np.float64)}  # noqa: E731
+    return fid_statistics_to_metric(as64(mu1, sigma1), as64(mu2, sigma2), False)[torch_fidelity.KEY_METRIC_FID]
+
+
+def compute_fid_against_statistics(generated: torch.Tensor | Dataset | SampledImages,
+                                   reference: ReferenceStatistics, *,
+                                   weights_path: str | os.PathLike | InceptionWeights | None = None,
+                                   batch_size: int = 64,
+                                   device: str = "cpu",
+                                   cache_dir: str | os.PathLike | None = None) -> dict[str, float | int]:
+    """FID of `generated` (as in `compute_fid_kid`) against the mu, sigma of a statistics file. No KID: the
+    file has no features. Returns fid, num_samples."""
+    weights = _weights(weights_path, cache_dir)
+    if isinstance(generated, torch.Tensor):
+        generated = UInt8Images(generated)
+    with _on_device(device) as cuda:
+        extractor = torch_fidelity.utils.create_feature_extractor(
+            weights.feature_extractor, [str(FEATURE_DIM)], cuda=cuda,
+            feature_extractor_weights_path=str(weights.path), verbose=False)
+        if isinstance(generated, SampledImages):
+            features = torch_fidelity.utils.get_featuresdict_from_generative_model(
+                generated, extractor, generated.num_samples, batch_size, cuda, rng_seed=2020, verbose=False)
+        else:
+            features = torch_fidelity.utils.get_featuresdict_from_dataset(
+                generated, extractor, batch_size, cuda, save_cpu_ram=True, verbose=False)
+    statistics = fid_features_to_statistics(features[str(FEATURE_DIM)])
+    fid = frechet_distance(statistics["mu"], statistics["sigma"], reference.mu, reference.sigma)
+    return {"fid": fid, "num_samples": int(features[str(FEATURE_DIM)].shape[0])}
 
 
 def _weights(weights_path, cache_dir) -> InceptionWeights:

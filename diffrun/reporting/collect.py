@@ -76,7 +76,8 @@ class RunRecord:
     config: dict = field(default_factory=dict)
     status: dict = field(default_factory=dict)
     train: list = field(default_factory=list)   # training records, sorted by step, one per step
-    evals: list = field(default_factory=list)   # evaluation records (with "fid"), sorted by step
+    evals: list = field(default_factory=list)   # evaluation records (with "fid"), sorted by step, one per step and
+    #                                             protocol (fid_protocol): in-training and diffrun-eval ones
     stats: Optional[dict] = None                # arrays of logsnr_stats.npz, or None
 
     @property
@@ -88,9 +89,26 @@ class RunRecord:
         return dotted(self.config, "model.prediction")
 
     # --- FID -----------------------------------------------------------------------------------
+    @property
+    def final_eval(self) -> Optional[dict]:
+        """The evaluation at the last evaluated step; of several there, the one with the most samples (then
+        repeats), e.g. a diffrun-eval FID-50k over the in-training FID-10k; of equals, the last written."""
+        finite = [r for r in self.evals if math.isfinite(to_float(r.get("fid")))]
+        if not finite:
+            return None
+        last = max(int(r["step"]) for r in finite)
+        return max((r for r in finite if int(r["step"]) == last), key=eval_strength)
+
+    @property
+    def fid_protocol(self) -> Optional[str]:
+        """The protocol of the final evaluation; the FID curve, best FID and steps-to-target use only it."""
+        final = self.final_eval
+        return None if final is None else protocol_label(final)
+
     def fid_curve(self) -> tuple[np.ndarray, np.ndarray]:
-        """(steps, FID) of the finite evaluations, in step order."""
-        points = [(int(r["step"]), to_float(r["fid"])) for r in self.evals]
+        """(steps, FID) of the finite evaluations made with the final evaluation's protocol, in step order."""
+        label = self.fid_protocol
+        points = [(int(r["step"]), to_float(r["fid"])) for r in self.evals if protocol_label(r) == label]
         points = [(s, f) for s, f in points if math.isfinite(f)]
         if not points:
             return np.zeros(0, dtype=int), np.zeros(0)
@@ -164,19 +182,37 @@ class Sweep:
 # ------------------------------------------------------------------------------------------------
 # local sweep directory
 # ------------------------------------------------------------------------------------------------
+def protocol_label(record: dict) -> str:
+    """The one-line protocol of an evaluation record (`fid_protocol`; older records: samples and sampler)."""
+    if record.get("fid_protocol"):
+        return str(record["fid_protocol"])
+    label = f"FID-{record.get('fid_num_samples', '?')}"
+    return label + (f", {record['fid_sampler']}" if record.get("fid_sampler") else "")
+
+
+def eval_strength(record: dict) -> tuple[float, float, int]:
+    """Which of two evaluations of one step the report prefers: more samples, then more repeats, then the later
+    (`_order`, its place in the file)."""
+    return (to_float(record.get("fid_num_samples", 0)), to_float(record.get("fid_repeats", 1)),
+            int(record.get("_order", 0)))
+
+
 def split_records(records: list[dict]) -> tuple[list[dict], list[dict]]:
-    """Training and evaluation records, each sorted by step; a step logged twice (resume) keeps the last."""
+    """Training and evaluation records, each sorted by step. Evaluation records are those with `fid`: written
+    during training (`source: training`) or afterwards by diffrun-eval (`source: diffrun-eval`, appended to the
+    same file). A step logged twice keeps the last: training records per step (a resume), evaluation records
+    per step and protocol (a re-evaluation)."""
     train: dict[int, dict] = {}
-    evals: dict[int, dict] = {}
-    for rec in records:
+    evals: dict[tuple[int, str], dict] = {}
+    for order, rec in enumerate(records):
         if not isinstance(rec, dict) or "step" not in rec:
             continue
         step = int(rec["step"])
         if "fid" in rec:
-            evals[step] = rec
+            evals[step, protocol_label(rec)] = {**rec, "_order": order}
         elif "loss" in rec:
             train[step] = rec
-    return [train[s] for s in sorted(train)], [evals[s] for s in sorted(evals)]
+    return [train[s] for s in sorted(train)], sorted(evals.values(), key=lambda r: (int(r["step"]), r["_order"]))
 
 
 def load_stats(path: Path) -> Optional[dict]:

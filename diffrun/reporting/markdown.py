@@ -130,6 +130,7 @@ def results_table(a: Analysis) -> list[str]:
                   "Best FID: the minimum over a run's evaluations, averaged over seeds. Steps to target: the step of "
                   "the first evaluation with FID ≤ target, averaged over the seeds that reached it. Images/s: median "
                   "over a run's training records, averaged over seeds. Baseline in bold. Lower FID is better."]
+        lines += protocol_lines(a)
     else:
         head = ["strategy", "seeds", "final unweighted loss (mean ± std)", "final weighted loss (mean ± std)",
                 "images/s (median)", "failed jobs"]
@@ -144,6 +145,22 @@ def results_table(a: Analysis) -> list[str]:
         if reasons:
             lines += ["", "Why there is no FID: " + "; ".join(reasons) + "."]
     return lines
+
+
+def protocol_lines(a: Analysis) -> list[str]:
+    """The FID protocol of the final evaluations (samples, reference, sampler, NFE, precision, repeats), and a
+    warning when the runs were evaluated differently."""
+    runs = [r for s in a.summaries for r in s.fid_runs]
+    labels: dict[str, int] = {}
+    for run in runs:
+        labels[run.fid_protocol] = labels.get(run.fid_protocol, 0) + 1
+    if not labels:
+        return []
+    if len(labels) == 1:
+        return ["", f"FID protocol: {next(iter(labels))}. The curve, best FID and steps to target use the evaluations "
+                    "made with it (during training, or later with diffrun-eval)."]
+    return ["", "**FID protocols differ between runs**; their final FIDs are not comparable:", ""] + [
+        f"- {label}: {count} run(s)" for label, count in labels.items()]
 
 
 def skip_reasons(a: Analysis) -> list[str]:
@@ -218,15 +235,33 @@ def runs_table(a: Analysis) -> list[str]:
                      fmt(r.final_fid), fmt(r.best_fid),
                      fmt(r.steps_to_fid(a.target_fid), "d") if r.steps_to_fid(a.target_fid) is not None else DASH,
                      fmt(r.final_train("loss"), ".4g"), fmt(r.final_train("weighted_loss"), ".4g"),
-                     fmt(r.images_per_sec, ".1f"), "yes" if r.stats is not None else "no"])
+                     fmt(r.images_per_sec, ".1f"), "yes" if r.stats is not None else "no", r.fid_protocol or DASH])
     return ["", "## All jobs", ""] + table(
         ["job", "strategy", "seed", "state", "final FID", "best FID", "steps to target", "final loss",
-         "final weighted loss", "images/s", "logsnr_stats.npz"], rows)
+         "final weighted loss", "images/s", "logsnr_stats.npz", "FID protocol"], rows)
+
+
+def checkpoint_evals_table(a: Analysis) -> list[str]:
+    """Every evaluation diffrun-eval appended to a job's metrics.jsonl (source: diffrun-eval), with its protocol."""
+    rows = []
+    for r in a.sweep.runs:
+        for e in (e for e in r.evals if e.get("source") == "diffrun-eval"):
+            values = e.get("fid_values") or [e["fid"]]
+            repeats = f"{fmt(to_float(e.get('fid_mean')))} ({len(values)})" if len(values) > 1 else DASH
+            kid = f"{to_float(e['kid_mean']):.4g} ± {to_float(e['kid_std']):.2g}" if "kid_mean" in e else DASH
+            rows.append([r.name, e["step"], fmt(to_float(e["fid"])), repeats, kid, e.get("fid_protocol", DASH)])
+    if not rows:
+        return []
+    return ["", "## Checkpoint evaluations (diffrun-eval)", ""] + table(
+        ["job", "step", "FID", "mean FID (repeats)", "KID", "protocol"], rows) + [
+        "", "Appended to each job's metrics.jsonl by `diffrun-eval` after training; with several repeats FID is "
+            "their minimum (EDM's protocol) and the mean is beside it."]
 
 
 def render(a: Analysis, plots: list[Plot], missing: list[str], now: Optional[str] = None) -> str:
     now = now or _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
-    lines = header(a, now) + results_table(a) + comparison(a) + failures(a) + figures(plots, missing) + runs_table(a)
+    lines = (header(a, now) + results_table(a) + comparison(a) + failures(a) + figures(plots, missing)
+             + runs_table(a) + checkpoint_evals_table(a))
     if a.sweep.notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in a.sweep.notes]
     return "\n".join(lines) + "\n"
@@ -249,6 +284,7 @@ def summary_dict(a: Analysis) -> dict:
             "best_fid_mean": _num(s.best_fid_mean), "steps_to_target": s.steps_to_target if a.target_fid is not None else None,
             "steps_to_target_mean": _num(s.steps_to_target_mean), "reached": s.reached,
             "images_per_sec": _num(s.images_per_sec), "final_loss": [_num(v) for v in s.final_losses("loss")],
+            "fid_protocol": [r.fid_protocol for r in s.fid_runs],
             "failed": [{"job": r.name, "state": r.state, "error": r.error} for r in s.failed],
         } for s in a.summaries},
         "comparisons": [{"strategy": c.strategy, "metric": c.metric, "diff": _num(c.diff), "t": _num(c.t),

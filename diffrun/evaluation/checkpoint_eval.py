@@ -1,0 +1,144 @@
+"""Evaluate a checkpoint: its own config as the base, the command line on top, records into its run.
+
+    config      the config embedded in the checkpoint, typed by the schema (diffrun/config.py); each
+                command-line override replaces its key, a group choice (`dataset=cifar100`) replaces the
+                whole group node; `callbacks` come from the eval app (conf/callbacks/eval.yaml), not from
+                the training run; then every check of diffrun/validation.py
+    model       `diffrun.training.checkpoint.load` (SHA-256 checked; `checkpoint.allow_unverified=true`
+                for files without it) into a Trainer that never trains: no run lock, no file written
+    records     the evaluation record (protocol.py, `source: diffrun-eval`, `checkpoint: <path>`) goes to
+                the callbacks as the trainer's would: `on_start(evaluation)`, `on_eval(evaluation, record)`,
+                `close()`. The metrics file appends it to `<run>/metrics.jsonl`; W&B resumes the run's id.
+"""
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from diffrun.config import RunConfig, show
+from diffrun.errors import ConfigError
+
+SOURCE = "diffrun-eval"                              # `source` of the records this module writes
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """What callbacks see of a checkpoint's evaluation: the fields of a Trainer they read, read-only."""
+    cfg: DictConfig
+    run_dir: Path
+    step: int
+    images_seen: int
+    events: object                                   # diffrun.training.callbacks.Events
+    job_type: str = "eval"                           # a Trainer has none: "train"
+
+
+def run_dir_of_checkpoint(ckpt: Path) -> Path:
+    """`<run>/checkpoints/ckpt_*.pt` → `<run>`; a file elsewhere → its folder."""
+    ckpt = Path(ckpt)
+    return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+
+
+@functools.lru_cache(maxsize=1)
+def _load(path: str, size: int, mtime_ns: int, allow_unverified: bool) -> dict:
+    from diffrun.training import checkpoint
+
+    return checkpoint.load(path, allow_unverified)
+
+
+def load_checkpoint(ckpt: str | Path, allow_unverified: bool = False) -> dict:
+    """The verified state of `ckpt` (read once per process: the pre-run checks and the job share it)."""
+    path = Path(str(ckpt)).expanduser().absolute()
+    if not path.is_file():
+        raise ConfigError(f"ckpt={show(str(ckpt))}: no such file; allowed a checkpoint written by diffrun, "
+                          f"e.g. <run>/checkpoints/ckpt_00001000.pt")
+    stat = path.stat()
+    state = _load(str(path), stat.st_size, stat.st_mtime_ns, bool(allow_unverified))
+    if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
+        raise ConfigError(f"ckpt={show(str(ckpt))} has no embedded config: allowed a checkpoint written by diffrun")
+    return state
+
+
+def checkpoint_config(state_config: dict, app: DictConfig, overrides: Sequence[str]) -> DictConfig:
+    """The checkpoint's config with `overrides` (the eval app's command line, values read from its composed
+    config `app`) on top, as the module docstring says. Raises ConfigError for a value the schema refuses."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from diffrun.validation import GROUPS
+
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(RunConfig), state_config)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"the checkpoint's config does not fit this diffrun's schema: "
+                          f"{str(exc).splitlines()[0]}") from None
+    parsed = [o for o in OverridesParser.create().parse_overrides(list(overrides)) if not o.is_hydra_override()]
+    for override in parsed:                          # group choices first: `dataset=cifar100 dataset.loader.root=...`
+        if override.key_or_group in GROUPS and not override.is_delete():
+            cfg[override.key_or_group] = app[override.key_or_group]
+    for override in parsed:
+        key = override.key_or_group
+        if key == "ckpt" or key in GROUPS or key.split(".")[0] == "callbacks":
+            continue
+        try:
+            if override.is_delete():
+                parent, _, leaf = key.rpartition(".")
+                node = OmegaConf.select(cfg, parent) if parent else cfg
+                if not isinstance(node, DictConfig) or leaf not in node:
+                    raise ConfigError(f"~{key}: the checkpoint's config has no {key}")
+                del node[leaf]
+            else:
+                OmegaConf.update(cfg, key, OmegaConf.select(app, key), merge=False)
+        except OmegaConfBaseException as exc:        # a wrong type, an unknown schema key: one line naming it
+            value = show(override.value())
+            raise ConfigError(f"{key}={value}: {' '.join(str(exc).splitlines()[0].split())}") from None
+    cfg.callbacks = app.callbacks
+    cfg.eval.enabled = True                          # `eval.enabled` is about training; this app always evaluates
+    return cfg
+
+
+def evaluation_config(app: DictConfig, overrides: Sequence[str],
+                      environment: bool = True) -> tuple[DictConfig, dict, Path]:
+    """(run config, checkpoint state, checkpoint path) for the eval app's composed config, checked by
+    diffrun/validation.py (`environment=False`: not this machine's devices and paths). Raises DiffrunError
+    (one line) for anything wrong."""
+    from diffrun.config import validate
+
+    if OmegaConf.is_missing(app, "ckpt"):
+        raise ConfigError("ckpt=??? is required: diffrun-eval ckpt=<run>/checkpoints/ckpt_<step>.pt [key=value ...]")
+    ckpt = Path(str(app.ckpt)).expanduser().absolute()
+    allow_unverified = OmegaConf.select(app, "checkpoint.allow_unverified", default=False)
+    state = load_checkpoint(ckpt, bool(allow_unverified))
+    cfg = checkpoint_config(state["config"], app, overrides)
+    validate(cfg, environment=environment)
+    return cfg, state, ckpt
+
+
+def evaluate_checkpoint(app: DictConfig, overrides: Sequence[str]) -> dict:
+    """Evaluate `app.ckpt` (module docstring); returns the record the callbacks received."""
+    from diffrun.evaluation.protocol import evaluate
+    from diffrun.training.callbacks import Events, build_callbacks
+    from diffrun.training.trainer import Trainer
+
+    cfg, state, ckpt = evaluation_config(app, overrides)
+    run_dir = run_dir_of_checkpoint(ckpt)
+    events = Events(build_callbacks(cfg))            # built first: a bad callback stops us before any sampling
+    trainer = Trainer(cfg, run_dir, callbacks=[], lock=False)
+    try:
+        trainer.state.load_state_dict(state)
+    except (RuntimeError, KeyError, ValueError) as exc:
+        reason = " ".join(str(exc).split())[:300]
+        raise ConfigError(f"the weights in {ckpt} do not fit model={cfg.model.get('name')} "
+                          f"({type(exc).__name__}: {reason}); evaluate a checkpoint with the model it was trained "
+                          f"with") from None
+    record = {**evaluate(trainer, cfg.eval, source=SOURCE), "checkpoint": str(ckpt)}
+    evaluation = Evaluation(cfg, run_dir, trainer.step, trainer.images_seen, events)
+    try:
+        events.start(evaluation)
+        events.emit_eval(evaluation, record)
+    finally:
+        events.close()
+    return record

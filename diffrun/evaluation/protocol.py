@@ -1,0 +1,164 @@
+"""One FID/KID evaluation of a model, and the protocol written beside its numbers.
+
+    samples     `eval.num_samples` EMA samples per repeat, from `eval.sampler` / `eval.steps` /
+                `eval.precision` / guidance (`trainer.generate(..., "eval")`), one seed per batch of
+                `eval.batch_size`: batch b of repeat r uses seed `eval.seed + r·B + b` (B batches per repeat),
+                so repeat 0 is the same draw at every evaluation and the repeats never share a seed
+    reference   the whole training set, `eval.num_reference` images of it (seed 0), or the statistics file
+                `eval.reference_stats` (its path and SHA-256 recorded)
+    repeats     `eval.repeats` FIDs; `fid` is their minimum (EDM, arXiv:2206.00364, reports the min of 3
+                FID-50k), `fid_mean` their mean, `fid_values` each one; KID is that of the repeat whose FID is
+                reported, `kid_values` each repeat's
+    KID         subsets of `eval.kid_subset_size` (1000, torch-fidelity's default), bounded by the sample and
+                reference counts (recorded as `kid_subset_size`, with `kid_note` when bounded); none against a
+                statistics file
+
+The record keeps the flat keys the report and W&B read (fid, kid_mean, fid_num_samples, fid_sampler, ...) and
+adds `protocol` (a dict of everything above) and `fid_protocol`, a one-line label such as
+"FID-50k vs cifar10 train (50000 images), heun 18 steps (35 NFE), fp32, min of 3".
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import torch
+
+from diffrun.evaluation.fid import SampledImages, compute_fid_against_statistics, compute_fid_kid_from_sampler
+from diffrun.evaluation.inception import InceptionWeights, resolve_inception_weights
+from diffrun.evaluation.reference import (SUBSET_SEED, check_reference_count, dataset_size,
+                                          read_reference_statistics, reference_images)
+from diffrun.sampling import SamplerOptions, autocast_dtype
+
+log = logging.getLogger(__name__)
+KID_SUBSETS = 100                  # torch-fidelity's default number of KID subsets
+_said: set[str] = set()            # warnings already logged by this process
+
+
+def _warn_once(message: str) -> None:
+    if message not in _said:
+        _said.add(message)
+        log.warning("%s", message)
+
+
+def _finite(value):
+    """JSON has no inf/NaN: keep them readable as strings."""
+    return str(value) if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def sample_seeds(eval_cfg, repeat: int) -> tuple[int, int]:
+    """First and last batch seed of `repeat` (see the module docstring)."""
+    batches = math.ceil(eval_cfg.num_samples / eval_cfg.batch_size)
+    first = eval_cfg.seed + repeat * batches
+    return first, first + batches - 1
+
+
+def evaluate(trainer, eval_cfg, source: str = "training") -> dict:
+    """FID/KID of the trainer's EMA model under `eval_cfg`, as one record (module docstring). Raises
+    InceptionWeightsUnavailable when no Inception weights are found, ConfigError for a bad reference."""
+    weights = resolve_inception_weights(eval_cfg.inception_weights, cache_dir=eval_cfg.cache_dir)
+    dataset_cfg = trainer.cfg.dataset
+    split = dataset_cfg.loader.get("split", "train") if "loader" in dataset_cfg else "train"
+    stats = read_reference_statistics(eval_cfg.reference_stats) if eval_cfg.reference_stats is not None else None
+    if stats is None:
+        count = check_reference_count(trainer.data, eval_cfg.num_reference, dataset_cfg.name)
+        reference = reference_images(trainer.data, count, SUBSET_SEED)
+        kid_subset = min(eval_cfg.kid_subset_size, eval_cfg.num_samples, reference.shape[0])
+    else:
+        reference, kid_subset = None, None
+
+    start = time.perf_counter()
+    runs, nfe = [], []
+    for repeat in range(eval_cfg.repeats):
+        seeds = iter(range(sample_seeds(eval_cfg, repeat)[0], 2**63))
+
+        def sample_fn(n: int) -> torch.Tensor:
+            images, evaluations = trainer.generate(n, next(seeds), "eval")
+            nfe.append(evaluations)
+            return images.cpu()
+
+        common = dict(weights_path=weights, batch_size=eval_cfg.batch_size, device=str(trainer.device),
+                      cache_dir=eval_cfg.cache_dir)
+        if stats is None:
+            runs.append(compute_fid_kid_from_sampler(
+                sample_fn, eval_cfg.num_samples, reference, kid_subset_size=kid_subset, kid_subsets=KID_SUBSETS,
+                reference_name=f"{dataset_cfg.name}-{split}-{dataset_cfg.image_size}px", **common))
+        else:
+            runs.append(compute_fid_against_statistics(SampledImages(sample_fn, eval_cfg.num_samples), stats,
+                                                       **common))
+
+    fids = [r["fid"] for r in runs]
+    best = min(range(len(fids)), key=fids.__getitem__)
+    protocol = describe(trainer, eval_cfg, weights, stats, reference, split, kid_subset, nfe[0] if nfe else None)
+    record = {
+        "step": trainer.step,
+        "images_seen": trainer.images_seen,
+        "source": source,
+        "fid": fids[best],
+        "fid_mean": sum(fids) / len(fids),
+        "fid_values": fids,
+        "fid_num_samples": eval_cfg.num_samples,
+        "fid_num_reference": None if reference is None else int(reference.shape[0]),
+        "fid_repeats": eval_cfg.repeats,
+        "fid_sampler": f"{protocol['sampler']}-{protocol['steps']}",
+        "fid_nfe": protocol["nfe"],
+        "fid_precision": protocol["precision"],
+        "inception_weights": weights.source,
+        "fid_protocol": protocol["label"],
+        "protocol": protocol,
+    }
+    if stats is None:
+        record.update(kid_mean=runs[best]["kid_mean"], kid_std=runs[best]["kid_std"],
+                      kid_values=[r["kid_mean"] for r in runs], kid_subset_size=kid_subset)
+        if kid_subset < eval_cfg.kid_subset_size:
+            record["kid_note"] = (f"eval.kid_subset_size={eval_cfg.kid_subset_size} bounded to {kid_subset} by the "
+                                  f"{eval_cfg.num_samples} samples / {reference.shape[0]} reference images")
+            _warn_once(f"KID: {record['kid_note']}; KID values with other subset sizes are not comparable")
+    else:
+        record["kid_note"] = "no KID: eval.reference_stats holds statistics, not features"
+    record["eval_seconds"] = time.perf_counter() - start
+    return record
+
+
+def describe(trainer, eval_cfg, weights: InceptionWeights, stats, reference, split: str, kid_subset, nfe) -> dict:
+    """Everything that decides the numbers, as a dict, with a one-line `label`."""
+    options = SamplerOptions.from_config(eval_cfg, "eval")
+    dtype = autocast_dtype(eval_cfg.precision, trainer.autocast_dtype, "eval")
+    precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    dataset = trainer.cfg.dataset.name
+    if stats is None:
+        total = dataset_size(trainer.data)
+        count = int(reference.shape[0])
+        described = {"kind": "training images", "dataset": dataset, "split": split, "count": count, "of": total,
+                     "selection": "all" if count == total else f"seeded subset (seed {SUBSET_SEED})"}
+        against = f"{dataset} {split} ({count} images{'' if count == total else f' of {total}'})"
+    else:
+        described = {"kind": "statistics file", "path": str(stats.path), "sha256": stats.sha256,
+                     "format": stats.format}
+        against = f"{stats.path.name} (sha256 {stats.sha256[:12]})"
+    samples = eval_cfg.num_samples
+    size = f"{samples // 1000}k" if samples % 1000 == 0 else str(samples)
+    label = f"FID-{size} vs {against}, {options.sampler} {options.steps} steps ({nfe} NFE), {precision}"
+    if options.cfg_scale != 1.0:
+        label += f", guidance {options.cfg_scale:g}"
+    if eval_cfg.repeats > 1:
+        label += f", min of {eval_cfg.repeats}"
+    return {
+        "label": label,
+        "num_samples": samples,
+        "repeats": eval_cfg.repeats,
+        "reported": "min" if eval_cfg.repeats > 1 else "single",
+        "seeds": [list(sample_seeds(eval_cfg, r)) for r in range(eval_cfg.repeats)],
+        "seed_per": f"batch of {eval_cfg.batch_size}",
+        "reference": described,
+        "sampler": options.sampler,
+        "steps": options.steps,
+        "nfe": nfe,
+        "precision": precision,
+        "guidance": {"cfg_scale": options.cfg_scale, "sigma_min": options.guidance_sigma_min,
+                     "sigma_max": _finite(options.guidance_sigma_max)},
+        "sampler_options": {k: _finite(v) for k, v in options.to_dict().items()},
+        "inception": {"source": weights.source, "sha256": weights.digest, "extractor": weights.feature_extractor},
+        "kid": None if kid_subset is None else {"subset_size": kid_subset, "subsets": KID_SUBSETS},
+    }
