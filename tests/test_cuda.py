@@ -31,7 +31,7 @@ HOST_SYNCING = {"adaptive_timestep"}   # its policy update reads ΔKL on the hos
 
 def _steps(trainer, n):
     for _ in range(n):
-        train_step(trainer.parts, trainer.data.batch(trainer.parts.local_batch_size), trainer.step, trainer.counters,
+        train_step(trainer.parts, trainer.data.batch(trainer.parts.local_batch_size)[0], trainer.step, trainer.counters,
                    trainer.stats)
         trainer.step += 1
 

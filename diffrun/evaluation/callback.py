@@ -11,6 +11,7 @@ import time
 
 import torch
 
+from diffrun.data import balanced_labels
 from diffrun.evaluation.fid import compute_fid_kid_from_sampler
 from diffrun.evaluation.inception import InceptionWeightsUnavailable, resolve_inception_weights
 from diffrun.training.callbacks import Callback
@@ -19,13 +20,8 @@ log = logging.getLogger(__name__)
 
 
 def reference_images(trainer, num_reference: int | None, num_samples: int) -> torch.Tensor:
-    """A seeded subset of the training images (uint8, CPU): min(num_reference or num_samples, N)."""
-    images = trainer.data.images
-    count = min(num_reference or num_samples, images.shape[0])
-    if count == images.shape[0]:
-        return images.cpu()
-    index = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(0))[:count]
-    return images.cpu()[index.sort().values]
+    """A seeded subset of the training images (uint8 pixels, CPU): min(num_reference or num_samples, N)."""
+    return trainer.data.reference_images(num_reference or num_samples, seed=0)
 
 
 def evaluate(trainer, eval_cfg) -> dict:
@@ -33,11 +29,15 @@ def evaluate(trainer, eval_cfg) -> dict:
     weights = resolve_inception_weights(eval_cfg.inception_weights, cache_dir=eval_cfg.cache_dir)
     reference = reference_images(trainer, eval_cfg.num_reference, eval_cfg.num_samples)
     batch_counter = iter(range(10**9))
-    nfe = []
+    nfe, done = [], [0]
+    num_classes = trainer.data.num_classes   # conditional: every class equally often over all the samples
+    labels = balanced_labels(eval_cfg.num_samples, num_classes, eval_cfg.seed) if num_classes else None
 
     def sample_fn(n: int) -> torch.Tensor:
-        images, evaluations = trainer.generate(n, eval_cfg.seed + next(batch_counter), "eval")
+        batch_labels = labels[done[0]:done[0] + n] if labels is not None else None
+        images, evaluations = trainer.generate(n, eval_cfg.seed + next(batch_counter), "eval", batch_labels)
         nfe.append(evaluations)
+        done[0] += n
         return images.cpu()
 
     dataset_cfg = trainer.cfg.dataset
@@ -60,6 +60,7 @@ def evaluate(trainer, eval_cfg) -> dict:
         "fid_sampler": f"{getattr(eval_cfg.sampler, 'value', eval_cfg.sampler)}-{eval_cfg.steps}",
         "fid_nfe": nfe[0] if nfe else None,
         "fid_precision": str(getattr(eval_cfg.precision, "value", eval_cfg.precision)),
+        "fid_cfg_scale": eval_cfg.cfg_scale,
         "inception_weights": weights.source,
         "eval_seconds": time.perf_counter() - start,
     }
