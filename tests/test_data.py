@@ -284,14 +284,25 @@ def test_too_large_for_the_device_stops_before_training(make_cfg, tmp_path, monk
     assert not (tmp_path / "big" / "metrics.jsonl").exists()
 
 
-def test_resumed_stream_needs_the_same_order(make_cfg, tmp_path):
+def test_resume_keeps_the_order_of_the_checkpoint(make_cfg, tmp_path, monkeypatch):
+    """order=auto: a streamed run resumed where the data fits on the device continues its epoch order there;
+    an explicit other order, or an iid run resumed where the data must be streamed, is refused."""
     from diffrun.cli import train
     from diffrun.errors import CheckpointError
+    from diffrun.training.checkpoint import CheckpointManager
 
-    train(make_cfg(["dataset.placement=stream", "dataset.workers=0", "train.steps=3"]), tmp_path / "r")
+    common = ["dataset.workers=0", "checkpoint.every_steps=0", "sample.num_images=0"]
+    monkeypatch.setattr(placement_module, "free_memory", lambda device: 1000)           # does not fit: streamed
+    train(make_cfg([*common, "train.steps=3"]), tmp_path / "r")
+    monkeypatch.undo()                                                                 # fits: auto is the device
+    train(make_cfg([*common, "train.steps=5"]), tmp_path / "r")
+    state, _ = CheckpointManager(tmp_path / "r" / "checkpoints").load_latest()
+    assert state["data"]["order"] == "epoch" and state["data"]["position"] == 5 * 8
     with pytest.raises(CheckpointError, match="dataset.order=epoch, this run with dataset.order=iid"):
-        train(make_cfg(["dataset.placement=stream", "dataset.workers=0", "train.steps=6", "dataset.placement=device",
-                        "resume=force"]), tmp_path / "r")
+        train(make_cfg([*common, "train.steps=6", "dataset.order=iid", "resume=force"]), tmp_path / "r")
+    train(make_cfg([*common, "train.steps=3"]), tmp_path / "iid")
+    with pytest.raises(CheckpointError, match="drew its batches with dataset.order=iid.*dataset.placement=device"):
+        train(make_cfg([*common, "train.steps=6", "dataset.placement=stream", "resume=force"]), tmp_path / "iid")
 
 
 PLACEMENTS = {
@@ -319,15 +330,16 @@ def test_resume_continues_the_data_stream_exactly(make_cfg, tmp_path, name):
         assert torch.equal(a["model"][key], b["model"][key]), key
 
 
-def test_latent_resume_on_the_stream(make_cfg, tmp_path, latent_folder):
+@pytest.mark.parametrize("placement", ["device", "stream"])
+def test_latent_resume(make_cfg, tmp_path, latent_folder, placement):
     from diffrun.cli import train
     from diffrun.training.checkpoint import CheckpointManager
 
     images = latent_folder.parent / "images"
     common = ["deterministic=true", "train.steps=6", "checkpoint.every_steps=0", "sample.num_images=0",
               "dataset=imagenet256_latents", f"dataset.root={latent_folder}", "dataset.image_size=8",
-              "dataset.num_classes=3", f"dataset.loader.reference_root={images}", "dataset.placement=stream",
-              "dataset.workers=1", "model=minsnr_vit_b_2_latent32", "model.net.hidden_size=32", "model.net.depth=1",
+              "dataset.num_classes=3", f"dataset.loader.reference_root={images}", f"dataset.placement={placement}",
+              "dataset.order=epoch", "dataset.workers=1", "dataset.loader.random_flip=true", "model=minsnr_vit_b_2_latent32", "model.net.hidden_size=32", "model.net.depth=1",
               "model.net.num_heads=2", "train.batch_size=5"]
     train(make_cfg(common), tmp_path / "straight")
     train(make_cfg([*common, "train.steps=4"]), tmp_path / "split")
@@ -392,3 +404,24 @@ def test_new_dataset_options_compose(make_cfg, tmp_path):
     for option, classes in (("imagenet64", 1000), ("celeba64", 0), ("imagenet256_latents", 1000)):
         cfg = make_cfg([f"dataset={option}", f"dataset.root={tmp_path}"])
         assert cfg.dataset.num_classes == classes and cfg.model.net.num_classes == classes
+
+
+@pytest.mark.slow
+def test_ddp_ranks_stream_their_own_shards(tmp_path):
+    """Two gloo ranks streaming: one model, and the checkpoint's stream position counts each rank's items."""
+    import torch.multiprocessing as mp
+
+    from diffrun.launching import distributed
+    from diffrun.training.checkpoint import CheckpointManager
+    from test_distributed import BATCH, STEPS, _rank_main
+
+    run_dir, out_dir = tmp_path / "run", tmp_path / "out"
+    out_dir.mkdir()
+    overrides = ("dataset.placement=stream", "dataset.workers=1", "dataset.num_classes=10")
+    mp.spawn(_rank_main, args=(2, distributed.free_port(), str(run_dir), str(out_dir), overrides), nprocs=2, join=True)
+    r0, r1 = (torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert all(torch.equal(r0["model"][k], r1["model"][k]) for k in r0["model"])
+    state, _ = CheckpointManager(run_dir / "checkpoints").load_latest()
+    assert state["data"] == {"order": "epoch", "position": STEPS * BATCH // 2, "size": 1797, "world_size": 2}
+    shards = [EpochOrder(1797, 0, rank, 2).keys(0, STEPS * BATCH // 2)[0] for rank in (0, 1)]
+    assert not set(shards[0].tolist()) & set(shards[1].tolist())     # the ranks saw different images

@@ -208,3 +208,29 @@ def test_encoder_refuses_what_it_cannot_encode(tmp_path, capsys):
     assert encode_latents.main(["--images", str(images), "--vae", str(vae), "--out", str(tmp_path / "o"),
                                 "--resolution", "15", "--device", "cpu", "--workers", "0"]) == 1
     assert "do not divide by the VAE's downsampling factor 2" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("preset, dataset, prediction, dropout, steps", [
+    ("min_snr_imagenet256", "imagenet256_latents", "x0", 0.15, 50),
+    ("min_snr_imagenet64", "imagenet64", "eps", 0.15, 20),
+    ("min_snr_celeba64", "celeba64", "eps", 0.1, 50),
+])
+def test_min_snr_presets_compose_with_the_official_values(make_cfg, tmp_path, preset, dataset, prediction, dropout, steps):
+    """configs/in256/vit-b_..._bs8x32.sh @ 5189997: AdamW 1e-4, betas (0.99, 0.99), wd 0.03 on every parameter, no
+    warm-up or anneal, no clipping, batch 8 × 32, EMA 0.9999, cosine 1000 steps, fp16; EDM Heun for FID."""
+    cfg = make_cfg([f"experiment={preset}", f"dataset.root={tmp_path}"], fast=False)
+    validate(cfg, environment=False)
+    assert (cfg.dataset.name, cfg.model.prediction, cfg.train.label_dropout) == (dataset, prediction, dropout)
+    assert (cfg.optimizer.optim._target_, cfg.optimizer.optim.lr, list(cfg.optimizer.optim.betas),
+            cfg.optimizer.optim.weight_decay) == ("torch.optim.AdamW", 1e-4, [0.99, 0.99], 0.03)
+    assert (cfg.optimizer.warmup_steps, cfg.optimizer.decay, cfg.optimizer.no_decay_norms_biases_embeddings) == (0, "constant", False)
+    assert (cfg.train.grad_clip, cfg.ema.decay, cfg.ema.warmup, cfg.schedule.timesteps) == (0.0, 0.9999, False, 1000)
+    assert (cfg.schedule.name, str(cfg.precision.value), cfg.eval.sampler.value, cfg.eval.steps) == ("cosine", "fp16", "heun", steps)
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    preset_file = OmegaConf.load(Path(__file__).parents[1] / "conf" / "experiment" / f"{preset}.yaml")
+    assert preset_file.hydra.sweeper.params.weighting == "uniform,min_snr"   # the paper's comparison
+    if preset == "min_snr_imagenet256":
+        assert cfg.train.batch_size == 256 and cfg.dataset.loader.random_flip is False and cfg.model.net.depth == 12

@@ -53,8 +53,9 @@ class Source:
         """One item as stored for transfer: uint8 (C, H, W) pixels, mirrored when `flip`; latents (C, H, W)."""
         raise NotImplementedError
 
-    def materialize(self) -> Tensor:
-        """Every item in one CPU tensor: pixels (N, C, H, W) uint8; latents (N, F, C, H, W), F stored flips."""
+    def materialize(self, workers: int = 0) -> Tensor:
+        """Every item in one CPU tensor: pixels (N, C, H, W) uint8; latents (N, F, C, H, W), F stored flips.
+        `workers`: processes that may read in parallel (image files)."""
         raise NotImplementedError
 
     def nbytes(self) -> int:
@@ -107,7 +108,7 @@ class ArraySource(Source):
         image = self.images[index]
         return image.flip(-1) if flip else image
 
-    def materialize(self) -> Tensor:
+    def materialize(self, workers: int = 0) -> Tensor:
         return self.images
 
     def nbytes(self) -> int:

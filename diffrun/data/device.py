@@ -8,6 +8,8 @@ placements give the same batches.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -23,12 +25,14 @@ class InMemoryImages:
     `InMemoryImages(uint8 images (N, C, H, W), name, random_flip, labels)` wraps a tensor directly."""
 
     def __init__(self, source: Source | Tensor, name: str | None = None, random_flip: bool = False,
-                 labels: np.ndarray | Tensor | None = None, *, num_classes: int = 0, order: EpochOrder | None = None):
+                 labels: np.ndarray | Tensor | None = None, *, num_classes: int = 0, order: EpochOrder | None = None,
+                 workers: int = 0, epoch_order: Callable[[], EpochOrder] | None = None):
         if isinstance(source, Tensor):
             source = ArraySource(source, name or "tensor", random_flip, labels)
         source.check_labels(num_classes)
         self.source, self.num_classes, self.order = source, num_classes, order
-        self.items = source.materialize()          # pixels (N, C, H, W) uint8; latents (N, F, C, H, W)
+        self.epoch_order = epoch_order   # order=auto: how to continue a checkpoint drawn in epoch order
+        self.items = source.materialize(workers)   # pixels (N, C, H, W) uint8; latents (N, F, C, H, W)
         self.labels = torch.from_numpy(source.labels) if num_classes else None
 
     name = property(lambda self: self.source.name)
@@ -84,6 +88,8 @@ class InMemoryImages:
         return self.order.state_dict() if self.order is not None else {"order": "iid"}
 
     def load_state_dict(self, state: dict) -> None:
+        if state.get("order") == "epoch" and self.order is None and self.epoch_order is not None:
+            self.order = self.epoch_order()   # order=auto chose iid here, the checkpoint was streamed: continue its order
         check_same_order(state, self.order)
         if self.order is not None:
             self.order.load_state_dict(state)

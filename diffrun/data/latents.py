@@ -171,7 +171,7 @@ class LatentSource(Source):
     def item(self, index: int, flip: bool) -> Tensor:
         return torch.from_numpy(np.array(self.array[index, int(flip and self.random_flip)]))
 
-    def materialize(self) -> Tensor:
+    def materialize(self, workers: int = 0) -> Tensor:
         return torch.from_numpy(np.array(self.array[:, :self.stored_flips]))
 
     def nbytes(self) -> int:

@@ -9,7 +9,9 @@
 An explicit `placement=device` fails before training when the dataset is larger than all the free memory.
 Orders: `iid` draws each batch's indices and flips from the global torch RNG (diffrun's original fast path;
 device only); `epoch` takes seeded per-epoch permutations (`EpochOrder`). `auto` is iid on the device and
-epoch for the stream. With order=epoch the device and the stream give the same batches, bit for bit.
+epoch for the stream, and on the device continues a checkpoint that was streamed in its epoch order (a run
+resumed, or scored by diffrun-eval, on a machine with more memory). With order=epoch the device and the
+stream give the same batches, bit for bit.
 """
 from __future__ import annotations
 
@@ -79,10 +81,17 @@ def place(source: Source, dataset: DictConfig, device: torch.device, seed: int, 
     nbytes = source.nbytes()
     placement = choose_placement(str(dataset.get("placement", "auto")), nbytes, free_memory(device), device,
                                  source.name)
-    order = resolve_order(str(dataset.get("order", "auto")), placement)
-    epochs = EpochOrder(len(source), seed, rank, world_size, source.random_flip) if order == "epoch" else None
+    requested_order = str(dataset.get("order", "auto"))
+    order = resolve_order(requested_order, placement)
+
+    def epoch_order() -> EpochOrder:
+        return EpochOrder(len(source), seed, rank, world_size, source.random_flip)
+
+    epochs = epoch_order() if order == "epoch" else None
     log.info("dataset %s: %d items, %.2f GiB, placement=%s, order=%s", source.name, len(source), nbytes / GB,
              placement, order)
+    workers = int(dataset.get("workers", 4))
     if placement == "device":
-        return InMemoryImages(source, num_classes=num_classes, order=epochs).to(device)
-    return StreamingData(source, epochs, device, num_classes=num_classes, workers=int(dataset.get("workers", 4)))
+        return InMemoryImages(source, num_classes=num_classes, order=epochs, workers=workers,
+                              epoch_order=epoch_order if requested_order == "auto" else None).to(device)
+    return StreamingData(source, epochs, device, num_classes=num_classes, workers=workers)
