@@ -66,9 +66,11 @@ class InMemoryImages:
             flip = (torch.rand(batch_size, 1, 1, 1, device=device, generator=generator) < 0.5
                     if self.random_flip else None)
         else:
-            keys, flips = self.order.take(batch_size)
-            index = torch.from_numpy(keys).to(device, non_blocking=True)
-            flip = torch.from_numpy(flips).view(-1, 1, 1, 1).to(device, non_blocking=True) if self.random_flip else None
+            keys, flips = (torch.from_numpy(a) for a in self.order.take(batch_size))
+            if device.type == "cuda":          # pinned: the copies do not wait for the host
+                keys, flips = keys.pin_memory(), flips.pin_memory()
+            index = keys.to(device, non_blocking=True)
+            flip = flips.view(-1, 1, 1, 1).to(device, non_blocking=True) if self.random_flip else None
         if self.source.kind == PIXELS:
             x = self.source.to_input(self.items[index])
             if flip is not None:

@@ -90,7 +90,7 @@ def place(source: Source, dataset: DictConfig, device: torch.device, seed: int, 
     epochs = epoch_order() if order == "epoch" else None
     log.info("dataset %s: %d items, %.2f GiB, placement=%s, order=%s", source.name, len(source), nbytes / GB,
              placement, order)
-    workers = int(dataset.get("workers", 4))
+    workers = min(int(dataset.get("workers", 4)), len(os.sched_getaffinity(0)))   # no more readers than CPUs
     if placement == "device":
         return InMemoryImages(source, num_classes=num_classes, order=epochs, workers=workers,
                               epoch_order=epoch_order if requested_order == "auto" else None).to(device)
