@@ -70,6 +70,7 @@ class TrainConfig:
     nan_policy: NanPolicy = NanPolicy.skip
     max_skipped_fraction: float = 0.1  # halt anyway if more than this fraction of steps were non-finite
     progress: bool = True             # tqdm progress bar
+    label_dropout: float = 0.1        # class-conditional models: P(label → null label), for classifier-free guidance (DiT 0.1)
 
 
 @dataclass

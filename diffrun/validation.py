@@ -43,7 +43,7 @@ HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
 # the option is a constructor argument of a `_target_` node, or a value such a node interpolates (image_folder's
 # `root: ???`). The schedule and weighting options are `_target_` nodes themselves.
 GROUP_KEYS = {
-    "dataset": (("image_size", "channels", "loader"), ("name",)),
+    "dataset": (("image_size", "channels", "loader"), ("name", "num_classes", "placement", "order", "workers")),
     "model": (("net", "prediction"), ("name", "sigma_data")),
     "optimizer": (("optim",), ("name", "warmup_steps", "warmup_kimg", "decay", "min_lr_ratio",
                                "no_decay_norms_biases_embeddings")),
@@ -94,6 +94,7 @@ RANGES: dict[str, Interval] = {
     "train.log_every": POSITIVE,
     "train.grad_clip": Interval(0, note="0 disables clipping"),
     "train.max_skipped_fraction": FRACTION,
+    "train.label_dropout": FRACTION,
     "ema.decay": Interval(0, 1, high_open=True, note="or null with ema.halflife_kimg"),
     "ema.halflife_kimg": Interval(0, low_open=True, note="or null: a decay per step (ema.decay)"),
     "ema.rampup_ratio": Interval(0, low_open=True, note="or null: no ramp-up of the half-life"),
@@ -342,10 +343,10 @@ def check_values(cfg: DictConfig) -> None:
 
     # --- what diffrun reads from the groups itself ------------------------------------------------
     check_number("dataset.image_size", cfg.dataset.get("image_size"), POSITIVE, integer=True)
-    check_choice("dataset.channels", cfg.dataset.get("channels"), (1, 3))
     check_choice("model.prediction", cfg.model.get("prediction"), _predictions())
     check_number("model.sigma_data", cfg.model.get("sigma_data", 0.5), POSITIVE)
     check_dataset_values(cfg)
+    check_conditioning(cfg)
     check_optimizer_values(cfg)
     check_augment_values(cfg)
     for group in GROUPS:
@@ -420,17 +421,35 @@ def _loader(cfg: DictConfig) -> tuple[Any, dict]:
 
 
 def check_dataset_values(cfg: DictConfig) -> None:
-    from diffrun.data.loaders import CIFAR, CIFAR_SHAPE, CIFAR_SPLITS, load_cifar, load_digits
+    from diffrun.data.loaders import (CIFAR_RELEASES, CIFAR_SHAPE, CIFAR_SPLITS, LABELS, load_celeba, load_cifar,
+                                      load_digits, load_image_folder, load_imagenet64, load_latents)
+    from diffrun.data.placement import ORDERS, PLACEMENTS
 
     target, spec = _loader(cfg)
     check_argument_types(spec, "dataset.loader")
-    size, channels = cfg.dataset.image_size, cfg.dataset.channels
+    size, channels = cfg.dataset.image_size, cfg.dataset.get("channels")
+    if target is load_latents:
+        check_number("dataset.channels", channels, POSITIVE, integer=True)
+        check_number("dataset.loader.scale_factor", spec.get("scale_factor"),
+                     Interval(0, low_open=True, note="or null: the latent folder's own"))
+    else:
+        check_choice("dataset.channels", channels, (1, 3))
     for key, wanted in (("image_size", size), ("channels", channels)):
         if key in spec and spec[key] != wanted:
             raise ConfigError(f"dataset.loader.{key}={show(spec[key])} differs from dataset.{key}={wanted}: "
                               f"set dataset.{key} (the loader follows it)")
+    check_number("dataset.num_classes", cfg.dataset.get("num_classes", 0), Interval(0, note="0: unconditional"),
+                 integer=True)
+    placement, order = cfg.dataset.get("placement", "auto"), cfg.dataset.get("order", "auto")
+    check_choice("dataset.placement", placement, PLACEMENTS)
+    check_choice("dataset.order", order, ORDERS)
+    if placement == "stream" and order == "iid":
+        raise ConfigError("dataset.order='iid' draws from the global RNG on the device and cannot be streamed "
+                          "(dataset.placement='stream'): allowed dataset.order=epoch or auto")
+    check_number("dataset.workers", cfg.dataset.get("workers", 4), Interval(0, note="0: read in the training process"),
+                 integer=True)
     if target is load_cifar:
-        check_choice("dataset.loader.release", spec.get("release"), tuple(CIFAR))
+        check_choice("dataset.loader.release", spec.get("release"), CIFAR_RELEASES)
         check_choice("dataset.loader.split", spec.get("split", "train"), CIFAR_SPLITS)
         check_number("dataset.loader.limit", spec.get("limit"), Interval(0, low_open=True, note="or null: every image"),
                      integer=True)
@@ -441,6 +460,71 @@ def check_dataset_values(cfg: DictConfig) -> None:
                               f"dataset.image_size={CIFAR_SHAPE[1]}")
     elif target is load_digits and channels != 1:
         raise ConfigError(f"dataset.channels={channels}: the digits are grayscale; allowed 1")
+    elif target is load_image_folder:
+        check_choice("dataset.loader.labels", spec.get("labels", "none"), LABELS)
+        if spec.get("resize") and spec.get("center_crop"):
+            raise ConfigError("dataset.loader.resize=true and dataset.loader.center_crop=true: allowed one of them")
+    elif target is load_imagenet64:
+        check_choice("dataset.loader.split", spec.get("split", "train"), ("train", "val"))
+        if channels != 3:
+            raise ConfigError(f"dataset.channels={channels}: ImageNet is RGB; allowed 3")
+    elif target is load_celeba:
+        check_choice("dataset.loader.split", spec.get("split", "train"), ("train", "validation", "test"))
+        check_number("dataset.loader.crop", spec.get("crop", 140), POSITIVE, integer=True)
+        if channels != 3:
+            raise ConfigError(f"dataset.channels={channels}: CelebA is RGB; allowed 3")
+
+
+def dataset_has_labels(cfg: DictConfig) -> bool | None:
+    """Whether the configured dataset comes with class labels (None: only its files can tell)."""
+    from diffrun.data.loaders import load_celeba, load_cifar, load_digits, load_image_folder, load_imagenet64
+
+    target, spec = _loader(cfg)
+    if target in (load_digits, load_cifar, load_imagenet64):
+        return True
+    if target is load_image_folder:
+        return spec.get("labels", "none") != "none"
+    if target is load_celeba:
+        return False
+    return None
+
+
+def model_num_classes(cfg: DictConfig) -> int:
+    """The classes of the configured network (0: unconditional, or a network without class labels)."""
+    value = resolved(cfg.model.net).get("num_classes", 0) if isinstance(cfg.model.get("net"), DictConfig) else 0
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def check_conditioning(cfg: DictConfig) -> None:
+    """Labels, model and guidance agree: a conditional model gets labels of its classes, and only a model that
+    learned the null label (conditional, with label dropout) is guided."""
+    classes, model_classes = cfg.dataset.get("num_classes", 0) or 0, model_num_classes(cfg)
+    if classes and dataset_has_labels(cfg) is False:
+        raise ConfigError(f"dataset.num_classes={classes}, but dataset={cfg.dataset.get('name')} has no class labels; "
+                          f"allowed dataset.num_classes=0 (unconditional)"
+                          + (" or dataset.loader.labels=subfolder|dataset_json" if "labels" in cfg.dataset.loader else ""))
+    if model_classes != classes:
+        if not classes:
+            raise ConfigError(f"model.net.num_classes={model_classes} is a class-conditional model, but "
+                              f"dataset.num_classes=0 gives it no labels; set dataset.num_classes={model_classes} "
+                              f"(a labelled dataset) or model.net.num_classes=0")
+        has_key = isinstance(cfg.model.get("net"), DictConfig) and "num_classes" in cfg.model.net
+        raise ConfigError(f"dataset.num_classes={classes}, but "
+                          + (f"model.net.num_classes={model_classes}; allowed model.net.num_classes={classes}"
+                             if has_key else f"model={cfg.model.get('name')} takes no class labels; allowed a "
+                             f"class-conditional network (the U-Nets, DiT, Min-SNR's ViT) or dataset.num_classes=0"))
+    for section in ("sample", "eval"):
+        scale = cfg[section].cfg_scale
+        if scale == 1:
+            continue
+        if not classes:
+            raise ConfigError(f"{section}.cfg_scale={scale}: classifier-free guidance needs a class-conditional "
+                              f"model, and this one is unconditional (dataset.num_classes=0); allowed "
+                              f"{section}.cfg_scale=1")
+        if cfg.train.label_dropout == 0:
+            raise ConfigError(f"{section}.cfg_scale={scale} contrasts with the null label, which "
+                              f"train.label_dropout=0 never trains; allowed train.label_dropout>0 (DiT 0.1, "
+                              f"Min-SNR 0.15) or {section}.cfg_scale=1")
 
 
 def check_optimizer_values(cfg: DictConfig) -> None:
@@ -608,23 +692,25 @@ def check_environment(cfg: DictConfig) -> None:
 
 def check_dataset_files(cfg: DictConfig) -> None:
     """The data a loader will read is there (CIFAR may be missing where `download=true`: the loader fetches it,
-    and offline it stops naming the archive to provide)."""
-    from diffrun.data.loaders import CIFAR, IMAGE_SUFFIXES, cifar_paths, load_cifar, load_image_folder
+    and offline it stops naming the archive to provide); a latent folder matches the config, and what decoding
+    and FID need of it is on this machine."""
+    from diffrun.data.loaders import (IMAGE_SUFFIXES, cifar_archive, cifar_folder, cifar_paths, load_celeba,
+                                      load_cifar, load_image_folder, load_imagenet64, load_latents)
 
     target, spec = _loader(cfg)
+    key = "dataset.root" if "root" in cfg.dataset else "dataset.loader.root"
     if target is load_cifar:
+        folder, (archive, _url) = cifar_folder(spec["release"]), cifar_archive(spec["release"])
         root = Path(spec["root"]).expanduser()
         if root.exists() and not root.is_dir():
             raise DataError(f"dataset.loader.root={show(spec['root'])} is a file; allowed a folder that contains "
-                            f"{CIFAR[spec['release']][0]}/")
+                            f"{folder}/")
         missing = [p for p in cifar_paths(spec["release"], spec["root"], spec.get("split", "train")) if not p.exists()]
         if missing and not spec.get("download", True):
-            folder, archive = CIFAR[spec["release"]][0], CIFAR[spec["release"]][4]
             raise DataError(f"dataset.loader.root={show(spec['root'])} does not hold {folder}/{missing[0].name}: "
                             f"allowed a folder that contains {folder}/ (extract {archive} there), or "
                             f"dataset.loader.download=true to fetch it")
     elif target is load_image_folder:
-        key = "dataset.root" if "root" in cfg.dataset else "dataset.loader.root"
         root = Path(spec["root"]).expanduser()
         if not root.is_dir():
             raise DataError(f"{key}={show(spec['root'])} is not a directory; allowed a folder of "
@@ -632,6 +718,33 @@ def check_dataset_files(cfg: DictConfig) -> None:
         if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in root.rglob("*")):
             raise DataError(f"{key}={show(spec['root'])} holds no images; allowed a folder of "
                             f"{'/'.join(s.lstrip('.') for s in IMAGE_SUFFIXES)} images (searched recursively)")
+    elif target in (load_imagenet64, load_celeba):
+        if not Path(spec["root"]).expanduser().is_dir():
+            raise DataError(f"{key}={show(spec['root'])} is not a directory; allowed the folder docs/data.md describes "
+                            f"for dataset={cfg.dataset.get('name')}")
+    elif target is load_latents:
+        check_latent_files(cfg, spec, key)
+
+
+def check_latent_files(cfg: DictConfig, spec: dict, key: str) -> None:
+    """meta.json agrees with the config (shape, scale factor, classes); the VAE that decodes samples is on this
+    machine when samples or FID are wanted; FID has a pixel reference (original images or statistics)."""
+    from diffrun.data.latents import check_meta, missing_vae_message, read_meta, vae_location
+
+    meta = read_meta(spec["root"], key)
+    check_meta(meta, spec["root"], cfg.dataset.channels, cfg.dataset.image_size, spec.get("scale_factor"),
+               cfg.dataset.get("num_classes", 0))
+    vae = spec.get("vae") or meta["vae"]
+    if (cfg.sample.num_images > 0 or cfg.eval.enabled) and vae_location(vae) is None:
+        raise DataError(missing_vae_message(vae, "dataset.loader.vae"))
+    reference = spec.get("reference_root")
+    if cfg.eval.enabled and reference is None and cfg.eval.get("reference_stats") is None:
+        raise ConfigError("eval.enabled=true on latents: FID compares pixels, so it needs "
+                          "dataset.loader.reference_root=<folder of the original images> or "
+                          "eval.reference_stats=<precomputed statistics>; or set eval.enabled=false")
+    if cfg.eval.enabled and reference is not None and not Path(reference).expanduser().is_dir():
+        raise DataError(f"dataset.loader.reference_root={show(reference)} is not a directory; allowed the folder "
+                        f"of the original images the latents were encoded from")
 
 
 def check_writable_dir(path: str | Path, key: str) -> None:

@@ -47,7 +47,7 @@ if str(ROOT) not in sys.path:                      # run from a checkout without
     sys.path.insert(0, str(ROOT))
 
 from diffrun.config import build, validate         # noqa: E402
-from diffrun.data import InMemoryImages            # noqa: E402
+from diffrun.data import ArraySource               # noqa: E402
 
 # Dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, from the vendors' data sheets. Matched as substrings
 # of torch.cuda.get_device_name(), first match wins (so "H100 PCIe" comes before "H100").
@@ -73,12 +73,12 @@ FID_COLUMNS = ["stage", "batch", "img/s", "net evals/s", "notes"]
 # synthetic data, composed config
 # ---------------------------------------------------------------------------------------------------
 def synthetic_cifar(num_images: int = 1024, image_size: int = 32, channels: int = 3, seed: int = 0,
-                    random_flip: bool = True) -> InMemoryImages:
+                    random_flip: bool = True) -> ArraySource:
     """CIFAR-shaped random uint8 images: the dataset loader the benchmark puts in the config."""
     generator = torch.Generator().manual_seed(seed)
     images = torch.randint(0, 256, (num_images, channels, image_size, image_size), dtype=torch.uint8,
                            generator=generator)
-    return InMemoryImages(images, "synthetic_cifar", random_flip)
+    return ArraySource(images, "synthetic_cifar", random_flip)
 
 
 def compose(overrides: list[str], num_images: int, seed: int) -> DictConfig:
@@ -186,7 +186,7 @@ def run_steps(trainer, steps: int) -> None:
     from diffrun.training.step import train_step
 
     for _ in range(steps):
-        train_step(trainer.parts, trainer.data.batch(trainer.parts.local_batch_size), trainer.step, trainer.counters,
+        train_step(trainer.parts, trainer.data.batch(trainer.parts.local_batch_size)[0], trainer.step, trainer.counters,
                    trainer.stats)
         trainer.step += 1
         trainer.state.images_seen += trainer.cfg.train.batch_size
@@ -200,7 +200,7 @@ def count_flops(trainer) -> tuple[float, float]:
     from diffrun.schedules import alpha_sigma
 
     cfg = trainer.cfg.train
-    x0 = trainer.data.batch(cfg.batch_size)
+    x0 = trainer.data.batch(cfg.batch_size)[0]
     if cfg.channels_last:
         x0 = x0.contiguous(memory_format=torch.channels_last)
     logsnr = trainer.strategy.sample(x0).logsnr

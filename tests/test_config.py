@@ -26,6 +26,12 @@ def test_every_option_composes(group, option, tmp_path):
     overrides = [f"{group}={option}"]
     if option == "image_folder":
         overrides.append(f"dataset.root={write_image_folder(tmp_path, size=32)}")
+    if option in ("imagenet64", "celeba64"):
+        overrides.append(f"dataset.root={tmp_path}")
+    if option == "imagenet256_latents":
+        from latent_utils import latent_overrides, write_latents
+
+        overrides = latent_overrides(write_latents(tmp_path))
     cfg = compose_config(overrides)
     validate(cfg)
     assert cfg[group].name == option

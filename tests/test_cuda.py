@@ -31,7 +31,7 @@ HOST_SYNCING = {"adaptive_timestep"}   # its policy update reads ΔKL on the hos
 
 def _steps(trainer, n):
     for _ in range(n):
-        train_step(trainer.parts, trainer.data.batch(trainer.parts.local_batch_size), trainer.step, trainer.counters,
+        train_step(trainer.parts, trainer.data.batch(trainer.parts.local_batch_size)[0], trainer.step, trainer.counters,
                    trainer.stats)
         trainer.step += 1
 
@@ -100,3 +100,59 @@ def test_deterministic_mode_with_every_strategy(make_cfg, tmp_path, weighting):
         finals.append([p.detach().clone() for p in trainer.denoiser.parameters()])
         trainer.directory.unlock()
     assert all(torch.equal(a, b) for a, b in zip(*finals))
+
+
+# --- the data seam on the GPU -------------------------------------------------------------------------
+@pytest.mark.parametrize("order", ["iid", "epoch"])
+def test_conditional_step_and_device_batches_have_no_host_sync(make_cfg, tmp_path, order):
+    """Label dropout in the step and the device placement's batches (both orders) never wait for the host."""
+    trainer = Trainer(make_cfg([*GPU, "precision=bf16", "dataset.num_classes=10", f"dataset.order={order}"]),
+                      tmp_path, callbacks=[])
+
+    def steps(n):
+        for _ in range(n):
+            x, labels = trainer.data.batch(trainer.parts.local_batch_size)
+            train_step(trainer.parts, x, trainer.step, trainer.counters, trainer.stats, labels)
+            trainer.step += 1
+
+    steps(2)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        steps(3)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    trainer.directory.unlock()
+
+
+def test_stream_matches_device_on_gpu():
+    """Pinned, non-blocking stream batches equal the device placement's in epoch order; auto keeps digits on the GPU."""
+    from omegaconf import OmegaConf
+
+    from diffrun.data import EpochOrder, InMemoryImages, StreamingData, load_digits, place
+
+    cuda = torch.device("cuda")
+    on_device = InMemoryImages(load_digits(16, random_flip=True), num_classes=10,
+                               order=EpochOrder(1797, 3, flips=True)).to(cuda)
+    stream = StreamingData(load_digits(16, random_flip=True), EpochOrder(1797, 3, flips=True), cuda, num_classes=10,
+                           workers=2)
+    try:
+        for _ in range(30):   # crosses the epoch boundary at 1797
+            (a, labels_a), (b, labels_b) = on_device.batch(64), stream.batch(64)
+            assert a.is_cuda and b.is_cuda and torch.equal(a, b) and torch.equal(labels_a, labels_b)
+    finally:
+        stream.close()
+    placed = place(load_digits(16), OmegaConf.create({}), cuda, 0)
+    assert isinstance(placed, InMemoryImages) and placed.items.is_cuda
+
+
+def test_conditional_latent_run_on_gpu(make_cfg, tmp_path):
+    """Latents streamed to the GPU, guided sampling and VAE decoding there."""
+    from latent_utils import latent_overrides, write_latents
+
+    paths = write_latents(tmp_path / "data")
+    summary = train(make_cfg([*GPU, *latent_overrides(paths), "model=minsnr_vit_b_2_latent32",
+                              "model.net.hidden_size=64", "model.net.depth=2", "model.net.num_heads=2",
+                              "precision=bf16", "dataset.placement=stream", "dataset.workers=2",
+                              "sample.cfg_scale=1.5", "train.batch_size=6"]), tmp_path / "run")
+    assert summary["step"] == 6 and json.loads((tmp_path / "run" / "status.json").read_text())["state"] == "finished"

@@ -162,7 +162,7 @@ def test_nan_from_the_network_changes_no_state(make_cfg, tmp_path, weighting, ex
     trainer.parts.model = poisoned
 
     def step():
-        train_step(trainer.parts, trainer.data.batch(trainer.parts.local_batch_size), trainer.step,
+        train_step(trainer.parts, trainer.data.batch(trainer.parts.local_batch_size)[0], trainer.step,
                    trainer.counters, trainer.stats)
         trainer.step += 1
 

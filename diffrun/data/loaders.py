@@ -1,102 +1,106 @@
-"""Readers for the supported on-disk formats. Each returns `InMemoryImages` (uint8, on CPU)."""
+"""Readers for the supported on-disk formats (`dataset.loader._target_`). Each returns a `Source`; reading the
+pixels waits for the placement where the format allows (image files are decoded when they are needed).
+
+    load_digits        scikit-learn's bundled digits (no download)
+    load_cifar         CIFAR-10/100, the official python-pickle release (torchvision downloads and verifies it)
+    load_image_folder  any folder of PNG/JPEG images, optionally labelled by sub-folder or EDM's dataset.json
+    load_imagenet64    downsampled ImageNet 64×64: the `Imagenet64_train_npz` release, or an image folder
+    load_celeba        CelebA aligned images with ScoreSDE's 140-px centre crop
+    load_latents       precomputed SD-VAE latents (diffrun/data/latents.py, scripts/encode_latents.py)
+"""
 from __future__ import annotations
 
-import os
+import json
 import pickle
-import tarfile
-import urllib.request
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from diffrun.data.base import InMemoryImages
+from diffrun.data.base import ArraySource, Source, seeded_subset
+from diffrun.data.latents import load_latents
+from diffrun.data.transforms import center_crop_arr, central_crop_resize, resize_uint8
 from diffrun.errors import ConfigError, DataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+LABELS = ("none", "subfolder", "dataset_json")   # dataset.loader.labels of image folders
 
 
-def _resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
-    if images.shape[-1] == size and images.shape[-2] == size:
-        return images
-    resized = F.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return resized.round().clamp(0, 255).to(torch.uint8)
-
-
-def load_digits(image_size: int = 16, random_flip: bool = False) -> InMemoryImages:
-    """scikit-learn's bundled 8×8 handwritten digits (1,797 images, no download), resized to `image_size`."""
+def load_digits(image_size: int = 16, random_flip: bool = False) -> ArraySource:
+    """scikit-learn's bundled 8×8 handwritten digits (1,797 images, labels 0-9, no download), resized to `image_size`."""
     from sklearn.datasets import load_digits as sk_load_digits
 
     digits = sk_load_digits()
     images = torch.from_numpy(digits.images).float().mul(255.0 / 16.0).round().to(torch.uint8)[:, None]
-    images = _resize_uint8(images, image_size)
-    return InMemoryImages(images, "digits", random_flip, labels=torch.from_numpy(digits.target))
+    return ArraySource(resize_uint8(images, image_size), "digits", random_flip, labels=digits.target)
 
 
 # --- CIFAR -----------------------------------------------------------------------------------------
-CIFAR = {
-    # name: (folder in the archive, train files, label key, archive url, archive name)
-    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], b"labels",
-                "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "cifar-10-python.tar.gz"),
-    "cifar100": ("cifar-100-python", ["train"], b"fine_labels",
-                 "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz", "cifar-100-python.tar.gz"),
-}
-CIFAR_TEST_FILES = {"cifar10": ["test_batch"], "cifar100": ["test"]}
+CIFAR_RELEASES = ("cifar10", "cifar100")
 CIFAR_SPLITS = ("train", "test")
 CIFAR_SHAPE = (3, 32)   # (channels, image size) of every CIFAR image; the loader does not resize
 
 
+def _cifar_release(release: str):
+    """torchvision's class for the release: its archive URL, md5 and batch file names."""
+    from torchvision.datasets import CIFAR10, CIFAR100
+
+    if release not in CIFAR_RELEASES:
+        raise ConfigError(f"dataset.loader.release={release!r}: allowed {', '.join(CIFAR_RELEASES)}")
+    return {"cifar10": CIFAR10, "cifar100": CIFAR100}[release]
+
+
+def cifar_folder(release: str) -> str:
+    return _cifar_release(release).base_folder
+
+
+def cifar_archive(release: str) -> tuple[str, str]:
+    """(archive file name, URL) of the official release."""
+    kind = _cifar_release(release)
+    return kind.filename, kind.url
+
+
 def cifar_paths(release: str, root: str, split: str = "train") -> list[Path]:
     """The batch files `load_cifar` reads: `<root>/<folder in the archive>/<file>`."""
-    folder, train_files = CIFAR[release][:2]
-    files = train_files if split == "train" else CIFAR_TEST_FILES[release]
-    return [Path(root).expanduser() / folder / f for f in files]
-
-
-def _download_cifar(name: str, root: Path) -> None:
-    folder, _, _, url, archive = CIFAR[name]
-    root.mkdir(parents=True, exist_ok=True)
-    target = root / archive
-    tmp = target.with_suffix(".part")
-    urllib.request.urlretrieve(url, tmp)  # noqa: S310 — fixed https URL of the official release
-    os.replace(tmp, target)
-    with tarfile.open(target) as tar:
-        tar.extractall(root, filter="data")
+    kind = _cifar_release(release)
+    files = kind.train_list if split == "train" else kind.test_list
+    return [Path(root).expanduser() / kind.base_folder / name for name, _md5 in files]
 
 
 def load_cifar(release: str, root: str, split: str = "train", download: bool = True,
-               random_flip: bool = True, limit: int | None = None) -> InMemoryImages:
-    """The official python-pickle release of CIFAR-10/100, read from `root/<folder>/`."""
-    name = release
-    if name not in CIFAR:
-        raise ConfigError(f"dataset.loader.release={name!r}: allowed {', '.join(CIFAR)}")
+               random_flip: bool = True, limit: int | None = None) -> ArraySource:
+    """The official python-pickle release of CIFAR-10/100, read from `root/<folder>/`; with `download`, a missing
+    release is fetched by torchvision, which verifies the archive's md5 before extracting it."""
+    kind = _cifar_release(release)
     if split not in CIFAR_SPLITS:
         raise ConfigError(f"dataset.loader.split={split!r}: allowed {', '.join(CIFAR_SPLITS)}")
-    folder, _, label_key, url, archive = CIFAR[name]
     root_path = Path(root).expanduser()
-    paths = cifar_paths(name, root, split)
-    files = [p.name for p in paths]
+    paths = cifar_paths(release, root, split)
+    archive, url = cifar_archive(release)
     if not all(p.exists() for p in paths) and download:
+        from torchvision.datasets.utils import download_and_extract_archive
+
         try:
-            _download_cifar(name, root_path)
+            download_and_extract_archive(kind.url, str(root_path), filename=kind.filename, md5=kind.tgz_md5)
         except Exception as exc:  # offline machines and compute nodes: say exactly what to provide
             missing = [str(p) for p in paths if not p.exists()]
             raise DataError(
-                f"{name} not found and could not be downloaded ({type(exc).__name__}: {exc}).\n"
+                f"{release} not found and could not be downloaded ({type(exc).__name__}: {exc}).\n"
                 f"Missing: {', '.join(missing)}\n"
                 f"Fix: download {url} on a machine with internet and extract it so that "
-                f"{root_path / folder}/ holds {', '.join(files)}, e.g.\n"
+                f"{root_path / kind.base_folder}/ holds {', '.join(p.name for p in paths)}, e.g.\n"
                 f"    tar -xzf {archive} -C {root_path}\n"
-                f"or point dataset.loader.root=/path/containing/{folder}"
+                f"or point dataset.loader.root=/path/containing/{kind.base_folder}"
             ) from exc
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
         raise DataError(
-            f"{name} not found: missing {', '.join(missing)}. Extract {archive} ({url}) into "
-            f"{root_path}, or set dataset.loader.root to the folder that contains {folder}/ "
+            f"{release} not found: missing {', '.join(missing)}. Extract {archive} ({url}) into "
+            f"{root_path}, or set dataset.loader.root to the folder that contains {kind.base_folder}/ "
             f"(or dataset.loader.download=true to fetch it when online)"
         )
+    label_key = b"labels" if release == "cifar10" else b"fine_labels"
     chunks, labels = [], []
     for path in paths:
         try:
@@ -111,44 +115,243 @@ def load_cifar(release: str, root: str, split: str = "train", download: bool = T
                 f"the file may be truncated: re-extract {archive}"
             ) from exc
     images = torch.from_numpy(np.concatenate(chunks))
-    targets = torch.from_numpy(np.concatenate(labels))
+    targets = np.concatenate(labels)
     if limit:
         images, targets = images[:limit], targets[:limit]
-    return InMemoryImages(images, f"{name}-{split}", random_flip, labels=targets)
+    return ArraySource(images, f"{release}-{split}", random_flip, labels=targets)
 
 
-# --- image folders ---------------------------------------------------------------------------------
-def load_image_folder(root: str, image_size: int, channels: int = 3, random_flip: bool = True,
-                      resize: bool = False) -> InMemoryImages:
-    """Every PNG/JPEG under `root` (recursively). Images must already be `image_size` square unless
-    `resize=true`, in which case they are resized (no crop) to it."""
-    from PIL import Image
+# --- image files -----------------------------------------------------------------------------------
+class ImageFileSource(Source):
+    """Image files decoded on access (by the stream's workers, or all at once for placement=device)."""
 
-    root_path = Path(root).expanduser()
-    if not root_path.is_dir():
-        raise DataError(f"dataset.root={root_path} is not a directory; point it at a folder of PNG/JPEG images")
-    files = sorted(p for p in root_path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found under {root_path}")
-    mode = {1: "L", 3: "RGB"}.get(channels)
-    if mode is None:
-        raise ConfigError(f"dataset.channels={channels}: allowed 1 or 3")
-    arrays = []
-    for path in files:
+    def __init__(self, files: list[Path], name: str, image_size: int, channels: int = 3, random_flip: bool = True,
+                 labels: np.ndarray | None = None, resize: bool = False, center_crop: bool = False,
+                 central_crop: int | None = None):
+        mode = {1: "L", 3: "RGB"}.get(channels)
+        if mode is None:
+            raise ConfigError(f"dataset.channels={channels}: allowed 1 or 3")
+        if not files:
+            raise DataError(f"dataset {name}: no images")
+        self.files, self.name, self.mode, self.random_flip, self.labels = files, name, mode, random_flip, labels
+        self.image_size, self.resize, self.center_crop, self.central_crop = image_size, resize, center_crop, central_crop
+        self.shape = (channels, image_size, image_size)
+        self.preprocess = (f"central_crop_{central_crop}_resize" if central_crop else "center_crop" if center_crop
+                           else "resize" if resize else "exact")
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def _read(self, path: Path) -> np.ndarray:
+        from PIL import Image
+
+        size = self.image_size
         try:
             with Image.open(path) as img:
-                img = img.convert(mode)
-                if img.size != (image_size, image_size):
-                    if not resize:
-                        raise DataError(
-                            f"{path} is {img.size[0]}x{img.size[1]}, expected {image_size}x{image_size}; "
-                            f"resize the images or set dataset.loader.resize=true"
-                        )
-                    img = img.resize((image_size, image_size), Image.BICUBIC)
-                arrays.append(np.asarray(img, dtype=np.uint8).reshape(image_size, image_size, channels))
+                img = img.convert(self.mode)
+                if self.central_crop:
+                    return central_crop_resize(img, self.central_crop, size)
+                if self.center_crop:
+                    return center_crop_arr(img, size)
+                if img.size != (size, size):
+                    if not self.resize:
+                        raise DataError(f"{path} is {img.size[0]}x{img.size[1]}, expected {size}x{size}; resize the "
+                                        f"images, or set dataset.loader.resize=true (no crop) or "
+                                        f"dataset.loader.center_crop=true")
+                    img = img.resize((size, size), Image.BICUBIC)
+                return np.asarray(img, dtype=np.uint8)
         except DataError:
             raise
         except Exception as exc:
             raise DataError(f"cannot read image {path} ({type(exc).__name__}: {exc}); remove or replace it") from exc
-    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
-    return InMemoryImages(images, f"image_folder:{root_path.name}", random_flip)
+
+    def item(self, index: int, flip: bool) -> torch.Tensor:
+        array = self._read(self.files[index]).reshape(self.image_size, self.image_size, self.shape[0])
+        image = torch.from_numpy(np.array(array, dtype=np.uint8)).permute(2, 0, 1).contiguous()  # PIL's arrays are read-only
+        return image.flip(-1) if flip else image
+
+    def materialize(self, workers: int = 0) -> torch.Tensor:
+        """Every image decoded into one uint8 tensor, by `workers` DataLoader processes (ImageNet has 1.28M files)."""
+        from torch.utils.data import DataLoader
+
+        images = torch.empty((len(self), *self.shape), dtype=torch.uint8)
+        loader = DataLoader(_Decoded(self), batch_size=256, num_workers=workers, generator=torch.Generator())
+        start = 0
+        for batch in loader:
+            images[start:start + len(batch)] = batch
+            start += len(batch)
+        return images
+
+    def nbytes(self) -> int:
+        return len(self) * int(np.prod(self.shape)) + (0 if self.labels is None else 8 * len(self))
+
+    def reference_images(self, count: int, seed: int) -> torch.Tensor:
+        index = seeded_subset(len(self), count, seed)
+        chosen = range(len(self)) if index is None else index.tolist()
+        return torch.stack([self.item(i, False) for i in chosen])
+
+
+class _Decoded(torch.utils.data.Dataset):
+    def __init__(self, source: ImageFileSource):
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.source.item(index, False)
+
+
+def image_files(root: Path, key: str = "dataset.root") -> list[Path]:
+    """Every image under `root`, recursively, in sorted order."""
+    if not root.is_dir():
+        raise DataError(f"{key}={root} is not a directory; point it at a folder of PNG/JPEG images")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found under {root}")
+    return files
+
+
+def folder_labels(root: Path, files: list[Path], labels: str) -> np.ndarray | None:
+    """Class labels of image files: `subfolder` (torchvision's ImageFolder: sorted names of the first-level
+    folders → 0..K−1; ImageNet's train/n01440764/...), `dataset_json` (EDM's dataset_tool: {"labels":
+    [[relative path, label], ...]}), or `none`."""
+    if labels not in LABELS:
+        raise ConfigError(f"dataset.loader.labels={labels!r}: allowed {', '.join(LABELS)}")
+    if labels == "none":
+        return None
+    if labels == "subfolder":
+        classes = [p.relative_to(root).parts[0] if len(p.relative_to(root).parts) > 1 else None for p in files]
+        if None in classes:
+            loose = files[classes.index(None)]
+            raise DataError(f"{loose} is not inside a class folder; dataset.loader.labels=subfolder needs "
+                            f"{root}/<class>/<image> for every image")
+        index = {name: i for i, name in enumerate(sorted(set(classes)))}
+        return np.array([index[c] for c in classes], dtype=np.int64)
+    meta = root / "dataset.json"
+    try:
+        table = dict(json.loads(meta.read_text())["labels"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"{meta}: cannot read EDM's {{'labels': [[file, label], ...]}} ({type(exc).__name__}: {exc}); "
+                        f"dataset.loader.labels=dataset_json needs it") from exc
+    missing = [p for p in files if p.relative_to(root).as_posix() not in table]
+    if missing:
+        raise DataError(f"{meta} has no label for {missing[0].relative_to(root).as_posix()} "
+                        f"({len(missing)} images without a label)")
+    return np.array([table[p.relative_to(root).as_posix()] for p in files], dtype=np.int64)
+
+
+def load_image_folder(root: str, image_size: int, channels: int = 3, random_flip: bool = True,
+                      resize: bool = False, center_crop: bool = False, labels: str = "none") -> ImageFileSource:
+    """Every PNG/JPEG under `root` (recursively). Images must already be `image_size` square, unless
+    `resize=true` (resized without a crop) or `center_crop=true` (ADM's centre crop)."""
+    if resize and center_crop:
+        raise ConfigError("dataset.loader.resize=true and dataset.loader.center_crop=true: choose one")
+    root_path = Path(root).expanduser()
+    files = image_files(root_path)
+    return ImageFileSource(files, f"image_folder:{root_path.name}", image_size, channels, random_flip,
+                           folder_labels(root_path, files, labels), resize=resize, center_crop=center_crop)
+
+
+# --- ImageNet 64×64 ---------------------------------------------------------------------------------
+def _npz_shape(path: Path, key: str) -> tuple[int, ...]:
+    """The shape of one array in an .npz, read from its header (the array itself is not loaded)."""
+    with zipfile.ZipFile(path) as archive, archive.open(f"{key}.npy") as fh:
+        version = np.lib.format.read_magic(fh)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, _ = read_header(fh)
+    return shape
+
+
+class NpzImagesSource(ArraySource):
+    """The downsampled-ImageNet npz release (Chrabaszcz et al. 2017, arXiv:1707.08819): files with `data`
+    (N, 3·S·S) uint8, one RGB plane after the other, and `labels` 1..1000. Read when placed."""
+
+    def __init__(self, files: list[Path], name: str, image_size: int, random_flip: bool):
+        self.files, self.name, self.random_flip, self.image_size = files, name, random_flip, image_size
+        self.shape = (3, image_size, image_size)
+        self.count = 0
+        for path in files:
+            try:
+                rows, width = _npz_shape(path, "data")
+            except Exception as exc:
+                raise DataError(f"{path} is not a readable ImageNet npz batch with a 'data' array "
+                                f"({type(exc).__name__}: {exc}); re-download or re-extract it") from exc
+            if width != 3 * image_size * image_size:
+                raise DataError(f"{path} holds {width}-value rows, {3 * image_size * image_size} expected for "
+                                f"{image_size}x{image_size} RGB images: set dataset.image_size to its resolution")
+            self.count += rows
+        self._images: torch.Tensor | None = None
+        self._labels: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return self.count
+
+    def _load(self) -> None:
+        chunks, labels = [], []
+        for path in self.files:
+            with np.load(path) as batch:
+                chunks.append(torch.from_numpy(batch["data"]).view(-1, *self.shape))
+                labels.append(np.asarray(batch["labels"], dtype=np.int64) - 1)   # the release counts classes from 1
+        self._images, self._labels = torch.cat(chunks), np.concatenate(labels)
+
+    @property
+    def images(self) -> torch.Tensor:
+        if self._images is None:
+            self._load()
+        return self._images
+
+    @property
+    def labels(self) -> np.ndarray:
+        if self._labels is None:
+            self._load()
+        return self._labels
+
+    def nbytes(self) -> int:
+        return self.count * (int(np.prod(self.shape)) + 8)
+
+
+def load_imagenet64(root: str, split: str = "train", image_size: int = 64, random_flip: bool = True) -> Source:
+    """ImageNet at 64×64, labels 0..999, from `root` holding either the npz release (`train_data_batch_*.npz`
+    (Imagenet64_train_part1/2_npz) or `val_data.npz`) or an image folder: ImageNet's class sub-folders, or EDM's
+    dataset_tool output with dataset.json (Min-SNR's 'imagenet-64x64'), centre-cropped as ADM when not 64 px."""
+    if split not in ("train", "val"):
+        raise ConfigError(f"dataset.loader.split={split!r}: allowed train, val")
+    root_path = Path(root).expanduser()
+    if not root_path.is_dir():
+        raise DataError(f"dataset.root={root_path} is not a directory; point it at the Imagenet64 npz files or "
+                        f"an image folder (docs/data.md)")
+    pattern = "train_data_batch_*.npz" if split == "train" else "val_data.npz"
+    npz = sorted(root_path.rglob(pattern), key=lambda p: (len(p.name), p.name))
+    if npz:
+        return NpzImagesSource(npz, f"imagenet{image_size}-{split}", image_size, random_flip)
+    files = image_files(root_path)
+    labels = "dataset_json" if (root_path / "dataset.json").exists() else "subfolder"
+    return ImageFileSource(files, f"imagenet{image_size}-{split}", image_size, 3, random_flip,
+                           folder_labels(root_path, files, labels), center_crop=True)
+
+
+# --- CelebA ----------------------------------------------------------------------------------------
+def load_celeba(root: str, split: str = "train", image_size: int = 64, crop: int = 140,
+                random_flip: bool = True) -> ImageFileSource:
+    """CelebA's aligned images (`img_align_celeba/*.jpg`, 178×218) of one split of `list_eval_partition.txt`
+    (0 train, 1 validation, 2 test), preprocessed as ScoreSDE: a `crop`-px centre square resized to `image_size`."""
+    splits = {"train": "0", "validation": "1", "test": "2"}
+    if split not in splits:
+        raise ConfigError(f"dataset.loader.split={split!r}: allowed {', '.join(splits)}")
+    root_path = Path(root).expanduser()
+    images, partition = root_path / "img_align_celeba", root_path / "list_eval_partition.txt"
+    if not images.is_dir() or not partition.is_file():
+        raise DataError(f"dataset.root={root_path} must hold CelebA's img_align_celeba/ and list_eval_partition.txt "
+                        f"(the 'Align&Cropped Images' release); missing "
+                        f"{images if not images.is_dir() else partition}")
+    names = [line.split() for line in partition.read_text().splitlines() if line.strip()]
+    files = [images / name for name, part in names if part == splits[split]]
+    absent = [p for p in files if not p.exists()]
+    if absent:
+        raise DataError(f"{partition} lists {absent[0].name}, which is not in {images} ({len(absent)} missing)")
+    return ImageFileSource(files, f"celeba{image_size}-{split}", image_size, 3, random_flip, central_crop=crop)
+
+
+__all__ = ["load_digits", "load_cifar", "load_image_folder", "load_imagenet64", "load_celeba", "load_latents",
+           "ImageFileSource", "NpzImagesSource", "IMAGE_SUFFIXES", "CIFAR_RELEASES", "CIFAR_SHAPE", "CIFAR_SPLITS", "cifar_paths"]

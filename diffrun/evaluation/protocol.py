@@ -25,6 +25,7 @@ import time
 
 import torch
 
+from diffrun.data import balanced_labels
 from diffrun.evaluation.fid import SampledImages, compute_fid_against_statistics, compute_fid_kid_from_sampler
 from diffrun.evaluation.inception import InceptionWeights, resolve_inception_weights
 from diffrun.evaluation.reference import (SUBSET_SEED, check_reference_count, dataset_size,
@@ -70,12 +71,17 @@ def evaluate(trainer, eval_cfg, source: str = "training") -> dict:
 
     start = time.perf_counter()
     runs, nfe = [], []
+    num_classes = trainer.data.num_classes    # conditional: every class equally often over all the samples
     for repeat in range(eval_cfg.repeats):
-        seeds = iter(range(sample_seeds(eval_cfg, repeat)[0], 2**63))
+        first_seed = sample_seeds(eval_cfg, repeat)[0]
+        seeds, done = iter(range(first_seed, 2**63)), [0]
+        labels = balanced_labels(eval_cfg.num_samples, num_classes, first_seed) if num_classes else None
 
         def sample_fn(n: int) -> torch.Tensor:
-            images, evaluations = trainer.generate(n, next(seeds), "eval")
+            batch_labels = labels[done[0]:done[0] + n] if labels is not None else None
+            images, evaluations = trainer.generate(n, next(seeds), "eval", batch_labels)
             nfe.append(evaluations)
+            done[0] += n
             return images.cpu()
 
         common = dict(weights_path=weights, batch_size=eval_cfg.batch_size, device=str(trainer.device),

@@ -119,11 +119,5 @@ def check_reference_count(data, num_reference: int | None, dataset_name: str) ->
 
 def reference_images(data, count: int, seed: int = SUBSET_SEED) -> torch.Tensor:
     """`count` training images as uint8 (N, C, H, W) on the CPU: all of them, or a subset drawn with `seed`
-    (kept in dataset order). A data source's own `reference_images(count, seed)` is used where it has one."""
-    if hasattr(data, "reference_images"):
-        return data.reference_images(count, seed)
-    images = data.images
-    if count >= images.shape[0]:
-        return images.cpu()
-    index = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(seed))[:count]
-    return images.cpu()[index.sort().values]
+    (kept in dataset order), as the data source gives them (diffrun/data/base.py)."""
+    return data.reference_images(count, seed)

@@ -27,6 +27,7 @@ NOT_TRAINED = (
     "train.nan_policy", "train.max_skipped_fraction",
     "sample", "checkpoint", "eval", "stats", "wandb", "report", "dist",
     "dataset.loader.root", "dataset.loader.download", "dataset.root",
+    "dataset.workers", "dataset.loader.vae", "dataset.loader.reference_root",   # how data is read, decoded, scored
 )
 DESCRIPTIVE = ("citation", "paper", "notes")          # prose in group configs
 

@@ -52,6 +52,7 @@ class RunState:
             "lr_schedule": p.lr_schedule.state_dict(),
             "scaler": p.scaler.state_dict(),
             "strategy": p.strategy.state_dict(),
+            "data": p.data.state_dict(),                           # where the data stream is
             "stats_sums": p.comm.summed(self.stats.sums).cpu(),   # unflushed window, summed over ranks
             "nonfinite_total": self.nonfinite_total,
             "overflow_total": self.overflow_total,
@@ -70,6 +71,7 @@ class RunState:
         p.lr_schedule.load_state_dict(state["lr_schedule"])
         p.scaler.load_state_dict(state["scaler"])
         p.strategy.load_state_dict(state["strategy"])
+        p.data.load_state_dict(state.get("data", {"order": "iid"}))
         self.stats.sums.copy_(state["stats_sums"].to(p.device))
         if self.rank != 0:
             self.stats.sums.zero_()                             # saved already summed over ranks: count them once

@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from diffrun.config import build
-from diffrun.data import InMemoryImages
+from diffrun.data import InMemoryImages, StreamingData, place
 from diffrun.data.augment import AugmentPipe
 from diffrun.errors import ConfigError
 from diffrun.launching import distributed
@@ -29,9 +29,11 @@ class Components:
 
     device: torch.device
     autocast_dtype: torch.dtype | None     # None: fp32
-    data: InMemoryImages
+    data: InMemoryImages | StreamingData   # diffrun/data/base.py: batch(n) -> (x, labels or None)
     augment: AugmentPipe | None            # EDM's augmentation (augment.p > 0), its labels go to the network
     local_batch_size: int                  # train.batch_size / world size
+    num_classes: int                       # 0: unconditional; else labels in [0, K) and K is the null label
+    label_dropout: float                   # probability that a label is replaced by the null label
     schedule: NoiseSchedule
     denoiser: Denoiser                     # the bare model (checkpoints, EMA, sampling)
     model: nn.Module                       # what the step calls: the denoiser, maybe in DDP and torch.compile
@@ -57,13 +59,13 @@ def build_components(cfg: DictConfig, ranks: distributed.DistInfo) -> Components
         torch.backends.cudnn.benchmark = True             # fixed shapes: cuDNN times its conv algorithms once
 
     # --- data ------------------------------------------------------------------------------------
-    data: InMemoryImages = build(cfg.dataset.loader)
-    if (data.channels, data.image_size) != (cfg.dataset.channels, cfg.dataset.image_size):
+    source = build(cfg.dataset.loader)
+    if source.shape != (cfg.dataset.channels, cfg.dataset.image_size, cfg.dataset.image_size):
         raise ConfigError(
-            f"dataset {cfg.dataset.name}: images are {data.channels}x{data.image_size}px but the config says "
+            f"dataset {cfg.dataset.name}: items are {source.shape[0]}x{source.shape[-1]}px but the config says "
             f"dataset.channels={cfg.dataset.channels}, dataset.image_size={cfg.dataset.image_size}")
+    data = place(source, cfg.dataset, device, cfg.seed, ranks.rank, ranks.world_size)
     data.check_batch_size(cfg.train.batch_size)
-    data.to(device)
 
     # --- schedule, model (+ DDP, compile), EMA ------------------------------------------------------
     schedule = build(cfg.schedule)
@@ -91,7 +93,8 @@ def build_components(cfg: DictConfig, ranks: distributed.DistInfo) -> Components
     augment = AugmentPipe(**cfg.augment) if cfg.augment.p > 0 else None
     return Components(
         device=device, autocast_dtype=autocast_dtype, data=data, augment=augment,
-        local_batch_size=cfg.train.batch_size // ranks.world_size, schedule=schedule, denoiser=denoiser,
+        local_batch_size=cfg.train.batch_size // ranks.world_size, num_classes=data.num_classes,
+        label_dropout=float(cfg.train.label_dropout), schedule=schedule, denoiser=denoiser,
         model=model, ema=ema, strategy=strategy, comm=comm, optimizer=optimizer,
         lr_schedule=build_lr_schedule(cfg.optimizer, optimizer, cfg.train.steps, cfg.train.batch_size),
         scaler=torch.amp.GradScaler(device.type, enabled=use_scaler),

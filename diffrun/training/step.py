@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from diffrun.data.labels import drop_labels
 from diffrun.monitoring.logsnr_stats import LogSNRStats
 from diffrun.schedules import alpha_sigma
 from diffrun.strategies import NoiseDraw
@@ -46,20 +47,24 @@ class StepCounters:
         return out
 
 
-def train_step(c: Components, x0: Tensor, step: int, counters: StepCounters, stats: LogSNRStats) -> None:
-    """Train on the batch `x0` (this rank's share); `step` is the number of steps already taken."""
+def train_step(c: Components, x0: Tensor, step: int, counters: StepCounters, stats: LogSNRStats,
+               labels: Tensor | None = None) -> None:
+    """Train on the batch `x0` (this rank's share) with its class `labels` (None: unconditional); `step` is the
+    number of steps already taken."""
     augment_labels = None
     if c.augment is not None:                   # EDM's non-leaking augmentation: the net is told what was done
         x0, augment_labels = c.augment(x0)
     if c.channels_last:
         x0 = x0.contiguous(memory_format=torch.channels_last)
+    if labels is not None:
+        labels = drop_labels(labels, c.label_dropout, c.num_classes)   # classifier-free guidance's null label
     draw = c.strategy.sample(x0)
     eps = torch.randn_like(x0)
     alpha, sigma = (coef.view(-1, 1, 1, 1) for coef in alpha_sigma(draw.logsnr))
     z = alpha * x0 + sigma * eps
 
     with torch.autocast(c.device.type, dtype=c.autocast_dtype or torch.float32, enabled=c.autocast_dtype is not None):
-        out = c.model(z, draw.logsnr, augment_labels=augment_labels)
+        out = c.model(z, draw.logsnr, class_labels=labels, augment_labels=augment_labels)
     target = c.denoiser.target(x0, eps, z, draw.logsnr)
     loss = (out.float() - target).square().mean(dim=(1, 2, 3))          # (B,) unweighted, target space
     weight = c.strategy.loss_weights(draw, loss.detach())

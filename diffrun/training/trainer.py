@@ -17,6 +17,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from diffrun.config import validate
+from diffrun.data import balanced_labels
 from diffrun.errors import DiffrunError
 from diffrun.files import atomic_write, atomic_write_json
 from diffrun.launching import distributed
@@ -133,17 +134,25 @@ class Trainer:
     # sampling (for callbacks: sample grids, FID)
     # ------------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, num_images: int, seed: int, section: str = "sample") -> tuple[torch.Tensor, int]:
+    def generate(self, num_images: int, seed: int, section: str = "sample",
+                 class_labels: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
         """(uint8 images, network evaluations per image) from the EMA model, with the sampler options of
-        `sample.*` or `eval.*` and a generator of their own (a fixed seed: comparable across runs and steps)."""
+        `sample.*` or `eval.*` and a generator of their own (a fixed seed: comparable across runs and steps).
+        A class-conditional model samples `class_labels` ((num_images,) int64), by default every class equally
+        often (`balanced_labels(num_images, num_classes, seed)`); latents are decoded to pixels first."""
         self.interrupt.check()
         settings = self.cfg[section]
         options = SamplerOptions.from_config(settings, section)
         generator = torch.Generator(self.device).manual_seed(seed)
-        shape = (num_images, self.data.channels, self.data.image_size, self.data.image_size)
-        result = run_sampler(self.ema.model, self.schedule, shape, options, generator=generator, device=self.device,
+        num_classes, labels = self.parts.num_classes, None
+        if num_classes:
+            labels = class_labels if class_labels is not None else balanced_labels(num_images, num_classes, seed)
+            labels = labels.to(self.device)
+        result = run_sampler(self.ema.model, self.schedule, (num_images, *self.data.shape), options,
+                             generator=generator, device=self.device, class_labels=labels,
+                             num_classes=num_classes or None,
                              autocast_dtype=autocast_dtype(settings.precision, self.autocast_dtype, section))
-        return to_uint8(result.images), result.nfe
+        return to_uint8(self.data.decode(result.images)), result.nfe
 
     # ------------------------------------------------------------------------------------------------
     # the run
@@ -176,7 +185,8 @@ class Trainer:
         self.denoiser.train()
         window_start, window_steps = time.perf_counter(), 0
         while state.step < total:
-            train_step(self.parts, self.data.batch(self.parts.local_batch_size), state.step, self.counters, self.stats)
+            x0, labels = self.data.batch(self.parts.local_batch_size)
+            train_step(self.parts, x0, state.step, self.counters, self.stats, labels)
             state.step += 1
             state.images_seen += cfg.train.batch_size
             window_steps += 1
@@ -233,5 +243,7 @@ class Trainer:
         return {"step": self.step, "interrupted": True}
 
     def _release(self) -> None:
+        if getattr(self, "parts", None) is not None:   # not when building the components failed
+            self.parts.data.close()                      # stream workers
         if self.directory is not None:
             self.directory.unlock()
