@@ -198,15 +198,12 @@ class OwnReference:
 
 
 def test_reference_is_the_whole_training_set_or_a_seeded_subset():
-    class Images:
-        images = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 1, 2, 2).contiguous()
+    from diffrun.data import ArraySource
 
-        def __len__(self):
-            return 10
-
-    data = Images()
+    pixels = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 1, 2, 2).contiguous()
+    data = ArraySource(pixels, "toy")
     assert check_reference_count(data, None, "toy") == 10                      # null: all of them
-    assert torch.equal(reference_images(data, 10), data.images)
+    assert torch.equal(reference_images(data, 10), pixels)
     subset = reference_images(data, 4)
     assert subset.shape[0] == 4 and torch.equal(subset, reference_images(data, 4))      # seeded: the same four
     firsts = subset[:, 0, 0, 0].tolist()

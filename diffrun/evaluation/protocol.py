@@ -110,6 +110,7 @@ def evaluate(trainer, eval_cfg, source: str = "training") -> dict:
         "fid_sampler": f"{protocol['sampler']}-{protocol['steps']}",
         "fid_nfe": protocol["nfe"],
         "fid_precision": protocol["precision"],
+        "fid_cfg_scale": protocol["guidance"]["cfg_scale"],
         "inception_weights": weights.source,
         "fid_protocol": protocol["label"],
         "protocol": protocol,
