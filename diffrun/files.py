@@ -20,20 +20,27 @@ TEMPORARY = re.compile(r"^\..+\.tmp\.\d+$")
 
 
 @contextlib.contextmanager
-def atomic_open(path: str | Path) -> Iterator[IO[bytes]]:
-    """`with atomic_open(path) as fh: fh.write(...)`: the file appears whole when the block succeeds."""
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """`with atomic_path(path) as tmp:` write `tmp` by any means (a library that takes a path, a memory map);
+    it is fsynced and renamed over `path` when the block succeeds, removed when it fails."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
     try:
-        with open(tmp, "wb") as fh:
-            yield fh
-            fh.flush()
+        yield tmp
+        with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | Path) -> Iterator[IO[bytes]]:
+    """`with atomic_open(path) as fh: fh.write(...)`: the file appears whole when the block succeeds."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        yield fh
 
 
 def atomic_write(path: str | Path, data: bytes | str | Callable[[IO[bytes]], None]) -> None:

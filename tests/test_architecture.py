@@ -35,3 +35,13 @@ def test_no_duck_typed_callback_dispatch():
     for path in PACKAGE.rglob("*.py"):
         text = path.read_text()
         assert "hasattr(cb" not in text and "hasattr(callback" not in text, path
+
+
+def test_one_atomic_write_helper():
+    """Temp file + fsync + rename lives in diffrun/files.py only; other modules call it (os.replace elsewhere only
+    moves an existing file aside)."""
+    for path in PACKAGE.rglob("*.py"):
+        if path.name == "files.py" and path.parent == PACKAGE:
+            continue
+        text = path.read_text()
+        assert "fsync" not in text and "mkstemp" not in text and '".tmp"' not in text, path

@@ -16,6 +16,7 @@ that says what to provide, never a download.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -26,7 +27,7 @@ from torch import Tensor
 
 from diffrun.data.base import LATENTS, Source, pixels_to_input
 from diffrun.errors import DataError
-from diffrun.files import atomic_write_json
+from diffrun.files import atomic_path, atomic_write_json
 
 FORMAT, VERSION = "diffrun-latents", 1
 POSTERIORS = ("sample", "mean")   # one draw of the VAE posterior (DiT's `latent_dist.sample()`), or its mean
@@ -235,31 +236,31 @@ def encode_images(source: Source, vae, out: str | Path, *, vae_name: str, batch_
     out = Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     (out / "meta.json").unlink(missing_ok=True)           # the folder is unfinished until meta.json is back
-    tmp_latents, tmp_labels = out / ".latents.npy.tmp", out / ".labels.npy.tmp"
-    latents = np.lib.format.open_memmap(tmp_latents, mode="w+", dtype=dtype, shape=(len(source), *shape))
-    labels = (np.lib.format.open_memmap(tmp_labels, mode="w+", dtype=np.int64, shape=(len(source),))
-              if source.labels is not None else None)
-    generator = torch.Generator(device).manual_seed(seed)
-    loader = DataLoader(_Unflipped(source), batch_size=batch_size, shuffle=False, num_workers=workers)
-    start = 0
-    for images in loader:
-        x = pixels_to_input(images.to(device))
-        dist = vae.encode(torch.cat([x, x.flip(-1)])).latent_dist
-        z = (dist.sample(generator=generator) if posterior == "sample" else dist.mean) * scale
-        count = x.shape[0]
-        latents[start:start + count] = torch.stack([z[:count], z[count:]], dim=1).cpu().numpy().astype(dtype)
+    with contextlib.ExitStack() as files:   # each array appears whole (diffrun.files.atomic_path) or not at all
+        tmp_latents = files.enter_context(atomic_path(out / "latents.npy"))
+        tmp_labels = files.enter_context(atomic_path(out / "labels.npy")) if source.labels is not None else None
+        latents = np.lib.format.open_memmap(tmp_latents, mode="w+", dtype=dtype, shape=(len(source), *shape))
+        labels = (np.lib.format.open_memmap(tmp_labels, mode="w+", dtype=np.int64, shape=(len(source),))
+                  if tmp_labels is not None else None)
+        generator = torch.Generator(device).manual_seed(seed)
+        loader = DataLoader(_Unflipped(source), batch_size=batch_size, shuffle=False, num_workers=workers)
+        start = 0
+        for images in loader:
+            x = pixels_to_input(images.to(device))
+            dist = vae.encode(torch.cat([x, x.flip(-1)])).latent_dist
+            z = (dist.sample(generator=generator) if posterior == "sample" else dist.mean) * scale
+            count = x.shape[0]
+            latents[start:start + count] = torch.stack([z[:count], z[count:]], dim=1).cpu().numpy().astype(dtype)
+            if labels is not None:
+                labels[start:start + count] = source.labels[start:start + count]
+            start += count
+            if log_every and (start // batch_size) % log_every == 0:
+                print(f"encoded {start}/{len(source)}", flush=True)
+        latents.flush()
+        del latents
         if labels is not None:
-            labels[start:start + count] = source.labels[start:start + count]
-        start += count
-        if log_every and (start // batch_size) % log_every == 0:
-            print(f"encoded {start}/{len(source)}", flush=True)
-    latents.flush()
-    del latents
-    tmp_latents.replace(out / "latents.npy")
-    if labels is not None:
-        labels.flush()
-        del labels
-        tmp_labels.replace(out / "labels.npy")
+            labels.flush()
+            del labels
     meta = {
         "format": FORMAT, "version": VERSION, "count": len(source), "shape": list(shape), "dtype": dtype,
         "scale_factor": scale, "vae": vae_name, "posterior": posterior, "seed": seed,

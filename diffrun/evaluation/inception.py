@@ -24,7 +24,6 @@ import functools
 import hashlib
 import importlib.util
 import os
-import tempfile
 import urllib.request
 import warnings
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, Featu
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 
 from diffrun.errors import ConfigError, DiffrunError
+from diffrun.files import atomic_path
 
 OFFICIAL_FILENAME = "weights-inception-2015-12-05-6726825d.pth"   # torch-fidelity's file name
 OFFICIAL_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
@@ -170,7 +170,7 @@ def _download_official(target: Path, timeout_s: float) -> Path:
     that drops packets must not hang an evaluation."""
     target.parent.mkdir(parents=True, exist_ok=True)
     with urllib.request.urlopen(URL_INCEPTION_V3, timeout=timeout_s) as response:
-        with _atomic_target(target) as tmp:
+        with atomic_path(target) as tmp:   # never a half-written weights file
             with open(tmp, "wb") as out:
                 while chunk := response.read(1 << 20):
                     out.write(chunk)
@@ -257,7 +257,7 @@ def convert_fid_helper_weights(source: Path, target: Path) -> Path:
     """Converts once; the file only appears after torch-fidelity's network has loaded it."""
     state_dict = fid_helper_state_dict(source)
     target.parent.mkdir(parents=True, exist_ok=True)
-    with _atomic_target(target) as tmp:
+    with atomic_path(target) as tmp:   # never a half-written weights file
         torch.save(state_dict, tmp)
         HeadlessInceptionV3(HEADLESS_EXTRACTOR, ["2048"], feature_extractor_weights_path=str(tmp))
     return target
@@ -307,28 +307,6 @@ if HEADLESS_EXTRACTOR not in FEATURE_EXTRACTORS_REGISTRY:
 
 
 # ----------------------------------------------------------------------------- files
-
-class _atomic_target:
-    """A temp file next to `target`, moved over it with os.replace only if the block succeeds,
-    so a crash or a concurrent job never leaves a half-written weights file behind."""
-
-    def __init__(self, target: Path):
-        self.target = Path(target)
-
-    def __enter__(self) -> Path:
-        fd, name = tempfile.mkstemp(dir=self.target.parent, prefix=f".{self.target.name}.", suffix=".tmp")
-        os.close(fd)
-        os.chmod(name, 0o644)                        # mkstemp's 0600 would hide a shared cache from others
-        self.tmp = Path(name)
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            os.replace(self.tmp, self.target)
-        else:
-            self.tmp.unlink(missing_ok=True)
-        return False
-
 
 def _file_sha256(path: str) -> str:
     stat = os.stat(path)

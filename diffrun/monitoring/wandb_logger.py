@@ -39,6 +39,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from diffrun.errors import ConfigError
+from diffrun.files import atomic_write
 from diffrun.training.callbacks import Callback
 
 log = logging.getLogger(__name__)
@@ -79,9 +80,7 @@ def run_id(run_dir: Path, name: str, fresh: bool = False) -> str:
     digest = hashlib.sha1(digest_of.encode()).hexdigest()[:10]
     slug = re.sub(r"[^A-Za-z0-9_-]+", "-", name).strip("-")[:48] or "run"
     value = f"{slug}-{digest}"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(value + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, value + "\n")
     return value
 
 
@@ -225,7 +224,8 @@ class WandbLogger(Callback):
     def _load_history(self, up_to_step: int, fid_samples) -> None:
         """The heatmap rows and the best FID of the run before this resume (also when W&B was offline, so
         the summary of a requeued offline piece covers the whole run)."""
-        from diffrun.monitoring.metrics import FILENAME as METRICS, read_jsonl
+        from diffrun.monitoring.metrics import FILENAME as METRICS
+        from diffrun.monitoring.metrics import read_jsonl
         from diffrun.monitoring.stats_writer import load_stats
 
         with contextlib.suppress(Exception):     # no earlier statistics file: the heatmap starts at the resume
