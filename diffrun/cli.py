@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import sys
 from pathlib import Path
@@ -20,11 +19,13 @@ from omegaconf import DictConfig, OmegaConf
 from diffrun import conf_dir
 from diffrun.config import DistConfig, register_configs, validate
 from diffrun.errors import DiffrunError
+from diffrun.launching.hydra_node import register_resolvers
 
 log = logging.getLogger("diffrun")
 CONF_DIR = str(conf_dir())
 
 register_configs()
+register_resolvers()   # ${diffrun.app:...} and the --help text in conf/config.yaml's hydra node
 
 
 class JobFailed(DiffrunError, CompactHydraException):
@@ -65,11 +66,16 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict:
 
 def _train_rank(cfg: DictConfig, run_dir: Path, is_main: bool) -> dict:
     from diffrun.config import validate
+    from diffrun.launching import distributed
+    from diffrun.launching.sweep import concurrent_jobs
+    from diffrun.training.environment import set_cpu_threads
     from diffrun.training.identity import RunMismatchError
     from diffrun.training.run_directory import RunDirectory
     from diffrun.training.trainer import Trainer
 
     validate(cfg)
+    jobs, launcher = concurrent_jobs()   # the jobs and ranks that share this machine's CPUs with this process
+    set_cpu_threads(jobs * distributed.local_processes(), launcher if jobs > 1 else "")
     directory = RunDirectory(run_dir)
     if is_main:
         directory.lock()   # a second process on this run stops here, naming the holder
@@ -90,10 +96,41 @@ def _train_rank(cfg: DictConfig, run_dir: Path, is_main: bool) -> dict:
     return trainer.fit()
 
 
+def closing_summary(cfg: DictConfig, run_dir: Path, summary: dict) -> str:
+    """What a run left, in a few lines: how far it got, FID/KID (or why there is none) and where the files are."""
+    step, stopped = summary.get("step", "?"), summary.get("interrupted")
+    if stopped:
+        head = (f"stopped {cfg.name} at step {step}/{cfg.train.steps} after a signal (checkpoint saved); rerun the "
+                f"same command to continue")
+    else:
+        head = f"finished {cfg.name}: {step} steps"
+    if "fid" in summary:
+        count = f" ({summary['fid_num_samples']} EMA samples)" if "fid_num_samples" in summary else ""
+        kid = f", KID {summary['kid_mean']:.4f} ± {summary['kid_std']:.4f}" if "kid_mean" in summary else ""
+        head += f"; FID {summary['fid']:.2f}{kid}{count}"
+    elif summary.get("fid_skipped"):
+        head += f"; FID skipped: {summary['fid_skipped']}"
+    elif not cfg.eval.enabled and not stopped:
+        head += "; no FID (eval.enabled=false)"
+    files = [("run directory", run_dir), ("metrics", run_dir / "metrics.jsonl"), ("checkpoints", run_dir / "checkpoints")]
+    if summary.get("samples"):
+        files.insert(1, ("samples", summary["samples"]))
+    return "\n".join([head] + [f"  {what:<14} {shown(where)}" for what, where in files])
+
+
+def shown(path) -> str:
+    """A path relative to the working directory when it lies inside it (as the user would type it)."""
+    path = Path(path)
+    try:
+        return str(path.absolute().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> float | None:
     from diffrun.launching import distributed
-    from diffrun.launching.preflight import remove_hydra_leftovers
+    from diffrun.launching.preflight import remove_hydra_leftovers, shorten_warmup
     from diffrun.launching.sweep import pin_sweep_name, record_job_start
 
     pin_sweep_name(cfg)
@@ -101,6 +138,9 @@ def main(cfg: DictConfig) -> float | None:
     try:
         # A single run was checked before Hydra made its folder (launching/preflight.py); a multirun job is
         # checked here too, on the machine it runs on (a SLURM node's devices and paths).
+        note = shorten_warmup(cfg)
+        if note:
+            log.info("%s", note)
         validate(cfg)
     except DiffrunError as exc:
         log.error("%s", exc)
@@ -122,7 +162,7 @@ def main(cfg: DictConfig) -> float | None:
         if hydra_cfg.mode.name == "RUN":
             sys.exit(1)
         raise JobFailed(str(exc)) from exc
-    log.info("done: %s", summary)
+    log.info("%s", closing_summary(cfg, run_dir_of(cfg), summary))
     return summary.get("fid") if isinstance(summary, dict) else None
 
 

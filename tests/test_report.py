@@ -236,9 +236,11 @@ def test_fewer_than_two_seeds_is_not_tested(tmp_path):
 
 def test_figures_exist_and_are_linked(tmp_path):
     sweep = make_sweep(tmp_path)
+    for job in sweep.glob("*_seed*"):
+        write_grid(job, 1000, 128)
     report = run_report(sweep, figures=True)
     names = ["fid_curves.png", "loss_curves.png", "loss_vs_logsnr.png", "loss_var_heatmap.png",
-             "wloss_var_heatmap.png", "logsnr_density.png"]
+             "wloss_var_heatmap.png", "logsnr_density.png", "sample_grids.png"]
     for name in names:
         path = sweep / "report" / name
         assert path.exists() and path.stat().st_size > 10_000, name
@@ -432,3 +434,93 @@ def test_paired_test_edge_cases():
     t, p, n = paired({0: 1.0, 1: 2.5, 2: 2.0}, {0: 0.0, 1: 1.0, 2: 1.9})
     ref = stats.ttest_rel([1.0, 2.5, 2.0], [0.0, 1.0, 1.9])
     assert n == 3 and t == pytest.approx(ref.statistic) and p == pytest.approx(ref.pvalue)
+
+
+# ------------------------------------------------------------------------------------------------
+# CSV tables, sample grids side by side, one style per strategy
+# ------------------------------------------------------------------------------------------------
+def test_tables_as_csv(tmp_path):
+    import csv
+
+    sweep = make_sweep(tmp_path)
+    report = run_report(sweep)
+    assert "[results.csv](results.csv)" in report and "[jobs.csv](jobs.csv)" in report
+    summary = json.loads((sweep / "report" / "summary.json").read_text())
+    with open(sweep / "report" / "results.csv") as fh:
+        results = {r["strategy"]: r for r in csv.DictReader(fh)}
+    assert list(results) == list(STRATEGIES)
+    t = truth(sweep)
+    for strategy, row in results.items():
+        assert float(row["final_fid_mean"]) == pytest.approx(np.mean(t[strategy]["final"]), rel=1e-12)
+        assert float(row["final_fid_std"]) == pytest.approx(np.std(t[strategy]["final"], ddof=1), rel=1e-12)
+        assert float(row["images_per_sec"]) == pytest.approx(np.mean(t[strategy]["ips"]), rel=1e-12)
+        assert row["baseline"] == str(strategy == "uniform") and row["seeds"] == "3"
+    for c in summary["comparisons"]:
+        assert float(results[c["strategy"]]["welch_p"]) == pytest.approx(c["p"], rel=1e-12)
+        assert results[c["strategy"]]["verdict"] == c["verdict"]
+    assert results["uniform"]["welch_p"] == "" and results["min_snr"]["failed_jobs"] == "1"
+    with open(sweep / "report" / "jobs.csv") as fh:
+        jobs = {r["job"]: r for r in csv.DictReader(fh)}
+    assert len(jobs) == 10 and jobs["9_min_snr_seed3"]["state"] == "failed"
+    assert jobs["9_min_snr_seed3"]["error"].startswith("RuntimeError: CUDA out of memory")
+    assert float(jobs["0_uniform_seed0"]["final_fid"]) == pytest.approx(fid_at("uniform", 0, 1000))
+
+
+def write_grid(job: Path, step: int, shade: int) -> None:
+    from PIL import Image
+
+    (job / "samples").mkdir(exist_ok=True)
+    Image.new("L", (66, 66), shade).save(job / "samples" / f"step_{step:08d}.png")
+
+
+def test_sample_grids_side_by_side(tmp_path):
+    sweep = make_sweep(tmp_path)
+    for job in sweep.iterdir():
+        if job.is_dir():
+            job.joinpath("config.yaml").write_text(job.joinpath("config.yaml").read_text() + "sample:\n  seed: 0\n")
+            for step in (250, 500, 750, 1000):
+                write_grid(job, step, 25 * int(job.name.split("_")[0]))
+    os.remove(sweep / "3_min_snr_seed0" / "samples" / "step_00000250.png")   # 250: not every strategy has it
+    report = run_report(sweep, figures=True)
+    assert "](sample_grids.png)" in report
+    caption = report.split("### Samples side by side", 1)[1].split("\n###", 1)[0]
+    assert "(500, 750, 1000)" in caption and "training seed 0" in caption and "one sample seed (0)" in caption
+    assert (sweep / "report" / "sample_grids.png").stat().st_size > 10_000
+    # without a seed common to every strategy, each column is its smallest seed, and the caption says so
+    for job in sweep.iterdir():
+        if job.name in ("0_uniform_seed0", "2_uniform_seed2", "4_min_snr_seed1"):
+            for png in (job / "samples").glob("*.png"):
+                png.unlink()
+    caption = run_report(sweep, figures=True).split("### Samples side by side", 1)[1].split("\n###", 1)[0]
+    assert "no training seed is common to every strategy" in caption
+
+
+def test_one_style_per_strategy_in_every_figure(tmp_path, monkeypatch):
+    from diffrun.monitoring import plots
+    from diffrun.reporting import figures
+
+    known = plots.STRATEGY_ORDER
+    all_styles = plots.strategy_styles(known)
+    assert len({(str(s["color"]), s["ls"]) for s in all_styles.values()}) == len(known)
+    assert plots.strategy_styles(["p2", "min_snr"])["min_snr"] == all_styles["min_snr"]
+    odd = plots.strategy_styles(["mine_a", "mine_b", "uniform"])
+    assert len({(str(s["color"]), s["ls"]) for s in odd.values()}) == 3
+    assert plots.strategy_styles(["mine_a"])["mine_a"] == plots.strategy_styles(["mine_a", "uniform"])["mine_a"]
+
+    drawn = {}
+    monkeypatch.setattr(figures, "save", lambda fig, path: drawn.__setitem__(path.name, fig))
+    sweep = make_sweep(tmp_path)
+    from diffrun.reporting.collect import collect_sweep
+    from diffrun.reporting.stats import analyse
+
+    figures.make_figures(analyse(collect_sweep(sweep)), tmp_path / "out")
+    lines = {line.get_label().split(" (")[0]: line for line in drawn["fid_curves.png"].axes[0].get_lines()}
+    for strategy in STRATEGIES:
+        assert lines[strategy].get_color() == all_styles[strategy]["color"]
+        assert lines[strategy].get_linestyle() == all_styles[strategy]["ls"]
+    fig = plots.fig_density_weight([plots.load_run(j) for j in sorted(sweep.glob("*_seed0"))], "diffrun-plot")
+    labelled = [line for line in fig.axes[1].get_lines() if not line.get_label().startswith("_")]
+    assert sorted(line.get_label() for line in labelled) == sorted(STRATEGIES)
+    for line in labelled:
+        assert line.get_color() == all_styles[line.get_label()]["color"]
+        assert line.get_linestyle() == all_styles[line.get_label()]["ls"]

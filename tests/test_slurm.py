@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from diffrun.launching.status import sweep_status
 from diffrun.launching.sweep import INDEX_NAME
 from diffrun.monitoring.metrics import read_jsonl
 from diffrun.reporting.collect import collect_sweep
@@ -116,7 +117,7 @@ def test_slurm_usr2_checkpoints_requeues_and_resumes(tmp_path):
 
     final = status(job)
     assert final["state"] == "finished" and final["step"] == steps
-    log = (job / "cli.log").read_text()
+    log = (job / "diffrun.log").read_text()
     assert f"resumed from {job}/checkpoints/ckpt_{stopped:08d}.pt at step {stopped}" in log
     submitit_log = "".join(p.read_text() for p in (sweep / ".submitit" / slurm_job.job_id).glob("*_0_log.*"))
     assert "Calling checkpoint method" in submitit_log and f"Requeued job {slurm_job.job_id}" in submitit_log
@@ -124,6 +125,9 @@ def test_slurm_usr2_checkpoints_requeues_and_resumes(tmp_path):
     lines = index_lines(sweep)  # same job, same folder, started twice
     assert [(e["dir"], e["slurm_job_id"], e["restart_count"], e["previous_state"]) for e in lines] == [
         (job.name, slurm_job.job_id, 0, None), (job.name, slurm_job.job_id, 1, "interrupted")]
+    (row,) = sweep_status(sweep)  # diffrun-status after the requeue
+    assert (row.job, row.state, row.step, row.restarts, row.slurm_job_id) == (
+        job.name, "finished", steps, 1, slurm_job.job_id)
 
     records = read_jsonl(job / "metrics.jsonl")  # exactly train.steps steps: no step lost or trained twice
     assert [r["step"] for r in records] == list(range(20, steps + 1, 20))
@@ -154,6 +158,6 @@ def test_slurm_scancel_sigterm_checkpoints_and_rerun_resumes(tmp_path):
         assert status(job)["state"] == "interrupted" and status(job)["signal"] == 15 and 0 < stopped < steps
         finish(launch(sweep, name, *overrides), timeout=240)
     assert status(job)["state"] == "finished" and status(job)["step"] == steps
-    assert f"at step {stopped}" in (job / "cli.log").read_text()
+    assert f"at step {stopped}" in (job / "diffrun.log").read_text()
     assert [e["previous_state"] for e in index_lines(sweep)] == [None, "interrupted"]
     assert np.load(job / "logsnr_stats.npz")["count"].sum() == BATCH * steps

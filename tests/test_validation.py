@@ -124,7 +124,6 @@ CASES = [
     (["optimizer.optim.weight_decay=-0.1"], ["optimizer.optim.weight_decay=-0.1"]),
     (["optimizer.optim.weight_decay=abc"], ["optimizer.optim.weight_decay='abc'"]),
     (["optimizer.warmup_steps=1.5"], ["optimizer.warmup_steps=1.5", "integer"]),
-    (["optimizer.warmup_steps=100"], ["optimizer.warmup_steps=100", "train.steps=6"]),
     (["optimizer.decay=linear"], ["optimizer.decay='linear'", "cosine"]),
     (["optimizer.min_lr_ratio=2"], ["optimizer.min_lr_ratio=2"]),
     # keys that nothing reads

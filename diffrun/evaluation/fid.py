@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import re
 from typing import Callable
@@ -35,6 +36,7 @@ from diffrun.evaluation.inception import (HeadlessInceptionError, InceptionWeigh
 from diffrun.evaluation.reference import FEATURE_DIM, ReferenceStatistics
 
 KID_SUBSET_SIZE_MAX = 1000   # torch-fidelity's default, the KID paper's (arXiv:1801.01401) choice
+log = logging.getLogger(__name__)
 
 
 def _as_rgb(images: torch.Tensor) -> torch.Tensor:
@@ -120,14 +122,18 @@ def compute_fid_kid(generated: torch.Tensor | Dataset | SampledImages,
         raise ConfigError(f"kid_subset_size={kid_subset_size} exceeds the number of samples ({num_samples}) "
                           f"or reference images ({num_reference})")
 
+    cache_root, cache_name = default_cache_dir(cache_dir) / "fidelity", reference_cache_name(reference, reference_name, weights)
+    if not any(cache_root.glob(f"{cache_name}-*.pt")):
+        log.info("Inception statistics of the %d reference images: computed now (once), cached as %s/%s-*.pt",
+                 num_reference, cache_root, cache_name)
     with _on_device(device) as cuda:
         metrics = torch_fidelity.calculate_metrics(
             input1=generated,
             input1_model_num_samples=num_samples,
             input2=UInt8Images(reference),
-            input2_cache_name=reference_cache_name(reference, reference_name, weights),
+            input2_cache_name=cache_name,
             cache=True,
-            cache_root=str(default_cache_dir(cache_dir) / "fidelity"),
+            cache_root=str(cache_root),
             feature_extractor=weights.feature_extractor,
             feature_extractor_weights_path=str(weights.path),
             fid=True, kid=kid, isc=isc,

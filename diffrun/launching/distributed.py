@@ -1,10 +1,11 @@
 """Data-parallel training (torch DDP): who this process is, how many ranks there are, the process group.
 
-Three ways to get several ranks; all end in the same env-based `init_process_group`:
+Four ways to get several ranks; all end in the same env-based `init_process_group`:
 
     torchrun --nproc_per_node=2 -m diffrun.cli ...      RANK, WORLD_SIZE, LOCAL_RANK (+ MASTER_ADDR/PORT)
     srun, e.g. hydra/launcher=slurm_gpu                  SLURM_PROCID, SLURM_STEP_NUM_TASKS, SLURM_LOCALID
-        hydra.launcher.tasks_per_node=4
+        hydra.launcher.tasks_per_node=4                  (rendezvous: submitit's TorchDistributedEnvironment)
+    hydra/launcher=local hydra.launcher.tasks_per_node=2 submitit's local tasks, the same rendezvous
     diffrun dist.devices=2                               this process is rank 0 and starts ranks 1..N-1
 
 The contract (see docs/sweeps.md): `train.batch_size` is the *global* batch, each rank draws
@@ -54,7 +55,8 @@ _owns_group = False
 
 
 def env_info() -> DistInfo:
-    """The ranks the launcher asked for: torchrun's variables first, then an srun step's."""
+    """The ranks the launcher asked for: torchrun's variables first, then an srun step's, then the tasks of
+    submitit's local executor (`hydra/launcher=local hydra.launcher.tasks_per_node=N`)."""
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:
         return DistInfo(int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"]))
@@ -62,7 +64,16 @@ def env_info() -> DistInfo:
     # python directly (one process) must not wait for N-1 ranks that never come.
     if "SLURM_STEP_NUM_TASKS" in env and "SLURM_PROCID" in env:
         return DistInfo(int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), int(env["SLURM_STEP_NUM_TASKS"]))
+    if int(env.get("SUBMITIT_LOCAL_NTASKS", 1) or 1) > 1 and "SUBMITIT_LOCAL_GLOBALID" in env:
+        return DistInfo(int(env["SUBMITIT_LOCAL_GLOBALID"]), int(env.get("SUBMITIT_LOCAL_LOCALID", 0)),
+                        int(env["SUBMITIT_LOCAL_NTASKS"]))
     return DistInfo()
+
+
+def local_processes() -> int:
+    """Processes of this job that share this process's CPUs: torchrun's and `dist.devices`' LOCAL_WORLD_SIZE.
+    srun tasks and submitit's local tasks are counted by their launcher (SLURM gives each task its own CPUs)."""
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1) or 1))
 
 
 def info() -> DistInfo:
@@ -84,17 +95,25 @@ def rank_device(device: torch.device, rank_info: DistInfo) -> torch.device:
     return device
 
 
-def _slurm_rendezvous() -> tuple[str, int] | None:
-    """MASTER_ADDR/PORT for an srun step: its first node, a port derived from the job id (as slurm_gpu.yaml)."""
-    if "SLURM_JOB_ID" not in os.environ:
-        return None
-    try:
-        import submitit
+def submitit_rendezvous() -> tuple[str, int] | None:
+    """MASTER_ADDR/PORT for the ranks of a SLURM step or of submitit's local tasks, from submitit's
+    `TorchDistributedEnvironment`: the job's first host, and a port drawn from the job id (the same on every
+    task) unless MASTER_PORT is set. None under torchrun (it sets its own) or without a job submitit knows."""
+    from submitit.helpers import TorchDistributedEnvironment
 
-        host = submitit.JobEnvironment().hostnames[0]
-    except Exception:  # not under submitit, or an unparsable node list
-        host = os.environ.get("SLURMD_NODENAME", "127.0.0.1")
-    return host, 20000 + int(os.environ["SLURM_JOB_ID"]) % 20000
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return None
+    executor = os.environ.get("SUBMITIT_EXECUTOR")
+    if executor is None and "SLURM_JOB_ID" in os.environ:
+        os.environ["SUBMITIT_EXECUTOR"] = "slurm"   # srun started by hand, not by submitit: the same variables
+    try:
+        env = TorchDistributedEnvironment()
+    except RuntimeError:  # not inside a job submitit recognises
+        return None
+    finally:
+        if executor is None:
+            os.environ.pop("SUBMITIT_EXECUTOR", None)
+    return env.master_addr, env.master_port
 
 
 def init(device: torch.device, backend: str = "auto", timeout_s: float = 1800.0) -> DistInfo:
@@ -105,7 +124,7 @@ def init(device: torch.device, backend: str = "auto", timeout_s: float = 1800.0)
         _current = DistInfo()
         return _current
     if not dist.is_initialized():
-        rendezvous = _slurm_rendezvous()
+        rendezvous = submitit_rendezvous()
         if rendezvous is not None:
             os.environ.setdefault("MASTER_ADDR", rendezvous[0])
             os.environ.setdefault("MASTER_PORT", str(rendezvous[1]))

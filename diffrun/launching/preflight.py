@@ -16,6 +16,7 @@ than the basic one) removes what Hydra made for it, `remove_hydra_leftovers`, an
 """
 from __future__ import annotations
 
+import copy
 import logging
 import sys
 from collections import defaultdict
@@ -23,10 +24,11 @@ from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from diffrun.config import validate
 from diffrun.errors import DiffrunError
+from diffrun.training.environment import cpu_threads
 from diffrun.validation import check_writable_dir
 
 log = logging.getLogger("diffrun")
@@ -47,7 +49,10 @@ class ValidateBeforeRun(Callback):
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         try:
-            validate(config)
+            checked = copy.deepcopy(config)
+            shorten_warmup(checked)     # diffrun.cli.main shortens the run's own config, and says so
+            validate(checked)
+            cpu_threads()               # a malformed OMP_NUM_THREADS / SLURM_CPUS_PER_TASK
             check_writable_dir(config.hydra.run.dir, "hydra.run.dir")
         except DiffrunError as exc:
             refuse([str(exc)])
@@ -67,6 +72,7 @@ class ValidateBeforeRun(Callback):
         failures = {}
         for num, (overrides, job) in enumerate(jobs):
             try:
+                shorten_warmup(job)
                 validate(job, environment=local)
             except DiffrunError as exc:
                 name = " ".join(o for o in overrides if o in swept)
@@ -75,6 +81,20 @@ class ValidateBeforeRun(Callback):
             refuse([f"every job of the sweep: {next(iter(failures.values()))}"])
         if failures:
             refuse([f"{job}: {message}" for job, message in failures.items()])
+
+
+def shorten_warmup(cfg: DictConfig) -> str | None:
+    """A learning-rate warm-up that is not shorter than the run (`optimizer.warmup_steps >= train.steps`, e.g. a
+    quick `train.steps=60` with the default warm-up of 100) becomes a tenth of the run. Changes `cfg` in place
+    (its run name stays the one Hydra's folder has) and returns the line to log; None when nothing changed."""
+    warmup, steps = OmegaConf.select(cfg, "optimizer.warmup_steps"), OmegaConf.select(cfg, "train.steps")
+    if not (isinstance(warmup, int) and isinstance(steps, int) and 0 < steps <= warmup):
+        return None    # in range, or a value validation refuses with its own message
+    if "name" in cfg:
+        cfg.name = cfg.name        # resolved before the change: the name's fingerprint suffix must not move
+    cfg.optimizer.warmup_steps = steps // 10
+    return (f"optimizer.warmup_steps={warmup} is not shorter than train.steps={steps}: the learning rate warms up "
+            f"over {steps // 10} steps (a tenth of the run) instead; set optimizer.warmup_steps to choose another")
 
 
 def sweep_jobs(config: DictConfig) -> list[tuple[list[str], DictConfig]]:

@@ -116,3 +116,59 @@ def record_job_start(cfg: DictConfig, previous_state: str | None = None) -> Path
     except Exception as exc:  # the index is bookkeeping: the job's own folder says everything too
         log.warning("could not add this job to the sweep index: %s", exc)
         return None
+
+
+def read_entries(sweep_dir: Path) -> list[dict]:
+    """Every line of `<sweep_dir>/index.jsonl`, in the order written (a torn last line is skipped)."""
+    from diffrun.monitoring.metrics import read_jsonl
+
+    path = Path(sweep_dir) / INDEX_NAME
+    return [e for e in read_jsonl(path) if isinstance(e, dict)] if path.exists() else []
+
+
+def planned_jobs(sweep_dir: Path) -> list[list[str]] | None:
+    """The overrides of every job the basic sweeper launches for the sweep in `sweep_dir`, in job-number order,
+    from the `multirun.yaml` it wrote before the first job (the sweep's lists: `hydra.sweeper.params` and the
+    command line). None when there is no such file or it cannot be expanded here (e.g. `glob(...)`, which
+    needs the config folder the sweep was composed from)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    path = Path(sweep_dir) / "multirun.yaml"
+    try:
+        hydra_cfg = OmegaConf.load(path).hydra
+        params = [f"{k}={v}" for k, v in (OmegaConf.select(hydra_cfg, "sweeper.params") or {}).items()]
+        arguments = params + list(OmegaConf.select(hydra_cfg, "overrides.task") or [])
+        parsed = OverridesParser.create().parse_overrides(arguments)
+        return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+    except Exception as exc:  # noqa: BLE001 — no file, an unreadable one, or a sweep this parser cannot expand
+        log.debug("the sweep's plan (%s) could not be read: %s", path, exc)
+        return None
+
+
+def concurrent_jobs() -> tuple[int, str]:
+    """How many jobs of this multirun the launcher runs at once on this machine, and which launcher says so.
+    The basic launcher runs one after another; submitit's local launcher starts every job of the sweep at once
+    (each with `tasks_per_node` processes); Hydra's joblib launcher runs `n_jobs`. SLURM jobs get CPUs of their
+    own (1 here: the allocation is theirs)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    try:
+        hc = HydraConfig.get()
+    except ValueError:
+        return 1, "not a Hydra run"
+    if hc.mode != RunMode.MULTIRUN:
+        return 1, "a single run"
+    target = str(OmegaConf.select(hc, "launcher._target_") or "")
+    jobs = len(planned_jobs(Path(str(hc.sweep.dir))) or [None])
+    if target.endswith("submitit_launcher.LocalLauncher"):
+        tasks = int(OmegaConf.select(hc, "launcher.tasks_per_node") or 1)
+        return jobs * tasks, f"submitit's local launcher runs the sweep's {jobs} job(s) at once" + (
+            f", {tasks} tasks each" if tasks > 1 else "")
+    if "joblib" in target:
+        n_jobs = int(OmegaConf.select(hc, "launcher.n_jobs") or 1)
+        if n_jobs < 0:  # joblib: -1 = every CPU, -2 = all but one, ...
+            n_jobs = max(1, (os.cpu_count() or 1) + 1 + n_jobs)
+        return min(n_jobs, jobs), f"the joblib launcher runs {min(n_jobs, jobs)} job(s) at once"
+    return 1, "one job at a time on this machine"

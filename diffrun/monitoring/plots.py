@@ -185,15 +185,14 @@ def sampling_profile(arrays: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def fig_density_weight(runs: list[RunStats], title: str) -> Figure:
     fig = Figure(figsize=(16, 4.8), dpi=DPI, layout="constrained")
     ax_p, ax_w, ax_pw = fig.subplots(1, 3, sharex=True)
-    names = sorted({r.strategy for r in runs})
-    colors, styles = strategy_colors(names), strategy_linestyles(names)
+    styles = strategy_styles(r.strategy for r in runs)
     seen: set = set()
     for run in runs:
         density, weight, product = sampling_profile(run.arrays)
         centers = run.arrays["centers"]
         label = run.strategy if run.strategy not in seen else None
         seen.add(run.strategy)
-        style = dict(color=colors[run.strategy], ls=styles[run.strategy], lw=1.5, alpha=0.85, label=label)
+        style = dict(**styles[run.strategy], lw=1.5, alpha=0.85, label=label)
         ax_p.step(centers, density, where="mid", **style)
         ax_w.plot(centers, _positive(weight), marker=".", ms=3, **style)
         ax_pw.plot(centers, _positive(product), marker=".", ms=3, **style)
@@ -214,14 +213,13 @@ def fig_loss_overlay(runs: list[RunStats], title: str) -> Figure:
     """Mean loss over λ at each run's last flush, one colour per strategy."""
     fig = Figure(figsize=(12, 4.6), dpi=DPI, layout="constrained")
     ax_mean, ax_var = fig.subplots(1, 2, sharex=True)
-    names = sorted({r.strategy for r in runs})
-    colors, styles = strategy_colors(names), strategy_linestyles(names)
+    styles = strategy_styles(r.strategy for r in runs)
     seen: set = set()
     for run in runs:
         a = run.arrays
         label = run.strategy if run.strategy not in seen else None
         seen.add(run.strategy)
-        style = dict(color=colors[run.strategy], ls=styles[run.strategy], lw=1.3, ms=3, alpha=0.85, label=label)
+        style = dict(**styles[run.strategy], lw=1.3, ms=3, alpha=0.85, label=label)
         ax_mean.plot(a["centers"], _positive(a["loss_mean"][-1]), marker=".", **style)
         ax_var.plot(a["centers"], _positive(a["loss_var"][-1]), marker=".", **style)
     _yscale(ax_mean, *(r.arrays["loss_mean"][-1] for r in runs))
@@ -242,17 +240,40 @@ def _step_colors(n: int):
     return [cmap(x) for x in np.linspace(0.0, 0.9, max(n, 1))]
 
 
-def strategy_colors(names: list[str]) -> dict:
-    """One colour per strategy, in the order given (the same strategy gets the same colour everywhere)."""
+# Every strategy of conf/weighting/ keeps one colour and one dash in every figure of every sweep (diffrun-plot,
+# diffrun-report, any subset of strategies). Append new names; never reorder (old figures would change meaning).
+STRATEGY_ORDER = (
+    "uniform", "min_snr", "p2", "edm", "sigmoid", "snr", "soft_min_snr", "lognormal", "logit_normal", "importance",
+    "variance_aware", "adaptive_timestep", "speed", "debiased", "truncated_snr", "snr_plus_one", "p2_gamma05",
+    "sigmoid_density", "adaptive_histogram", "variance_aware_gaussian", "variance_aware_cauchy",
+    "variance_aware_zscore", "variance_aware_binned",
+)
+DASHES = ("-", "--", "-.", ":")
+SLOTS = 10 * len(DASHES)       # tab10 colours × dashes: slot i and slot i + 10k differ in dash
+
+
+def _slot_style(slot: int) -> dict:
     from matplotlib import colormaps
 
-    cmap = colormaps["tab10" if len(names) <= 10 else "tab20"]
-    return {name: cmap(i % cmap.N) for i, name in enumerate(names)}
+    return {"color": colormaps["tab10"](slot % 10), "ls": DASHES[(slot + slot // 10) % len(DASHES)]}
 
 
-def strategy_linestyles(names: list[str]) -> dict:
-    """Dashes as well as colours, so strategies with identical curves (same seed and sampler) stay visible."""
-    return {name: ("-", "--", "-.", ":")[i % 4] for i, name in enumerate(names)}
+def strategy_styles(names) -> dict[str, dict]:
+    """`{name: {"color", "ls"}}` for matplotlib: a strategy's style depends on its name alone, so that it is the
+    same in every figure. Neighbours in STRATEGY_ORDER differ in dash as well as colour, so identical curves
+    (strategies that draw the same λ) stay visible. A name diffrun does not know gets a slot from its hash;
+    within one call, a slot already taken moves it to the next free one."""
+    import zlib
+
+    taken: dict[int, str] = {}
+    styles = {}
+    for name in sorted(set(names), key=lambda n: (n not in STRATEGY_ORDER, n)):
+        slot = STRATEGY_ORDER.index(name) if name in STRATEGY_ORDER else zlib.crc32(name.encode()) % SLOTS
+        while slot in taken and len(taken) < SLOTS:
+            slot = (slot + 1) % SLOTS
+        taken[slot] = name
+        styles[name] = _slot_style(slot)
+    return styles
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -14,8 +14,8 @@ from typing import Optional
 import numpy as np
 from matplotlib.figure import Figure
 
-from diffrun.monitoring.plots import draw_variance_heatmap, robust_log_norm, strategy_colors, strategy_linestyles
-from diffrun.reporting.collect import RunRecord
+from diffrun.monitoring.plots import draw_variance_heatmap, robust_log_norm, strategy_styles
+from diffrun.reporting.collect import RunRecord, dotted
 from diffrun.reporting.stats import Analysis
 
 LAMBDA_LABEL = "log-SNR  λ = log(α²/σ²)"
@@ -29,12 +29,6 @@ class Plot:
     file: str                # name inside the report folder
     title: str
     caption: str
-
-
-def strategy_styles(analysis: Analysis) -> tuple[dict, dict]:
-    """Colour and dash per strategy, in the report's strategy order (the same in every figure)."""
-    names = [s.strategy for s in analysis.summaries]
-    return strategy_colors(names), strategy_linestyles(names)
 
 
 def add_legend(ax, count: int) -> None:
@@ -70,7 +64,7 @@ def save(fig: Figure, path: Path) -> None:
 def _curves_plot(analysis: Analysis, path: Path, series, ylabel: str, title: str,
                  target: Optional[float] = None) -> Optional[str]:
     """Shared body of the FID and loss curves: one line + band per strategy. Returns the band kinds used."""
-    palette, dashes = strategy_styles(analysis)
+    styles = strategy_styles(s.strategy for s in analysis.summaries)
     fig = Figure(figsize=(8.5, 4.8))
     ax = fig.add_subplot()
     kinds, drawn, lows, highs = set(), 0, [], []
@@ -81,10 +75,10 @@ def _curves_plot(analysis: Analysis, path: Path, series, ylabel: str, title: str
             continue
         steps, centre, lo, hi, kind = band(curves)
         kinds.add(kind)
-        ax.plot(steps, centre, marker="o", ms=3, lw=1.6, color=palette[s.strategy], ls=dashes[s.strategy],
+        ax.plot(steps, centre, marker="o", ms=3, lw=1.6, **styles[s.strategy],
                 label=f"{s.strategy} (n={len(curves)}, {kind})")
         if len(curves) > 1:
-            ax.fill_between(steps, lo, hi, color=palette[s.strategy], alpha=0.2, lw=0)
+            ax.fill_between(steps, lo, hi, color=styles[s.strategy]["color"], alpha=0.2, lw=0)
         lows.append(np.nanmin(lo)), highs.append(np.nanmax(hi))
         drawn += 1
     if not drawn:
@@ -157,7 +151,7 @@ def plot_loss_vs_logsnr(analysis: Analysis, out_dir: Path) -> Optional[Plot]:
     groups = stats_runs(analysis)
     if not groups:
         return None
-    palette, dashes = strategy_styles(analysis)
+    styles = strategy_styles(s.strategy for s in analysis.summaries)
     panels = [("loss_mean", "unweighted loss ℓ(λ)"), ("wloss_mean", "weighted loss w·ℓ(λ)"),
               ("weight_mean", "applied weight w(λ)")]
     fig = Figure(figsize=(15, 4.4), layout="constrained")
@@ -172,7 +166,7 @@ def plot_loss_vs_logsnr(analysis: Analysis, out_dir: Path) -> Optional[Plot]:
                 warnings.simplefilter("ignore", RuntimeWarning)  # bins empty in every seed stay NaN
                 y = np.nanmean(np.vstack(curves), axis=0)
             y = np.where(y > 0, y, np.nan)
-            ax.plot(runs[0].stats["centers"], y, lw=1.6, color=palette[strategy], ls=dashes[strategy], label=f"{strategy} (n={len(curves)})")
+            ax.plot(runs[0].stats["centers"], y, lw=1.6, **styles[strategy], label=f"{strategy} (n={len(curves)})")
         ax.set_yscale("log")
         ax.set_xlim(lo, hi)
         ax.set_xlabel(LAMBDA_LABEL)
@@ -248,7 +242,7 @@ def plot_logsnr_density(analysis: Analysis, out_dir: Path) -> Optional[Plot]:
     groups = stats_runs(analysis)
     if not groups:
         return None
-    palette, dashes = strategy_styles(analysis)
+    styles = strategy_styles(s.strategy for s in analysis.summaries)
     fig = Figure(figsize=(8.5, 4.6))
     ax = fig.add_subplot()
     for strategy, runs in groups.items():
@@ -257,7 +251,7 @@ def plot_logsnr_density(analysis: Analysis, out_dir: Path) -> Optional[Plot]:
         if count.sum() <= 0:
             continue
         density = count / (count.sum() * np.diff(edges))
-        ax.stairs(density, edges, lw=1.6, color=palette[strategy], ls=dashes[strategy], label=f"{strategy} (n={len(runs)})")
+        ax.stairs(density, edges, lw=1.6, **styles[strategy], label=f"{strategy} (n={len(runs)})")
     ax.set_xlim(*occupied_range(groups))
     ax.set_xlabel(LAMBDA_LABEL)
     ax.set_ylabel("density of sampled λ (per unit λ)")
@@ -268,6 +262,80 @@ def plot_logsnr_density(analysis: Analysis, out_dir: Path) -> Optional[Plot]:
     return Plot("logsnr_density.png", "Sampled log-SNR density",
                 "Histogram of the λ drawn during training, counts summed over every logging window and seed, "
                 "normalised to unit area. Adaptive samplers change it over training; this is the whole-run average.")
+
+
+# ------------------------------------------------------------------------------------------------
+# sample grids (<run>/samples/step_*.png)
+# ------------------------------------------------------------------------------------------------
+SAMPLE_ROWS = 4              # at most this many steps, evenly spread, always with the last common one
+
+
+def sample_grids(run: RunRecord) -> dict[int, Path]:
+    """step → the run's sample grid PNG."""
+    if run.path is None:
+        return {}
+    grids = {}
+    for path in (Path(run.path) / "samples").glob("step_*.png"):
+        step = path.stem.removeprefix("step_")
+        if step.isdigit():
+            grids[int(step)] = path
+    return grids
+
+
+def grid_runs(analysis: Analysis) -> tuple[dict[str, RunRecord], Optional[int]]:
+    """One finished run per strategy with sample grids: the seed every strategy has (the smallest), else each
+    strategy's smallest seed (the second value is then None)."""
+    have = {s.strategy: [r for r in s.runs if sample_grids(r)] for s in analysis.summaries}
+    have = {k: sorted(v, key=lambda r: (r.seed is None, r.seed)) for k, v in have.items() if v}
+    common = set.intersection(*({r.seed for r in runs} for runs in have.values())) - {None} if have else set()
+    if common:
+        seed = min(common)
+        return {k: next(r for r in runs if r.seed == seed) for k, runs in have.items()}, seed
+    return {k: runs[0] for k, runs in have.items()}, None
+
+
+def plot_sample_grids(analysis: Analysis, out_dir: Path) -> Optional[Plot]:
+    from PIL import Image
+
+    chosen, seed = grid_runs(analysis)
+    if not chosen:
+        return None
+    grids = {k: sample_grids(r) for k, r in chosen.items()}
+    common = sorted(set.intersection(*(set(g) for g in grids.values())))
+    if not common:
+        return None
+    picks = sorted({common[int(round(i))] for i in np.linspace(0, len(common) - 1, min(SAMPLE_ROWS, len(common)))})
+    styles = strategy_styles(chosen)
+    rows, cols = len(picks), len(chosen)
+    fig = Figure(figsize=(2.6 * cols + 0.6, 2.6 * rows + 0.7), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for j, (strategy, run) in enumerate(chosen.items()):
+        for i, step in enumerate(picks):
+            ax = axes[i, j]
+            with Image.open(grids[strategy][step]) as image:
+                pixels = np.asarray(image.convert("RGB"))
+            ax.imshow(pixels, interpolation="nearest")
+            ax.set_xticks([]), ax.set_yticks([])
+            if i == 0:
+                ax.set_title(strategy if seed is not None else f"{strategy} (seed {run.seed})", fontsize=10,
+                             color=styles[strategy]["color"])
+            if j == 0:
+                ax.set_ylabel(f"step {step}", fontsize=10)
+    fig.suptitle(f"EMA samples at equal steps{f', training seed {seed}' if seed is not None else ''} — "
+                 f"{analysis.sweep.name}", fontsize=11)
+    save(fig, out_dir / "sample_grids.png")
+    if seed is not None:
+        which = f"the runs of training seed {seed}"
+    else:
+        which = "no training seed is common to every strategy, so each column shows its smallest seed"
+    sample_seeds = sorted({str(dotted(r.config, "sample.seed")) for r in chosen.values()})
+    if len(sample_seeds) == 1 and sample_seeds != ["None"]:
+        noise = f"one sample seed ({sample_seeds[0]}) for all, so every column starts from the same noise"
+    else:
+        noise = f"the sample seeds differ ({', '.join(sample_seeds)}), so the columns start from different noise"
+    return Plot("sample_grids.png", "Samples side by side",
+                f"One column per strategy, one row per step at which every strategy saved a grid "
+                f"({', '.join(map(str, picks))}); {which}; {noise}.")
 
 
 def make_figures(analysis: Analysis, out_dir: Path) -> tuple[list[Plot], list[str]]:
@@ -283,6 +351,8 @@ def make_figures(analysis: Analysis, out_dir: Path) -> tuple[list[Plot], list[st
         ("Loss-variance heatmaps", lambda a, d: plot_variance_heatmaps(a, d, "loss_var"), why_var),
         ("Weighted-loss-variance heatmaps", lambda a, d: plot_variance_heatmaps(a, d, "wloss_var"), why_var),
         ("Sampled log-SNR density", plot_logsnr_density, no_npz),
+        ("Samples side by side", plot_sample_grids,
+         "no step at which every strategy's finished run saved a sample grid (samples/step_*.png)"),
     ]:
         plot = fn(analysis, out_dir)
         if plot is None:

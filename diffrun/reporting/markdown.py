@@ -262,6 +262,8 @@ def render(a: Analysis, plots: list[Plot], missing: list[str], now: Optional[str
     now = now or _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     lines = (header(a, now) + results_table(a) + comparison(a) + failures(a) + figures(plots, missing)
              + runs_table(a) + checkpoint_evals_table(a))
+    lines += ["", f"The tables as CSV: [{RESULTS_CSV}]({RESULTS_CSV}) (per strategy, with the comparison) and "
+                  f"[{JOBS_CSV}]({JOBS_CSV}) (every job); `summary.json` holds the same numbers."]
     if a.sweep.notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in a.sweep.notes]
     return "\n".join(lines) + "\n"
@@ -294,9 +296,63 @@ def summary_dict(a: Analysis) -> dict:
     }
 
 
+# ------------------------------------------------------------------------------------------------
+# the tables as CSV: plain numbers (no ± or formatting), empty where there is no value
+# ------------------------------------------------------------------------------------------------
+RESULTS_CSV = "results.csv"
+JOBS_CSV = "jobs.csv"
+
+
+def results_rows(a: Analysis) -> list[dict]:
+    """One row per strategy: the results table and, against the baseline, the comparison."""
+    comparisons = {c.strategy: c for c in a.comparisons}
+    rows = []
+    for s in a.summaries:
+        c = comparisons.get(s.strategy)
+        rows.append({
+            "strategy": s.strategy, "baseline": s.strategy == a.baseline, "seeds": s.n,
+            "seeds_with_fid": len(s.fid_runs),
+            "final_fid_mean": _num(s.final_fid_mean), "final_fid_std": _num(s.final_fid_std),
+            "best_fid_mean": _num(s.best_fid_mean), "target_fid": a.target_fid,
+            "steps_to_target_mean": _num(s.steps_to_target_mean) if a.target_fid is not None else None,
+            "seeds_reached_target": s.reached if a.target_fid is not None else None,
+            "final_loss_mean": _num(mean(s.final_losses("loss"))), "final_loss_std": _num(std(s.final_losses("loss"))),
+            "final_weighted_loss_mean": _num(mean(s.final_losses("weighted_loss"))),
+            "images_per_sec": _num(s.images_per_sec), "failed_jobs": len(s.failed),
+            "compared_metric": c.metric if c else None, "diff_vs_baseline": _num(c.diff) if c else None,
+            "ci95_low": _num(c.ci[0]) if c else None, "ci95_high": _num(c.ci[1]) if c else None,
+            "welch_t": _num(c.t) if c else None, "welch_p": _num(c.p) if c else None,
+            "paired_p": _num(c.paired_p) if c else None, "paired_n": c.paired_n if c else None,
+            "verdict": c.verdict if c else None,
+        })
+    return rows
+
+
+def jobs_rows(a: Analysis) -> list[dict]:
+    """One row per job of the sweep, finished or not (the "All jobs" table plus state and error)."""
+    return [{
+        "job": r.name, "strategy": r.strategy, "seed": r.seed, "state": r.state, "step": r.step,
+        "total_steps": r.total_steps, "final_fid": _num(r.final_fid), "best_fid": _num(r.best_fid),
+        "steps_to_target": r.steps_to_fid(a.target_fid), "final_loss": _num(r.final_train("loss")),
+        "final_weighted_loss": _num(r.final_train("weighted_loss")), "images_per_sec": _num(r.images_per_sec),
+        "logsnr_stats": r.stats is not None, "error": r.error or None,
+    } for r in a.sweep.runs]
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    import csv
+
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]) if rows else ["strategy"])
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def write_report(a: Analysis, plots: list[Plot], missing: list[str], out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "report.md"
     path.write_text(render(a, plots, missing))
     (out_dir / "summary.json").write_text(json.dumps(summary_dict(a), indent=2))
+    write_csv(results_rows(a), out_dir / RESULTS_CSV)
+    write_csv(jobs_rows(a), out_dir / JOBS_CSV)
     return path

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import platform
 import random
@@ -13,6 +14,8 @@ import numpy as np
 import torch
 
 from diffrun.errors import ConfigError
+
+log = logging.getLogger("diffrun")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -51,6 +54,77 @@ def resolve_precision(name: str, device: torch.device) -> tuple[torch.dtype | No
             raise ConfigError("precision=fp16 needs CUDA (GradScaler); use precision=bf16 or fp32 on CPU")
         return torch.float16, True
     raise ConfigError(f"precision={name!r}: allowed auto, fp32, bf16, fp16")
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on: its affinity mask (taskset, a cgroup cpuset, SLURM's task binding)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # no affinity API (macOS): every CPU
+        return os.cpu_count() or 1
+
+
+def _positive_int(name: str, environ) -> int | None:
+    """An environment variable that counts CPUs: None when unset or empty; ConfigError when it is not a count."""
+    text = environ.get(name, "").strip()
+    if not text:
+        return None
+    first = text.split(",")[0]   # OMP_NUM_THREADS may list one count per nesting level
+    if not first.isdigit() or int(first) < 1:
+        raise ConfigError(f"{name}={text!r}: expected a positive whole number of CPU threads; set it to one "
+                          f"(e.g. {name}=4) or unset it")
+    return int(first)
+
+
+def cpu_threads(sharing: int = 1, environ=os.environ) -> tuple[int, str]:
+    """How many intra-op threads torch should use here, and why (for the log). In order: OMP_NUM_THREADS (the
+    user's word, per process), else SLURM_CPUS_PER_TASK (the task's allocation) or the CPUs this process may run on
+    (its affinity), divided among the `sharing` processes that run on them (the jobs a local launcher runs at once
+    × the ranks each starts). More threads than free cores is the costly mistake: OpenMP threads spin-wait for
+    each other (docs/performance.md)."""
+    omp = _positive_int("OMP_NUM_THREADS", environ)
+    if omp is not None:
+        return omp, f"OMP_NUM_THREADS={omp}"
+    slurm = _positive_int("SLURM_CPUS_PER_TASK", environ)
+    if slurm is not None:
+        cpus, where = slurm, f"SLURM_CPUS_PER_TASK={slurm}"
+    else:
+        cpus = available_cpus()
+        where = f"the {cpus} CPU(s) this process may run on"
+    if sharing <= 1:
+        return cpus, where
+    return max(1, cpus // sharing), f"{where}, shared by {sharing} processes"
+
+
+def busy_cores_warning(threads: int, load: float | None = None) -> str | None:
+    """A warning when other programs seem to keep this process's CPUs busy (the 1-minute load average is above
+    their number) while torch would use several threads. The thread count itself is not taken from the load:
+    results differ in the last bits between thread counts, and a run's numbers must not depend on its neighbours."""
+    if threads <= 1:
+        return None
+    try:
+        load = os.getloadavg()[0] if load is None else load
+    except OSError:
+        return None
+    cpus = available_cpus()
+    if load <= cpus:
+        return None
+    return (f"the load average ({load:.1f}) is above the {cpus} CPU(s) this process may run on: other programs keep "
+            f"them busy, and {threads} spin-waiting torch threads can then be many times slower than one "
+            f"(docs/performance.md#cpu-threads); OMP_NUM_THREADS=1 sets one")
+
+
+def set_cpu_threads(sharing: int = 1, sharers: str = "") -> int:
+    """Set torch's intra-op threads by `cpu_threads` and log the number and why (`sharers`: who shares the CPUs);
+    warn when other programs seem to keep the CPUs busy and the user did not choose the number."""
+    threads, why = cpu_threads(sharing)
+    torch.set_num_threads(threads)
+    log.info("torch uses %d CPU thread%s (%s%s)", threads, "" if threads == 1 else "s", why,
+             f"; {sharers}" if sharers else "")
+    warning = None if why.startswith("OMP_NUM_THREADS") else busy_cores_warning(threads)
+    if warning:
+        log.warning("%s", warning)
+    return threads
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
