@@ -366,7 +366,7 @@ def test_smoke_sweep_report_end_to_end(tmp_path, monkeypatch):
     import wandb
 
     runs = [OfflineRun(run_dir) for run_dir in sorted(sweep.glob("*/wandb/offline-run-*"))]
-    assert len(runs) == 4 and {r.group for r in runs} == {"smoke"}
+    assert len(runs) == 4 and {r.group for r in runs} == {"smoke/uniform", "smoke/min_snr"}   # one per strategy
     monkeypatch.setattr(wandb, "Api", lambda timeout=None: OfflineApi(runs))
     monkeypatch.delenv("WANDB_MODE", raising=False)
     assert report_main(["--wandb", "me/diffrun", "--group", "smoke", "--out", str(tmp_path / "from_wandb"),
@@ -421,8 +421,8 @@ class OfflineApi:
         self._runs = runs
 
     def runs(self, path, filters=None):
-        group = (filters or {}).get("group")
-        return [r for r in self._runs if group is None or r.group == group]
+        pattern = (filters or {}).get("group", {}).get("$regex")     # W&B's MongoDB-style filter
+        return [r for r in self._runs if pattern is None or re.match(pattern, r.group)]
 
 
 def test_paired_test_edge_cases():

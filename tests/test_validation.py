@@ -13,11 +13,10 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from omegaconf import DictConfig, ListConfig
+from omegaconf import DictConfig
 
 from diffrun.cli import CONF_DIR
 from diffrun.config import RunConfig, validate
-from diffrun.errors import DiffrunError
 from diffrun.launching.preflight import ValidateBeforeRun, remove_hydra_leftovers
 from diffrun.validation import RANGES, SAMPLER_OPTION_KEYS, target_parameters
 

@@ -412,7 +412,8 @@ def _strip(key: str) -> str:
 
 
 def collect_wandb(path: str, group: Optional[str], timeout: int = 30) -> Sweep:
-    """Runs of W&B project `entity/project` in `group` (history keys step/fid/loss..., config weighting.name, seed).
+    """Runs of W&B project `entity/project` in `group` or its per-strategy groups `group/<strategy>` (history keys
+    step/fid/loss..., config weighting.name, seed).
 
     Needs network access and an API key (`wandb login` or WANDB_API_KEY); without them this raises a
     ReportError that says so. Per-log-SNR statistics are not read from W&B (use the sweep directory).
@@ -429,7 +430,9 @@ def collect_wandb(path: str, group: Optional[str], timeout: int = 30) -> Sweep:
         import wandb
 
         api = wandb.Api(timeout=timeout)
-        remote = list(api.runs(path, filters={"group": group}))
+        # a sweep's runs are grouped per strategy, `<sweep>/<strategy>` (docs/wandb.md); evaluation jobs are not runs
+        remote = [r for r in api.runs(path, filters={"group": {"$regex": f"^{re.escape(group)}(/[^/]+)?$"}})
+                  if getattr(r, "job_type", "train") != "eval"]
     except Exception as exc:  # auth, DNS, HTTP errors: all the same to the user
         raise ReportError(f"cannot read W&B runs of {path} group={group}: {type(exc).__name__}: "
                           f"{first_line(str(exc)).rstrip('.') or 'no detail'}. {hint}") from None
