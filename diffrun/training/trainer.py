@@ -63,6 +63,7 @@ class Trainer:
         self.checkpointed_step = -1          # the step of the checkpoint on disk that matches the state in memory
         self.nonfinite_total = 0
         self.overflow_total = 0
+        self.step_fn = train_step             # the one call site of the step (train.capture may replace it)
         self.counters = StepCounters(self.device)
         self.stats = LogSNRStats.from_config(cfg.stats, self.schedule, self.device)
         self.checkpoints = ckpt.CheckpointManager(self.run_dir / "checkpoints", cfg.checkpoint.keep,
@@ -277,7 +278,7 @@ class Trainer:
         self.denoiser.train()
         window_start, window_steps = time.perf_counter(), 0
         while self.step < total:
-            train_step(self.parts, self.data.batch(self.parts.local_batch_size), self.step, self.counters, self.stats)
+            self.step_fn(self.parts, self.data.batch(self.parts.local_batch_size), self.step, self.counters, self.stats)
             self.step += 1
             self.images_seen += cfg.train.batch_size
             window_steps += 1
