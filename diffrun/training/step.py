@@ -24,18 +24,20 @@ class StepCounters:
 
     def __init__(self, device: torch.device):
         self.sums = torch.zeros(3, dtype=torch.float64, device=device)   # Σloss, Σweighted loss, Σgrad-norm (good steps)
-        self.good = torch.zeros((), dtype=torch.long, device=device)     # good steps in the window
-        self.nonfinite = torch.zeros((), dtype=torch.long, device=device)
-        self.overflow = torch.zeros((), dtype=torch.long, device=device)
+        self.counts = torch.zeros(3, dtype=torch.long, device=device)    # good, non-finite, overflow steps in the window
+        self.good, self.nonfinite, self.overflow = self.counts.unbind()  # views of `counts`
         self.first_bad = torch.full((), -1, dtype=torch.long, device=device)  # 1-based step of the first non-finite one
 
-    def tensors(self) -> list[Tensor]:
-        return [self.sums, self.good, self.nonfinite, self.overflow, self.first_bad]
-
     def reset(self) -> None:
-        for tensor in self.tensors():
-            tensor.zero_()
+        self.sums.zero_()
+        self.counts.zero_()
         self.first_bad.fill_(-1)
+
+    def add(self, values: Tensor, good: Tensor, nonfinite: Tensor, overflow: Tensor, step: int | Tensor) -> None:
+        """One step (0-d bool flags): `values` = (mean loss, weighted loss, grad norm) count where `good`."""
+        self.sums += values.double().nan_to_num_(0.0) * good
+        self.counts += torch.stack([good, nonfinite, overflow])
+        self.first_bad.masked_fill_(nonfinite & (self.first_bad < 0), step + 1)
 
 
 def train_step(c: Components, x0: Tensor, step: int, counters: StepCounters, stats: LogSNRStats) -> None:
@@ -51,37 +53,35 @@ def train_step(c: Components, x0: Tensor, step: int, counters: StepCounters, sta
         out = c.model(z, draw.logsnr)
     target = c.denoiser.target(x0, eps, z, draw.logsnr)
     loss = (out.float() - target).square().mean(dim=(1, 2, 3))          # (B,) unweighted, target space
-    weight = c.strategy.loss_weights(draw, loss.detach())
+    seen = loss.detach()                                                 # what the strategy and statistics see
+    weight = c.strategy.loss_weights(draw, seen)
     total = (weight * loss).mean()
 
     c.optimizer.zero_grad(set_to_none=True)
     c.strategy.on_before_update(c.denoiser, x0, step)
     c.scaler.scale(total).backward()
     c.scaler.unscale_(c.optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(c.denoiser.parameters(), c.grad_clip)
-    loss_ok, grads_ok = torch.isfinite(total), torch.isfinite(grad_norm)
-    good = loss_ok & grads_ok
+    grad_norm = torch.nn.utils.clip_grad_norm_(c.parameters, c.grad_clip)
+    values = torch.stack([seen.mean(), total.detach(), grad_norm])
+    finite = torch.isfinite(values[1:])                                  # loss, gradients
+    good = finite.all()
     if c.scaler.is_enabled():
         c.scaler.step(c.optimizer)                      # fp16: the scaler skips non-finite gradients itself
         c.scaler.update()
+        loss_ok, grads_ok = finite.unbind()
         overflow, nonfinite = loss_ok & ~grads_ok, ~loss_ok
     else:
-        _optimizer_step_if(c.optimizer, good)
         overflow, nonfinite = torch.zeros_like(good), ~good
+        _optimizer_step_if(c.optimizer, good)
     c.lr_schedule.step()
     c.ema.update(c.denoiser, good)
     c.strategy.on_after_update(c.denoiser, x0, step, good)
     if c.strategy.observes:
-        c.strategy.observe(*_global_feedback(c, draw, loss.detach()), good=_all_good(c, good))
+        c.strategy.observe(*_global_feedback(c, draw, seen), good=_all_good(c, good))
 
     # --- device-side bookkeeping, read back at the flush -------------------------------------------
-    counters.sums += torch.stack([loss.detach().mean().double(), total.detach().double(),
-                                  grad_norm.detach().double()]).nan_to_num(0.0) * good
-    counters.good += good.long()
-    counters.nonfinite += nonfinite.long()
-    counters.overflow += overflow.long()
-    counters.first_bad.copy_(torch.where(nonfinite & (counters.first_bad < 0), step + 1, counters.first_bad))
-    stats.update(draw.logsnr, loss.detach().nan_to_num(0.0), weight.detach().nan_to_num(0.0), good)
+    counters.add(values, good, nonfinite, overflow, step)
+    stats.update(draw.logsnr, seen.nan_to_num(0.0), weight.detach().nan_to_num(0.0), good)
 
 
 def _optimizer_step_if(optimizer: torch.optim.Optimizer, good: Tensor) -> None:
