@@ -4,6 +4,9 @@
     python scripts/bench_train.py                               # whatever device is here; CPU: < 60 s
     python scripts/bench_train.py --model ddpm_cifar10 --batch 128 --precision bf16 \
         --compile --channels-last --json docs/bench_h100.json   # the GPU measurement (docs/performance.md)
+    python scripts/bench_train.py --overhead                    # host work per step outside the network, every
+                                                                # strategy against a bare loop (CPU: ~6 min)
+    python scripts/bench_train.py --capture ...                 # the same with train.capture=compile
 
 What is measured, all in one process on one device (docs/performance.md says why each choice):
   * diffrun: `diffrun.training.step.train_step` of a Trainer composed from the real Hydra config (dataset=cifar10 with
@@ -21,6 +24,12 @@ What is measured, all in one process on one device (docs/performance.md says why
 Strategy and peer windows are interleaved round-robin, so drift in a shared machine's load hits all
 of them alike. Ratios use the amortised step time (all timed steps), which counts periodic work
 (e.g. adaptive_timestep's KL probes every `update_every` steps); images/s uses the median window.
+Each strategy's state is compared before and after: the table says which state tensors moved.
+
+--overhead measures the host work of a step apart from the network (`NetworkWindows`: hooks mark the
+network's forward and backward): ATen operators dispatched per step inside and outside the network
+(`OpCounter`, a TorchDispatchMode), host reads (`_local_scalar_dense`: a sync on a GPU) and host
+milliseconds outside the network (thread CPU time on CPU), for every strategy and for `BareLoop`.
 """
 from __future__ import annotations
 
@@ -709,12 +718,16 @@ def main(argv=None) -> dict:
     if args.threads is None and device.type == "cpu":
         args.threads = 1
     threads_before = torch.get_num_threads()
+    recompile_limit = torch._dynamo.config.recompile_limit
     try:
         if args.threads is not None:
             torch.set_num_threads(args.threads)
+        if args.capture:                                      # every strategy swapped in is a graph of its own
+            torch._dynamo.config.recompile_limit = max(recompile_limit, 64)
         return (_run_overhead if args.overhead else _run)(args, argv, device)
     finally:
         torch.set_num_threads(threads_before)                 # main() is also called in-process (tests)
+        torch._dynamo.config.recompile_limit = recompile_limit
 
 
 def _run(args: argparse.Namespace, argv, device: torch.device) -> dict:

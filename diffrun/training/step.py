@@ -85,12 +85,20 @@ def train_step(c: Components, x0: Tensor, step: int, counters: StepCounters, sta
 
 
 def _optimizer_step_if(optimizer: torch.optim.Optimizer, good: Tensor) -> None:
-    if optimizer.defaults.get("fused"):        # fused kernels skip the update on the device when found_inf is set
-        optimizer.found_inf, optimizer.grad_scale = (~good).float(), None
+    if optimizer.defaults.get("fused"):        # fused kernels skip the update on the device where found_inf is 1
+        found_inf(optimizer).copy_(~good)
         optimizer.step()
-        del optimizer.found_inf, optimizer.grad_scale
     elif bool(good):                            # host sync: only for optimizers without a fused kernel
         optimizer.step()
+
+
+def found_inf(optimizer: torch.optim.Optimizer) -> Tensor:
+    """The flag a fused Adam(W) reads as `optimizer.found_inf` (torch's GradScaler protocol), made once and kept
+    on the optimizer: written in place each step, so that a compiled step never adds or deletes attributes."""
+    if getattr(optimizer, "found_inf", None) is None:
+        device = optimizer.param_groups[0]["params"][0].device
+        optimizer.found_inf, optimizer.grad_scale = torch.zeros((), device=device), None
+    return optimizer.found_inf
 
 
 def _global_feedback(c: Components, draw: NoiseDraw, loss: Tensor) -> tuple[NoiseDraw, Tensor]:

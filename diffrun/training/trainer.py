@@ -2,6 +2,7 @@
 callbacks' end-of-run work (sample grid, FID). Where things are:
 
     the step                  diffrun/training/step.py         (train_step: no host sync, no config)
+    the step as one graph     diffrun/training/capture.py      (train.capture=compile)
     building it all           diffrun/training/setup.py        (build_components)
     the run directory         diffrun/training/run_state.py    (lock, identity, status.json)
     checkpoint files          diffrun/training/checkpoint.py
@@ -24,12 +25,13 @@ from diffrun.monitoring.logsnr_stats import LogSNRStats
 from diffrun.sampling import SamplerOptions, autocast_dtype, run_sampler, to_uint8
 from diffrun.training import checkpoint as ckpt
 from diffrun.training.callbacks import Callback, Events, build_callbacks
+from diffrun.training.capture import step_function
 from diffrun.training.environment import provenance, rng_state, seed_everything, set_rng_state
 from diffrun.training.interrupt import GracefulInterrupt, StopRequested
 from diffrun.training.nonfinite import nonfinite_hint
 from diffrun.training.run_state import RunDirectory, check_checkpoint, fingerprint, trained_config
 from diffrun.training.setup import build_components
-from diffrun.training.step import StepCounters, train_step
+from diffrun.training.step import StepCounters
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +65,7 @@ class Trainer:
         self.checkpointed_step = -1          # the step of the checkpoint on disk that matches the state in memory
         self.nonfinite_total = 0
         self.overflow_total = 0
-        self.step_fn = train_step             # the one call site of the step (train.capture may replace it)
+        self.step_fn = step_function(str(getattr(cfg.train.capture, "value", cfg.train.capture)), self.parts)
         self.counters = StepCounters(self.device)
         self.stats = LogSNRStats.from_config(cfg.stats, self.schedule, self.device)
         self.checkpoints = ckpt.CheckpointManager(self.run_dir / "checkpoints", cfg.checkpoint.keep,
