@@ -5,7 +5,7 @@
     python scripts/bench_train.py --model ddpm_cifar10 --batch 128 --precision bf16 \
         --compile --channels-last --json docs/bench_h100.json   # the GPU measurement (docs/performance.md)
     python scripts/bench_train.py --overhead                    # host work per step outside the network, every
-                                                                # strategy against a bare loop (CPU: ~6 min)
+                                                                # strategy against a bare loop (CPU: 3-6 min)
     python scripts/bench_train.py --capture ...                 # the same with train.capture=compile
 
 What is measured, all in one process on one device (docs/performance.md says why each choice):
@@ -867,7 +867,7 @@ def _run(args: argparse.Namespace, argv, device: torch.device) -> dict:
 
 
 def _run_overhead(args: argparse.Namespace, argv, device: torch.device) -> dict:
-    """`--overhead`: every strategy's step in one Trainer (swapped in as in `_run`), then the bare loop."""
+    """`--overhead`: the two bare loops, then every strategy's step in one Trainer (swapped in as in `_run`)."""
     from diffrun.training.trainer import Trainer
 
     started = time.perf_counter()
@@ -942,9 +942,9 @@ def _run_overhead(args: argparse.Namespace, argv, device: torch.device) -> dict:
     bare, bare_plus = rows[0], rows[1]
     for row in rows[1:]:
         if row["status"] == "ok":
-            row["ops_outside_x_bare"] = _ratio(row["ops_outside_per_step"], bare["ops_outside_per_step"])
-            row["outside_ms_x_bare"] = _ratio(row["outside_ms"], bare["outside_ms"])
-            row["outside_ms_x_bare_clip_ema"] = _ratio(row["outside_ms"], bare_plus["outside_ms"])
+            row["ops_outside_x_bare"] = _ratio(row["ops_outside_per_step"], bare.get("ops_outside_per_step"))
+            row["outside_ms_x_bare"] = _ratio(row["outside_ms"], bare.get("outside_ms"))
+            row["outside_ms_x_bare_clip_ema"] = _ratio(row["outside_ms"], bare_plus.get("outside_ms"))
     import hydra
 
     result = {

@@ -4,14 +4,14 @@ Eager, a step of a small network is bound by the host: a hundred operators outsi
 a kernel launch on a GPU (`scripts/bench_train.py --overhead`). With `train.capture=compile` the whole step —
 noise-level sampling, forward, loss and weights, backward, gradient clipping, the optimizer, the EMA, the
 strategy's feedback and the bookkeeping — is traced by torch.compile, and on CUDA replayed as CUDA graphs
-(mode="reduce-overhead"): a few launches a step.
+(mode="reduce-overhead"): a few graph launches a step, with the fused optimizer and `zero_grad` between them.
 
 What is compiled is `diffrun.training.step.train_step` itself, on a view of the components in which the host
 work stays outside the graph:
 
   * the optimizer steps eagerly between two graphs (`_EagerOptimizer`): a fused Adam(W) is one kernel already,
-    torch.compile does not trace fused optimizers, and so the learning rate stays a host float the schedule
-    sets after each call;
+    torch.compile does not trace fused optimizers, and so the learning rate stays a host float that the
+    schedule, stepped on the host after each call, sets;
   * the EMA decay is computed on the device from a device count of updates (`DeviceDecayEMA`);
   * the step number is a device tensor advanced inside the graph (the host's count is copied in only when the
     two differ: a resume).

@@ -40,8 +40,9 @@ class StepCounters:
         self.first_bad.masked_fill_(nonfinite & (self.first_bad < 0), step + 1)
 
 
-def train_step(c: Components, x0: Tensor, step: int, counters: StepCounters, stats: LogSNRStats) -> None:
-    """Train on the batch `x0` (this rank's share); `step` is the number of steps already taken."""
+def train_step(c: Components, x0: Tensor, step: int | Tensor, counters: StepCounters, stats: LogSNRStats) -> None:
+    """Train on the batch `x0` (this rank's share); `step` is the number of steps already taken (a 0-d device
+    tensor when the step is captured, diffrun/training/capture.py)."""
     if c.channels_last:
         x0 = x0.contiguous(memory_format=torch.channels_last)
     draw = c.strategy.sample(x0)
