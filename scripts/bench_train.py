@@ -519,7 +519,8 @@ def host_clock(cuda: bool):
 class OverheadProbe:
     """One loop under `--overhead`. `step(x0)` runs one training step, `batch()` draws x0 (not counted),
     `windows` watch the network (None: the step is captured, and its forward and backward cannot be told
-    apart from the rest)."""
+    apart from the rest; nor can its operators be counted: torch.compile runs eagerly under a
+    TorchDispatchMode, so `count` is not called for it)."""
 
     def __init__(self, step, batch, windows: NetworkWindows | None, cuda: bool):
         self.step, self.batch, self.cuda, self.windows = step, batch, cuda, windows
@@ -562,12 +563,12 @@ class OverheadProbe:
         c, n = self.counter, self.counted_steps
         median = lambda xs: statistics.median(xs) * 1e3 if xs else None       # noqa: E731
         mean = lambda xs: statistics.fmean(xs) * 1e3 if xs else None          # noqa: E731
-        return {"ops_per_step": (c.inside + c.outside) / n,
-                "ops_outside_per_step": c.outside / n if self.windows is not None else None,
-                "host_reads_per_step": c.reads / n,
+        return {"ops_per_step": (c.inside + c.outside) / n if c else None,
+                "ops_outside_per_step": c.outside / n if c and self.windows is not None else None,
+                "host_reads_per_step": c.reads / n if c else None,
                 "step_ms": median(self.host_s), "step_ms_mean": mean(self.host_s), "timed_steps": len(self.host_s),
                 "outside_ms": median(self.outside_s), "outside_ms_mean": mean(self.outside_s),
-                "sources": [{"line": line, "ops_per_step": k / n} for line, k in c.sources.most_common()]}
+                "sources": [{"line": line, "ops_per_step": k / n} for line, k in c.sources.most_common()] if c else []}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -916,7 +917,9 @@ def _run_overhead(args: argparse.Namespace, argv, device: torch.device) -> dict:
         try:
             for name in probes:                                      # warm-up and operator counts, loop by loop
                 guarded(name, lambda probe: probe.warm_up(args.warmup))
-                guarded(name, lambda probe: probe.count(args.overhead_steps, sources=name in ("bare loop", "uniform")))
+                if probes[name].windows is not None:                 # not a captured step (see OverheadProbe)
+                    guarded(name, lambda probe: probe.count(args.overhead_steps,
+                                                            sources=name in ("bare loop", "uniform")))
             rounds = min(5, args.overhead_steps)                     # timing round-robin: load drift hits all alike
             for r in range(rounds):
                 share = args.overhead_steps // rounds + (r < args.overhead_steps % rounds)
@@ -1050,7 +1053,9 @@ def format_overhead_report(result: dict) -> str:
             f"per loop {meta['warmup_steps']} warm-up steps, then {meta['steps']} steps counted and {meta['steps']} timed "
             f"(medians)\n"
             "ops: ATen operators dispatched per step; outside: not in the network's forward/backward; host reads: "
-            "_local_scalar_dense (.item()/bool(); a sync on a GPU)")
+            "_local_scalar_dense (.item()/bool(); a sync on a GPU)"
+            + ("\ncaptured steps: step ms only (operators cannot be counted: torch.compile runs eagerly under the "
+               "counting TorchDispatchMode; the network cannot be timed apart)" if meta["capture"] else ""))
     rows = []
     for r in result["overhead"]:
         if r["status"] != "ok":

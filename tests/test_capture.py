@@ -196,11 +196,14 @@ def test_capture_key_is_checked(make_cfg):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here (run scripts/gpu_check.sh on a GPU)")
-def test_captured_step_on_gpu_replays_cuda_graphs(make_cfg, tmp_path):
-    """inductor with CUDA graphs (mode="reduce-overhead", the default on CUDA): trains as the eager step does, no
-    graph falls back from CUDA graphs, and the replayed steps read nothing on the host."""
+def test_captured_step_on_gpu_replays_cuda_graphs(make_cfg, tmp_path, monkeypatch):
+    """inductor with CUDA graphs (mode="reduce-overhead", the default on CUDA): trains as the eager step does (with
+    inductor drawing its random numbers through ATen, as eager does), no graph falls back from CUDA graphs, and the
+    replayed steps read nothing on the host."""
+    import torch._inductor.config
     from torch._dynamo.utils import counters
 
+    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
     torch._dynamo.reset()
     counters.clear()
     gpu = ["device=cuda", "precision=fp32", "sample.num_images=0"]

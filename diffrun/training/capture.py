@@ -16,6 +16,10 @@ work stays outside the graph:
   * the step number is a device tensor advanced inside the graph (the host's count is copied in only when the
     two differ: a resume).
 
+With inductor the random draws (t, ε) come from inductor's own generator, seeded from torch's: a captured run is
+another random sample than the eager run of the same seed. `torch._inductor.config.fallback_random = True`
+draws through ATen and reproduces the eager run to rounding (docs/performance.md).
+
 Refused with a ConfigError (`refusal`): a strategy that works on the host around the update (adaptive_timestep:
 KL probes, sklearn's F-test), precision=fp16 (the GradScaler reads found_inf on the host), an optimizer without
 a fused kernel (skipping a non-finite step would read `good` on the host), DDP, and train.compile=true (the
