@@ -52,6 +52,11 @@ class NanPolicy(str, Enum):
     halt = "halt"    # stop at the next flush with a checkpoint of the last good state
 
 
+class Capture(str, Enum):
+    none = "none"        # the step runs eagerly, operator by operator
+    compile = "compile"  # the whole step through torch.compile, CUDA graphs on a GPU (diffrun/training/capture.py)
+
+
 class OnUnavailable(str, Enum):
     skip = "skip"    # train anyway, report that FID was skipped and why
     fail = "fail"
@@ -66,6 +71,7 @@ class TrainConfig:
     log_every: int = 50               # host reads metrics / NaN counters only every N steps
     grad_clip: float = 1.0            # max global grad-norm; 0 disables
     compile: bool = False             # torch.compile the denoiser
+    capture: Capture = Capture.none   # compile: the whole step (sampling … optimizer, EMA, bookkeeping) as one graph
     channels_last: bool = False       # memory format (helps convolutions on CUDA)
     nan_policy: NanPolicy = NanPolicy.skip
     max_skipped_fraction: float = 0.1  # halt anyway if more than this fraction of steps were non-finite

@@ -642,6 +642,20 @@ def check_groups(cfg: DictConfig) -> None:
             raise
         except Exception as exc:
             raise _failure("optimizer.optim", optim, "building the optimizer", exc) from None
+    check_capture(cfg, strategy, bool(optimizer.defaults.get("fused")))
+
+
+def check_capture(cfg: DictConfig, strategy, fused_optimizer: bool) -> None:
+    """train.capture=compile with a strategy, precision, network and optimizer it can capture (capture.refusal)."""
+    if str(getattr(cfg.train.capture, "value", cfg.train.capture)) != "compile":
+        return
+    from diffrun.training.capture import refusal
+
+    reason = refusal(strategy, fp16=str(getattr(cfg.precision, "value", cfg.precision)) == "fp16",
+                     compiled_network=bool(cfg.train.compile), world_size=cfg.dist.devices,
+                     fused_optimizer=fused_optimizer, augment=float(cfg.augment.p) > 0)
+    if reason is not None:
+        raise ConfigError(reason)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -4,6 +4,9 @@
     python scripts/bench_train.py                               # whatever device is here; CPU: < 60 s
     python scripts/bench_train.py --model ddpm_cifar10 --batch 128 --precision bf16 \
         --compile --channels-last --json docs/bench_h100.json   # the GPU measurement (docs/performance.md)
+    python scripts/bench_train.py --overhead                    # host work per step outside the network, every
+                                                                # strategy against a bare loop (CPU: 3-6 min)
+    python scripts/bench_train.py --capture ...                 # the same with train.capture=compile
 
 What is measured, all in one process on one device (docs/performance.md says why each choice):
   * diffrun: `diffrun.training.step.train_step` of a Trainer composed from the real Hydra config (dataset=cifar10 with
@@ -21,10 +24,17 @@ What is measured, all in one process on one device (docs/performance.md says why
 Strategy and peer windows are interleaved round-robin, so drift in a shared machine's load hits all
 of them alike. Ratios use the amortised step time (all timed steps), which counts periodic work
 (e.g. adaptive_timestep's KL probes every `update_every` steps); images/s uses the median window.
+Each strategy's state is compared before and after: the table says which state tensors moved.
+
+--overhead measures the host work of a step apart from the network (`NetworkWindows`: hooks mark the
+network's forward and backward): ATen operators dispatched per step inside and outside the network
+(`OpCounter`, a TorchDispatchMode), host reads (`_local_scalar_dense`: a sync on a GPU) and host
+milliseconds outside the network (thread CPU time on CPU), for every strategy and for `BareLoop`.
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import copy
 import datetime
 import json
@@ -41,6 +51,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, open_dict
+from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:                      # run from a checkout without `pip install -e .`
@@ -65,8 +76,10 @@ PEAK_BF16_TFLOPS: list[tuple[str, float]] = [
 
 # Column headers of the printed tables (tests check them; keep them stable).
 TRAIN_COLUMNS = ["loop", "img/s", "step ms", "vs peer", "GFLOP/img", "TFLOP/s", "MFU", "peak mem"]
-STRATEGY_COLUMNS = ["strategy", "step ms", "x uniform", "img/s", "peak mem", "status"]
+STRATEGY_COLUMNS = ["strategy", "step ms", "x uniform", "img/s", "peak mem", "status", "state changed"]
 FID_COLUMNS = ["stage", "batch", "img/s", "net evals/s", "notes"]
+OVERHEAD_COLUMNS = ["loop", "ops/step", "outside", "x bare", "host reads", "outside ms", "ms x bare",
+                    "ms x bare+clip+EMA", "step ms", "state changed"]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -107,6 +120,39 @@ def weighting_names() -> list[str]:
 
     names = sorted(p.stem for p in (Path(CONF_DIR) / "weighting").glob("*.yaml"))
     return ["uniform", *[n for n in names if n != "uniform"]]
+
+
+def base_overrides(args: argparse.Namespace) -> list[str]:
+    """The Hydra overrides every Trainer and strategy of the benchmark is composed with."""
+    base = [f"model={args.model}", f"device={args.device}", f"precision={args.precision}", f"seed={args.seed}",
+            f"train.batch_size={args.batch}", f"train.compile={str(args.compile).lower()}",
+            f"train.channels_last={str(args.channels_last).lower()}", "train.progress=false",
+            "eval.enabled=false", "sample.num_images=0", "resume=never"]
+    return [*base, "train.capture=compile"] if args.capture else base
+
+
+def weighting_overrides(args: argparse.Namespace, strategy_name: str) -> list[str]:
+    """`--weighting-override NAME:KEY=VALUE` (checked by `main`) → `weighting.KEY=VALUE` for strategy NAME only."""
+    return [f"weighting.{item.partition(':')[2]}" for item in args.weighting_override
+            if item.partition(":")[0] == strategy_name]
+
+
+def build_strategies(args: argparse.Namespace, base: list[str], trainer) -> tuple[list[str], dict, dict]:
+    """(names asked for with uniform first, {name: bound strategy}, {name: error}); uniform is the Trainer's own
+    unless it has overrides."""
+    wanted = weighting_names() if args.strategies == "all" else [s.strip() for s in args.strategies.split(",") if s.strip()]
+    if "uniform" not in wanted:
+        wanted = ["uniform", *wanted]
+    strategies, errors = {}, {}
+    for strategy_name in wanted:
+        try:
+            extra = weighting_overrides(args, strategy_name)
+            cfg = compose([*base, f"weighting={strategy_name}", *extra], args.num_images, args.seed)
+            own = strategy_name == "uniform" and not extra
+            strategies[strategy_name] = trainer.strategy if own else build_strategy(cfg, trainer)
+        except Exception as exc:
+            errors[strategy_name] = _error_text(exc)
+    return wanted, strategies, errors
 
 
 def build_strategy(cfg: DictConfig, trainer):
@@ -183,11 +229,9 @@ def peak_bf16_tflops(name: str, device: torch.device) -> float | None:
 # ---------------------------------------------------------------------------------------------------
 def run_steps(trainer, steps: int) -> None:
     """What `Trainer.fit` does per step, minus logging/checkpointing (which happen every N steps)."""
-    from diffrun.training.step import train_step
-
     for _ in range(steps):
-        train_step(trainer.parts, trainer.data.batch(trainer.parts.local_batch_size)[0], trainer.step, trainer.counters,
-                   trainer.stats)
+        x0, labels = trainer.data.batch(trainer.parts.local_batch_size)
+        trainer.step_fn(trainer.parts, x0, trainer.step, trainer.counters, trainer.stats, labels)
         trainer.step += 1
         trainer.state.images_seen += trainer.cfg.train.batch_size
 
@@ -325,6 +369,209 @@ class PeerLoop:
 
 
 # ---------------------------------------------------------------------------------------------------
+# --overhead: host work per step outside the network, against a bare loop
+# ---------------------------------------------------------------------------------------------------
+class NetworkWindows:
+    """When the network's own forward and backward run during a step, from hooks on the module: the forward
+    from its pre-hook to its hook (with grad enabled: a strategy's no-grad probes are the strategy's work), the
+    backward from the gradient reaching the network's output to the last parameter's accumulated gradient."""
+
+    def __init__(self, module: torch.nn.Module, clock=time.perf_counter):
+        self.clock = clock
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        self.expected_grads = len(self.params)    # lowered by `end_step` if some parameter never gets a gradient
+        self.inside, self.network_s = False, 0.0
+        self._since, self._grads_seen = 0.0, 0
+        self._handles = [module.register_forward_pre_hook(self._forward_starts),
+                         module.register_forward_hook(self._forward_ends),
+                         *(p.register_post_accumulate_grad_hook(self._grad_accumulated) for p in self.params)]
+
+    def _enter(self) -> None:
+        self.inside, self._since = True, self.clock()
+
+    def _leave(self) -> None:
+        self.inside = False
+        self.network_s += self.clock() - self._since
+
+    def _forward_starts(self, module, args) -> None:
+        if torch.is_grad_enabled() and not self.inside:
+            self._enter()
+
+    def _forward_ends(self, module, args, output) -> None:
+        if torch.is_grad_enabled() and self.inside:
+            self._leave()
+            if output.requires_grad:
+                output.register_hook(self._backward_starts)
+
+    def _backward_starts(self, grad) -> None:
+        self._grads_seen = 0
+        self._enter()
+
+    def _grad_accumulated(self, param) -> None:
+        self._grads_seen += 1
+        if self.inside and self._grads_seen == self.expected_grads:
+            self._leave()
+
+    def start_step(self) -> None:
+        self.network_s = 0.0
+
+    def end_step(self) -> None:
+        if self.inside:                     # a parameter got no gradient: learn how many do (warm-up steps)
+            self.expected_grads = self._grads_seen
+            self._leave()
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the operators dispatched to ATen, inside and outside the network's windows; host reads
+    (`_local_scalar_dense`: `.item()`, `bool(t)`; a device sync on a GPU) apart; with `sources`, which
+    line of diffrun (or of this script) issued each operator outside the network."""
+
+    def __init__(self, windows: NetworkWindows | None, sources: bool = False):
+        super().__init__()
+        self.windows, self.with_sources = windows, sources
+        self.inside = self.outside = self.reads = 0
+        self.sources: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self.windows is not None and self.windows.inside:
+            self.inside += 1
+        else:
+            self.outside += 1
+            if self.with_sources:
+                self.sources[_issuing_line()] += 1
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.reads += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _issuing_line() -> str:
+    """`path:line function` of the innermost frame in diffrun/ or in this script's loops."""
+    frame = sys._getframe(2)
+    here = str(Path(__file__).resolve())
+    package = str(ROOT / "diffrun")
+    while frame is not None:
+        name = frame.f_code.co_filename
+        if name.startswith(package) or (name == here and frame.f_code.co_name in ("step", "_bare_step")):
+            return f"{Path(name).resolve().relative_to(ROOT)}:{frame.f_lineno} {frame.f_code.co_name}"
+        frame = frame.f_back
+    return "elsewhere"
+
+
+class BareLoop:
+    """The least a diffusion training step does (the reference of `--overhead`): t ~ U[0, 1] on the run's
+    schedule, ε ~ N(0, I), z = αx + σε, forward, ε-MSE, backward, fused AdamW. No NaN guard, no statistics,
+    and unless `clip_and_ema`, no gradient clipping and no EMA (with it: `clip_grad_norm_` and one
+    `_foreach_lerp_` with a constant decay, as timm's ModelEmaV3 does). Its own copy of the Trainer's
+    denoiser, so the network work is identical."""
+
+    def __init__(self, denoiser: torch.nn.Module, schedule, autocast_dtype: torch.dtype | None, lr: float,
+                 clip_and_ema: bool = False):
+        from diffrun.schedules import alpha_sigma
+
+        self.alpha_sigma = alpha_sigma
+        self.denoiser = copy.deepcopy(denoiser).train()
+        self.schedule, self.autocast_dtype = schedule, autocast_dtype
+        device = next(self.denoiser.parameters()).device
+        self.optimizer = torch.optim.AdamW(self.denoiser.parameters(), lr=lr, fused=device.type in ("cuda", "cpu"))
+        self.params = list(self.denoiser.parameters())
+        self.ema = [p.detach().clone() for p in self.params] if clip_and_ema else None
+
+    def step(self, x0: torch.Tensor) -> None:
+        t = torch.rand(x0.shape[0], device=x0.device)
+        logsnr = self.schedule.logsnr(t).float()
+        alpha, sigma = (c.view(-1, 1, 1, 1) for c in self.alpha_sigma(logsnr))
+        eps = torch.randn_like(x0)
+        z = alpha * x0 + sigma * eps
+        with torch.autocast(x0.device.type, dtype=self.autocast_dtype or torch.float32,
+                            enabled=self.autocast_dtype is not None):
+            out = self.denoiser(z, logsnr)
+        loss = F.mse_loss(out.float(), eps)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.ema is not None:
+            torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.optimizer.step()
+        if self.ema is not None:
+            with torch.no_grad():
+                torch._foreach_lerp_(self.ema, self.params, 1.0 - 0.999)
+
+
+def strategy_state(strategy) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in strategy.state_dict().items() if torch.is_tensor(v)}
+
+
+def changed_state(before: dict[str, torch.Tensor], strategy) -> list[str]:
+    """Names of the strategy's state tensors that changed since `before` (adaptive strategies learn)."""
+    after = strategy_state(strategy)
+    return sorted(k for k, v in after.items() if k not in before or not torch.equal(before[k], v))
+
+
+def host_clock(cuda: bool):
+    """The thread's CPU time on CPU (other jobs on a shared machine do not count); wall time on a GPU (the
+    time the host takes to enqueue the work, measured after a synchronize)."""
+    return time.perf_counter if cuda else time.thread_time
+
+
+class OverheadProbe:
+    """One loop under `--overhead`. `step(x0)` runs one training step, `batch()` draws x0 (not counted),
+    `windows` watch the network (None: the step is captured, and its forward and backward cannot be told
+    apart from the rest; nor can its operators be counted: torch.compile runs eagerly under a
+    TorchDispatchMode, so `count` is not called for it)."""
+
+    def __init__(self, step, batch, windows: NetworkWindows | None, cuda: bool):
+        self.step, self.batch, self.cuda, self.windows = step, batch, cuda, windows
+        self.clock = host_clock(cuda)
+        self.counter: OpCounter | None = None
+        self.counted_steps, self.host_s, self.outside_s = 0, [], []
+
+    def _one(self, x0) -> tuple[float, float | None]:
+        if self.windows is not None:
+            self.windows.start_step()
+        if self.cuda:
+            torch.cuda.synchronize()            # host time of this step only, not of waiting for the last one
+        start = self.clock()
+        self.step(x0)
+        seconds = self.clock() - start
+        if self.windows is not None:
+            self.windows.end_step()
+            return seconds, self.windows.network_s
+        return seconds, None
+
+    def warm_up(self, steps: int) -> None:
+        for _ in range(steps):
+            self._one(self.batch())
+
+    def count(self, steps: int, sources: bool) -> None:
+        self.counter, self.counted_steps = OpCounter(self.windows, sources), steps
+        for _ in range(steps):
+            x0 = self.batch()
+            with self.counter:
+                self._one(x0)
+
+    def time(self, steps: int) -> None:
+        for _ in range(steps):
+            seconds, network = self._one(self.batch())
+            self.host_s.append(seconds)
+            if network is not None:
+                self.outside_s.append(seconds - network)
+
+    def result(self) -> dict:
+        c, n = self.counter, self.counted_steps
+        median = lambda xs: statistics.median(xs) * 1e3 if xs else None       # noqa: E731
+        mean = lambda xs: statistics.fmean(xs) * 1e3 if xs else None          # noqa: E731
+        return {"ops_per_step": (c.inside + c.outside) / n if c else None,
+                "ops_outside_per_step": c.outside / n if c and self.windows is not None else None,
+                "host_reads_per_step": c.reads / n if c else None,
+                "step_ms": median(self.host_s), "step_ms_mean": mean(self.host_s), "timed_steps": len(self.host_s),
+                "outside_ms": median(self.outside_s), "outside_ms_mean": mean(self.outside_s),
+                "sources": [{"line": line, "ops_per_step": k / n} for line, k in c.sources.most_common()] if c else []}
+
+
+# ---------------------------------------------------------------------------------------------------
 # FID evaluation: sampler and Inception
 # ---------------------------------------------------------------------------------------------------
 def bench_sampler(trainer, clock: Clock, batch: int, steps: int, windows: int) -> dict:
@@ -419,6 +666,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default on CPU: 1, since OpenMP spin-waits collapse on a shared machine; "
                         "on CUDA: torch's default)")
+    p.add_argument("--capture", action="store_true",
+                   help="train.capture=compile (the whole step compiled; CUDA graphs on a GPU)")
+    p.add_argument("--weighting-override", action="append", default=[], metavar="NAME:KEY=VALUE",
+                   help="weighting.KEY=VALUE for strategy NAME only, e.g. adaptive_timestep:update_every=2 (repeatable)")
+    p.add_argument("--overhead", action="store_true",
+                   help="instead of throughput: operators and host ms per step outside the network, every strategy "
+                        "against a bare loop (docs/performance.md)")
+    p.add_argument("--overhead-steps", type=int, default=None,
+                   help="steps counted and steps timed per loop with --overhead (default: 50 CUDA, 20 CPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--quiet", action="store_true", help="do not print the table")
@@ -428,7 +684,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def _defaults(args: argparse.Namespace, cuda: bool) -> argparse.Namespace:
     for key, on_cuda, on_cpu in [("model", "ddpm_cifar10", "unet_tiny"), ("batch", 128, 8), ("warmup", 20, 2),
                                  ("windows", 5, 3), ("steps_per_window", 20, 3), ("num_images", 50_000, 512),
-                                 ("sample_batch", 250, 8), ("inception_batch", 250, 4)]:
+                                 ("sample_batch", 250, 8), ("inception_batch", 250, 4), ("overhead_steps", 50, 20)]:
         if getattr(args, key) is None:
             setattr(args, key, on_cuda if cuda else on_cpu)
     return args
@@ -456,15 +712,23 @@ def main(argv=None) -> dict:
 
     device = resolve_device(args.device)
     args = _defaults(args, device.type == "cuda")
+    for item in args.weighting_override:
+        name, sep, assignment = item.partition(":")
+        if not (name and sep and "=" in assignment):
+            raise SystemExit(f"--weighting-override {item!r}: expected NAME:KEY=VALUE, e.g. adaptive_timestep:update_every=2")
     if args.threads is None and device.type == "cpu":
         args.threads = 1
     threads_before = torch.get_num_threads()
+    recompile_limit = torch._dynamo.config.recompile_limit
     try:
         if args.threads is not None:
             torch.set_num_threads(args.threads)
-        return _run(args, argv, device)
+        if args.capture:                                      # every strategy swapped in is a graph of its own
+            torch._dynamo.config.recompile_limit = max(recompile_limit, 64)
+        return (_run_overhead if args.overhead else _run)(args, argv, device)
     finally:
         torch.set_num_threads(threads_before)                 # main() is also called in-process (tests)
+        torch._dynamo.config.recompile_limit = recompile_limit
 
 
 def _run(args: argparse.Namespace, argv, device: torch.device) -> dict:
@@ -475,10 +739,7 @@ def _run(args: argparse.Namespace, argv, device: torch.device) -> dict:
     peak_tflops = args.peak_tflops or peak_bf16_tflops(name, device)
     started = time.perf_counter()
 
-    base = [f"model={args.model}", f"device={args.device}", f"precision={args.precision}", f"seed={args.seed}",
-            f"train.batch_size={args.batch}", f"train.compile={str(args.compile).lower()}",
-            f"train.channels_last={str(args.channels_last).lower()}", "train.progress=false",
-            "eval.enabled=false", "sample.num_images=0", "resume=never"]
+    base = base_overrides(args)
     run_dir = Path(tempfile.mkdtemp(prefix="diffrun-bench-"))
     try:
         # --- diffrun: one Trainer, strategies swapped in ------------------------------------------
@@ -488,17 +749,9 @@ def _run(args: argparse.Namespace, argv, device: torch.device) -> dict:
         params = sum(p.numel() for p in trainer.denoiser.parameters())
         flops_fwd, flops_fwd_bwd = count_flops(trainer)
 
-        wanted = weighting_names() if args.strategies == "all" else [s.strip() for s in args.strategies.split(",") if s.strip()]
-        if "uniform" not in wanted:
-            wanted = ["uniform", *wanted]
-        strategies, errors, steps = {}, {}, {}
-        for strategy_name in wanted:
-            try:
-                cfg = compose([*base, f"weighting={strategy_name}"], args.num_images, args.seed)
-                strategies[strategy_name] = trainer.strategy if strategy_name == "uniform" else build_strategy(cfg, trainer)
-                steps[strategy_name] = 0
-            except Exception as exc:
-                errors[strategy_name] = _error_text(exc)
+        wanted, strategies, errors = build_strategies(args, base, trainer)
+        steps = {strategy_name: 0 for strategy_name in strategies}
+        initial_state = {strategy_name: strategy_state(s) for strategy_name, s in strategies.items()}
 
         def run_strategy(strategy_name: str, n: int) -> None:
             trainer.parts.strategy, trainer.step = strategies[strategy_name], steps[strategy_name]
@@ -562,7 +815,8 @@ def _run(args: argparse.Namespace, argv, device: torch.device) -> dict:
             if strategy_name in strategies:
                 row = _row(times[strategy_name], args.steps_per_window, args.batch, None, None, peaks[strategy_name])
                 row.update(name=strategy_name, status="ok", error=None,
-                           ratio_to_uniform=row["step_ms_mean"] / uniform_mean)
+                           ratio_to_uniform=row["step_ms_mean"] / uniform_mean, steps=steps[strategy_name],
+                           state_changed=changed_state(initial_state[strategy_name], strategies[strategy_name]))
             else:
                 row = {"name": strategy_name, "status": "error", "error": errors.get(strategy_name, "unknown error"),
                        "step_ms": None, "step_ms_mean": None, "ratio_to_uniform": None, "images_per_s": None,
@@ -613,6 +867,118 @@ def _run(args: argparse.Namespace, argv, device: torch.device) -> dict:
     return result
 
 
+def _run_overhead(args: argparse.Namespace, argv, device: torch.device) -> dict:
+    """`--overhead`: the two bare loops, then every strategy's step in one Trainer (swapped in as in `_run`)."""
+    from diffrun.training.trainer import Trainer
+
+    started = time.perf_counter()
+    cuda = device.type == "cuda"
+    base = base_overrides(args)
+    run_dir = Path(tempfile.mkdtemp(prefix="diffrun-bench-"))
+    try:
+        trainer = Trainer(compose([*base, "weighting=uniform"], args.num_images, args.seed), run_dir, callbacks=[])
+        trainer.denoiser.train()
+        wanted, strategies, errors = build_strategies(args, base, trainer)
+
+        def batch():
+            return trainer.data.batch(trainer.parts.local_batch_size)[0]
+
+        lr = trainer.optimizer.defaults["lr"]
+        clock = host_clock(cuda)
+        # a captured step has no network windows to time
+        windows = [] if args.capture else [NetworkWindows(trainer.denoiser, clock)]
+        probes, rows, strategy_rows = {}, {}, {}
+        for label, clip_and_ema in (("bare loop", False), ("bare + clip + EMA", True)):
+            bare = BareLoop(trainer.denoiser, trainer.schedule, trainer.autocast_dtype, lr, clip_and_ema)
+            windows.append(NetworkWindows(bare.denoiser, clock))
+            probes[label] = OverheadProbe(bare.step, batch, windows[-1], cuda)
+        for strategy_name in wanted:
+            if strategy_name not in strategies:
+                rows[strategy_name] = {"name": strategy_name, "status": "error", "error": errors[strategy_name]}
+                continue
+            strategy, taken = strategies[strategy_name], [0]
+            strategy_rows[strategy_name] = {"before": strategy_state(strategy), "taken": taken}
+
+            def step(x0, strategy=strategy, taken=taken):
+                trainer.parts.strategy, trainer.step = strategy, taken[0]
+                trainer.step_fn(trainer.parts, x0, trainer.step, trainer.counters, trainer.stats)
+                taken[0] += 1
+
+            probes[strategy_name] = OverheadProbe(step, batch, None if args.capture else windows[0], cuda)
+
+        def guarded(name, work) -> None:
+            if name in rows:                                         # failed before
+                return
+            try:
+                work(probes[name])
+            except Exception as exc:
+                rows[name] = {"name": name, "status": "error", "error": _error_text(exc)}
+
+        try:
+            for name in probes:                                      # warm-up and operator counts, loop by loop
+                guarded(name, lambda probe: probe.warm_up(args.warmup))
+                if probes[name].windows is not None:                 # not a captured step (see OverheadProbe)
+                    guarded(name, lambda probe: probe.count(args.overhead_steps,
+                                                            sources=name in ("bare loop", "uniform")))
+            rounds = min(5, args.overhead_steps)                     # timing round-robin: load drift hits all alike
+            for r in range(rounds):
+                share = args.overhead_steps // rounds + (r < args.overhead_steps % rounds)
+                for name in probes:
+                    guarded(name, lambda probe: probe.time(share))
+        finally:
+            for watch in windows:
+                watch.remove()
+        ordered = []
+        for name in ("bare loop", "bare + clip + EMA", *wanted):
+            if name in rows:
+                ordered.append(rows[name])
+                continue
+            row = {"name": name, "status": "ok", "error": None, **probes[name].result()}
+            if name in strategy_rows:
+                row.update(steps=strategy_rows[name]["taken"][0],
+                           state_changed=changed_state(strategy_rows[name]["before"], strategies[name]))
+            ordered.append(row)
+        rows = ordered
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+    bare, bare_plus = rows[0], rows[1]
+    for row in rows[1:]:
+        if row["status"] == "ok":
+            row["ops_outside_x_bare"] = _ratio(row["ops_outside_per_step"], bare.get("ops_outside_per_step"))
+            row["outside_ms_x_bare"] = _ratio(row["outside_ms"], bare.get("outside_ms"))
+            row["outside_ms_x_bare_clip_ema"] = _ratio(row["outside_ms"], bare_plus.get("outside_ms"))
+    import hydra
+
+    result = {
+        "meta": {
+            "mode": "overhead", "date": datetime.date.today().isoformat(),
+            "device": str(device), "device_name": device_name(device),
+            "torch": torch.__version__, "cuda": torch.version.cuda if cuda else None,
+            "hydra": hydra.__version__, "python": platform.python_version(),
+            "model": args.model, "params": sum(p.numel() for p in trainer.denoiser.parameters()),
+            "param_tensors": sum(1 for _ in trainer.denoiser.parameters()), "batch": args.batch,
+            "precision": args.precision, "autocast_dtype": str(trainer.autocast_dtype or "fp32").replace("torch.", ""),
+            "compile": args.compile, "capture": args.capture, "channels_last": args.channels_last,
+            "warmup_steps": args.warmup, "steps": args.overhead_steps, "threads": torch.get_num_threads(),
+            "weighting_overrides": list(args.weighting_override),
+            "seconds_total": time.perf_counter() - started,
+            "command": "python scripts/bench_train.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        },
+        "overhead": rows,
+    }
+    if not args.quiet:
+        print(format_overhead_report(result))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return result
+
+
+def _ratio(value: float | None, reference: float | None) -> float | None:
+    return value / reference if value is not None and reference else None
+
+
 # ---------------------------------------------------------------------------------------------------
 # the table
 # ---------------------------------------------------------------------------------------------------
@@ -658,13 +1024,55 @@ def format_report(result: dict) -> str:
                  f"{flops['fwd_bwd_per_image'] / 1e9:.3f} G; MFU vs dense bf16 peak "
                  + (f"{peak:.0f} TFLOP/s" if peak else "n/a (no peak known for this device)"))
     srows = [[r["name"], _num(r["step_ms"], 2), _num(r["ratio_to_uniform"], 3, "x"), _num(r["images_per_s"]),
-              _mem(r["peak_mem_bytes"]), "ok" if r["status"] == "ok" else r["error"]] for r in result["strategies"]]
+              _mem(r["peak_mem_bytes"]), "ok" if r["status"] == "ok" else r["error"],
+              ", ".join(_grouped(r.get("state_changed")) or []) or ("none" if r["status"] == "ok" else "")]
+             for r in result["strategies"]]
     parts += ["", "Weighting strategies (same Trainer, model and batch; x uniform = amortised step time ratio)",
               _table(STRATEGY_COLUMNS, srows)]
     if result["fid"] is not None:
         frows = [[r["stage"], r["batch"], _num(r["images_per_s"]), _num(r["net_evals_per_s"]), r["notes"]]
                  for r in (result["fid"]["sampler"], result["fid"]["inception"])]
         parts += ["", "FID evaluation", _table(FID_COLUMNS, frows)]
+    parts.append(f"\ntotal {meta['seconds_total']:.1f} s")
+    return "\n".join(parts)
+
+
+def _grouped(names: list[str] | None) -> list[str] | None:
+    """State names with a module's parameters folded: policy.mlp.0.weight, policy.head.bias → policy.*"""
+    if names is None:
+        return None
+    return sorted({name.split(".")[0] + ".*" if "." in name else name for name in names})
+
+
+def format_overhead_report(result: dict) -> str:
+    meta = result["meta"]
+    head = (f"diffrun overhead {meta['date']}: {meta['model']} ({meta['params'] / 1e6:.2f}M params in "
+            f"{meta['param_tensors']} tensors), batch {meta['batch']}, {meta['autocast_dtype']}, "
+            f"capture={meta['capture']}, compile={meta['compile']}\n"
+            f"device {meta['device']} ({meta['device_name']}, {meta['threads']} torch threads), torch {meta['torch']}; "
+            f"per loop {meta['warmup_steps']} warm-up steps, then {meta['steps']} steps counted and {meta['steps']} timed "
+            f"(medians)\n"
+            "ops: ATen operators dispatched per step; outside: not in the network's forward/backward; host reads: "
+            "_local_scalar_dense (.item()/bool(); a sync on a GPU)"
+            + ("\ncaptured steps: step ms only (operators cannot be counted: torch.compile runs eagerly under the "
+               "counting TorchDispatchMode; the network cannot be timed apart)" if meta["capture"] else ""))
+    rows = []
+    for r in result["overhead"]:
+        if r["status"] != "ok":
+            rows.append([r["name"], *["n/a"] * (len(OVERHEAD_COLUMNS) - 2), r["error"]])
+            continue
+        changed = _grouped(r.get("state_changed"))
+        rows.append([r["name"], _num(r["ops_per_step"]), _num(r["ops_outside_per_step"]),
+                     _num(r.get("ops_outside_x_bare"), 2, "x"), _num(r["host_reads_per_step"], 2),
+                     _num(r["outside_ms"], 3), _num(r.get("outside_ms_x_bare"), 2, "x"),
+                     _num(r.get("outside_ms_x_bare_clip_ema"), 2, "x"), _num(r["step_ms"], 2),
+                     "-" if changed is None else (", ".join(changed) if changed else "none")])
+    parts = [head, "", _table(OVERHEAD_COLUMNS, rows)]
+    bare, uniform = result["overhead"][0], next((r for r in result["overhead"] if r["name"] == "uniform"), None)
+    for row in (bare, uniform):
+        if row is not None and row.get("sources"):
+            parts += ["", f"operators outside the network per step, by the line that issued them: {row['name']}"]
+            parts += [f"  {s['ops_per_step']:7.1f}  {s['line']}" for s in row["sources"][:15]]
     parts.append(f"\ntotal {meta['seconds_total']:.1f} s")
     return "\n".join(parts)
 

@@ -1,4 +1,4 @@
-"""scripts/bench_train.py: output format on CPU (never timings), and train.compile giving the eager result."""
+"""scripts/bench_train.py: output format on CPU (never timings), strategies that learn while benchmarked, the\n--overhead operator counts, and train.compile giving the eager result."""
 from __future__ import annotations
 
 import functools
@@ -86,6 +86,66 @@ def test_broken_strategy_is_reported_not_raised(tmp_path):
     assert broken["name"] == "no_such_weighting" and broken["status"] == "error" and broken["error"]
     assert result["train"]["peer"] is None and result["fid"] is None
     assert "no_such_weighting" in bench_train.format_report(result)
+
+
+# --- the strategies as in training ------------------------------------------------------------------
+def test_swapped_in_adaptive_strategies_learn_during_the_benchmark():
+    """One Trainer, strategies swapped in after uniform: each adaptive one's state must move (the step reads
+    `strategy.observes` at every step, so importance is told its losses although uniform ran first)."""
+    result = bench_train.main([*FAST_BENCH, "--strategies", "uniform,importance,adaptive_histogram,adaptive_timestep",
+                               "--steps-per-window", "3", "--no-peer", "--no-fid",
+                               "--weighting-override", "adaptive_timestep:update_every=2",
+                               "--weighting-override", "adaptive_timestep:probe_timesteps=4"])
+    rows = {r["name"]: r for r in result["strategies"]}
+    assert all(r["status"] == "ok" for r in rows.values()), [r["error"] for r in rows.values()]
+    assert all(r["steps"] == 4 for r in rows.values())                     # 1 warm-up + 1 window of 3
+    assert rows["uniform"]["state_changed"] == []
+    assert {"filled", "loss_history"} <= set(rows["importance"]["state_changed"])
+    assert {"bin_count", "bin_value"} <= set(rows["adaptive_histogram"]["state_changed"])
+    assert {"policy_updates", "buffer_rows", "policy.head.bias"} <= set(rows["adaptive_timestep"]["state_changed"])
+    assert "policy.*" in bench_train.format_report(result)
+
+
+def test_weighting_override_needs_a_name_and_a_value():
+    with pytest.raises(SystemExit, match="NAME:KEY=VALUE"):
+        bench_train.main([*FAST_BENCH, "--weighting-override", "update_every=2"])
+
+
+# --- --overhead --------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def overhead(tmp_path_factory):
+    path = tmp_path_factory.mktemp("overhead") / "overhead.json"
+    args = ["--overhead", "--device", "cpu", "--model", "unet_tiny", "--batch", "4", "--num-images", "64",
+            "--strategies", "uniform,importance", "--warmup", "1", "--overhead-steps", "2", "--quiet", "--json", str(path)]
+    return bench_train.main(args), json.loads(path.read_text())
+
+
+def test_overhead_splits_the_network_from_the_rest(overhead):
+    result, on_disk = overhead
+    assert on_disk["meta"]["mode"] == "overhead" and on_disk["meta"]["param_tensors"] > 0
+    rows = {r["name"]: r for r in result["overhead"]}
+    assert list(rows) == ["bare loop", "bare + clip + EMA", "uniform", "importance"]
+    for row in rows.values():
+        assert row["status"] == "ok", row["error"]
+        assert 0 < row["ops_outside_per_step"] < row["ops_per_step"]
+        assert 0 < row["outside_ms"] < row["step_ms"]
+    network = {name: r["ops_per_step"] - r["ops_outside_per_step"] for name, r in rows.items()}
+    assert len(set(network.values())) == 1, network                       # the same network work in every loop
+    bare, clip_ema, uniform = rows["bare loop"], rows["bare + clip + EMA"], rows["uniform"]
+    assert bare["ops_outside_per_step"] < clip_ema["ops_outside_per_step"] < uniform["ops_outside_per_step"]
+    assert uniform["ops_outside_x_bare"] == pytest.approx(uniform["ops_outside_per_step"] / bare["ops_outside_per_step"])
+    assert uniform["host_reads_per_step"] == 0 and rows["importance"]["host_reads_per_step"] == 0
+    assert uniform["state_changed"] == [] and {"filled", "loss_history"} <= set(rows["importance"]["state_changed"])
+    assert any(source["line"].startswith("diffrun/training/step.py:") for source in uniform["sources"])
+    assert sum(source["ops_per_step"] for source in uniform["sources"]) == uniform["ops_outside_per_step"]
+
+
+def test_overhead_table(overhead):
+    result, _ = overhead
+    text = bench_train.format_overhead_report(result)
+    header = next(line for line in text.splitlines() if line.startswith("loop "))
+    assert all(column in header for column in bench_train.OVERHEAD_COLUMNS)
+    assert "by the line that issued them: uniform" in text and "bare + clip + EMA" in text
 
 
 def test_peak_table_prefers_the_specific_name():

@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 # Keys that change how long, how visibly or where a run trains, not what it trains.
 NOT_TRAINED = (
     "name", "sweep_name", "experiment", "resume", "device", "deterministic", "callbacks", "hydra",
-    "train.steps", "train.kimg", "train.log_every", "train.progress", "train.compile", "train.channels_last",
+    "train.steps", "train.kimg", "train.log_every", "train.progress", "train.compile", "train.capture",
+    "train.channels_last",
     "train.nan_policy", "train.max_skipped_fraction",
     "sample", "checkpoint", "eval", "stats", "wandb", "report", "dist",
     "dataset.loader.root", "dataset.loader.download", "dataset.root",

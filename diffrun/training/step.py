@@ -25,9 +25,8 @@ class StepCounters:
 
     def __init__(self, device: torch.device):
         self.sums = torch.zeros(3, dtype=torch.float64, device=device)   # Σloss, Σweighted loss, Σgrad-norm (good steps)
-        self.good = torch.zeros((), dtype=torch.long, device=device)     # good steps in the window
-        self.nonfinite = torch.zeros((), dtype=torch.long, device=device)
-        self.overflow = torch.zeros((), dtype=torch.long, device=device)
+        self.counts = torch.zeros(3, dtype=torch.long, device=device)    # good, non-finite, overflow steps in the window
+        self.good, self.nonfinite, self.overflow = self.counts.unbind()  # views of `counts`
         self.first_bad = torch.full((), -1, dtype=torch.long, device=device)  # 1-based step of the first non-finite one
 
     def read(self, comm) -> dict:
@@ -35,22 +34,28 @@ class StepCounters:
         counts maxed (a step is skipped on every rank alike)."""
         if comm.world_size > 1:
             comm.all_reduce_(self.sums).div_(comm.world_size)
-            for tensor in (self.good, self.nonfinite, self.overflow, self.first_bad):
-                comm.all_reduce_(tensor, "max")
-        good = int(self.good)
+            comm.all_reduce_(self.counts, "max")
+            comm.all_reduce_(self.first_bad, "max")
+        good, nonfinite, overflow = self.counts.tolist()
         loss, weighted, grad_norm = (self.sums / max(1, good)).tolist() if good else [float("nan")] * 3
         out = {"loss": loss, "weighted_loss": weighted, "grad_norm": grad_norm, "good": good,
-               "nonfinite": int(self.nonfinite), "overflow": int(self.overflow), "first_bad": int(self.first_bad)}
-        for tensor in (self.sums, self.good, self.nonfinite, self.overflow):
-            tensor.zero_()
+               "nonfinite": nonfinite, "overflow": overflow, "first_bad": int(self.first_bad)}
+        self.sums.zero_()
+        self.counts.zero_()
         self.first_bad.fill_(-1)
         return out
 
+    def add(self, values: Tensor, good: Tensor, nonfinite: Tensor, overflow: Tensor, step: int | Tensor) -> None:
+        """One step (0-d bool flags): `values` = (mean loss, weighted loss, grad norm) count where `good`."""
+        self.sums += values.double().nan_to_num_(0.0) * good
+        self.counts += torch.stack([good, nonfinite, overflow])
+        self.first_bad.masked_fill_(nonfinite & (self.first_bad < 0), step + 1)
 
-def train_step(c: Components, x0: Tensor, step: int, counters: StepCounters, stats: LogSNRStats,
+
+def train_step(c: Components, x0: Tensor, step: int | Tensor, counters: StepCounters, stats: LogSNRStats,
                labels: Tensor | None = None) -> None:
     """Train on the batch `x0` (this rank's share) with its class `labels` (None: unconditional); `step` is the
-    number of steps already taken."""
+    number of steps already taken (a 0-d device tensor when the step is captured, diffrun/training/capture.py)."""
     augment_labels = None
     if c.augment is not None:                   # EDM's non-leaking augmentation: the net is told what was done
         x0, augment_labels = c.augment(x0)
@@ -67,46 +72,52 @@ def train_step(c: Components, x0: Tensor, step: int, counters: StepCounters, sta
         out = c.model(z, draw.logsnr, class_labels=labels, augment_labels=augment_labels)
     target = c.denoiser.target(x0, eps, z, draw.logsnr)
     loss = (out.float() - target).square().mean(dim=(1, 2, 3))          # (B,) unweighted, target space
-    weight = c.strategy.loss_weights(draw, loss.detach())
+    seen = loss.detach()                                                 # what the strategy and statistics see
+    weight = c.strategy.loss_weights(draw, seen)
     total = (weight * loss).mean()
 
     c.optimizer.zero_grad(set_to_none=True)
     c.strategy.on_before_update(c.denoiser, x0, step)
     c.scaler.scale(total).backward()
     c.scaler.unscale_(c.optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(c.denoiser.parameters(), c.grad_clip)
-    loss_ok, grads_ok = torch.isfinite(total), torch.isfinite(grad_norm)
-    good = loss_ok & grads_ok
+    grad_norm = torch.nn.utils.clip_grad_norm_(c.parameters, c.grad_clip)
+    values = torch.stack([seen.mean(), total.detach(), grad_norm])
+    finite = torch.isfinite(values[1:])                                  # loss, gradients
+    good = finite.all()
     if c.scaler.is_enabled():
         c.scaler.step(c.optimizer)                      # fp16: the scaler skips non-finite gradients itself
         c.scaler.update()
+        loss_ok, grads_ok = finite.unbind()
         overflow, nonfinite = loss_ok & ~grads_ok, ~loss_ok
     else:
-        _optimizer_step_if(c.optimizer, good)
         overflow, nonfinite = torch.zeros_like(good), ~good
+        _optimizer_step_if(c.optimizer, good)
     c.lr_schedule.step()
     c.ema.update(c.denoiser, good)
     c.strategy.on_after_update(c.denoiser, x0, step, good)
     if c.strategy.observes:
-        c.strategy.observe(*_global_feedback(c, draw, loss.detach()), good=_all_good(c, good))
+        c.strategy.observe(*_global_feedback(c, draw, seen), good=_all_good(c, good))
 
     # --- device-side bookkeeping, read back at the flush -------------------------------------------
-    counters.sums += torch.stack([loss.detach().mean().double(), total.detach().double(),
-                                  grad_norm.detach().double()]).nan_to_num(0.0) * good
-    counters.good += good.long()
-    counters.nonfinite += nonfinite.long()
-    counters.overflow += overflow.long()
-    counters.first_bad.copy_(torch.where(nonfinite & (counters.first_bad < 0), step + 1, counters.first_bad))
-    stats.update(draw.logsnr, loss.detach().nan_to_num(0.0), weight.detach().nan_to_num(0.0), good)
+    counters.add(values, good, nonfinite, overflow, step)
+    stats.update(draw.logsnr, seen.nan_to_num(0.0), weight.detach().nan_to_num(0.0), good)
 
 
 def _optimizer_step_if(optimizer: torch.optim.Optimizer, good: Tensor) -> None:
-    if optimizer.defaults.get("fused"):        # fused kernels skip the update on the device when found_inf is set
-        optimizer.found_inf, optimizer.grad_scale = (~good).float(), None
+    if optimizer.defaults.get("fused"):        # fused kernels skip the update on the device where found_inf is 1
+        found_inf(optimizer).copy_(~good)
         optimizer.step()
-        del optimizer.found_inf, optimizer.grad_scale
     elif bool(good):                            # host sync: only for optimizers without a fused kernel
         optimizer.step()
+
+
+def found_inf(optimizer: torch.optim.Optimizer) -> Tensor:
+    """The flag a fused Adam(W) reads as `optimizer.found_inf` (torch's GradScaler protocol), made once and kept
+    on the optimizer: written in place each step, so that a compiled step never adds or deletes attributes."""
+    if getattr(optimizer, "found_inf", None) is None:
+        device = optimizer.param_groups[0]["params"][0].device
+        optimizer.found_inf, optimizer.grad_scale = torch.zeros((), device=device), None
+    return optimizer.found_inf
 
 
 def _global_feedback(c: Components, draw: NoiseDraw, loss: Tensor) -> tuple[NoiseDraw, Tensor]:

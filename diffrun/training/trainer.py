@@ -2,6 +2,7 @@
 callbacks' end-of-run work (sample grid, FID). Where the rest is:
 
     the step                  diffrun/training/step.py            (train_step: no host sync, no config)
+    the step as one graph     diffrun/training/capture.py         (train.capture=compile)
     building it all           diffrun/training/setup.py           (build_components)
     checkpoint state, resume  diffrun/training/run_state.py       (RunState; files: checkpoint.py)
     the run directory         diffrun/training/run_directory.py   (lock, status.json; identity.py)
@@ -24,6 +25,7 @@ from diffrun.launching import distributed
 from diffrun.monitoring.logsnr_stats import LogSNRStats
 from diffrun.sampling import SamplerOptions, autocast_dtype, run_sampler, to_uint8
 from diffrun.training.callbacks import Callback, Events, build_callbacks
+from diffrun.training.capture import step_function
 from diffrun.training.environment import provenance
 from diffrun.training.identity import fingerprint
 from diffrun.training.interrupt import GracefulInterrupt, StopRequested
@@ -31,7 +33,7 @@ from diffrun.training.nonfinite import nonfinite_hint
 from diffrun.training.run_directory import RunDirectory
 from diffrun.training.run_state import NonFiniteWeightsError, RunState
 from diffrun.training.setup import build_components
-from diffrun.training.step import StepCounters, train_step
+from diffrun.training.step import StepCounters
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +63,7 @@ class Trainer:
             raise
         self.events = Events(build_callbacks(cfg, self.rank) if callbacks is None else callbacks)
         self.interrupt = GracefulInterrupt()
+        self.step_fn = step_function(str(getattr(cfg.train.capture, "value", cfg.train.capture)), self.parts)
         self.counters = StepCounters(self.device)
         self.stats = LogSNRStats.from_config(cfg.stats, self.schedule, self.device)
         self.state = RunState(cfg, self.run_dir, self.parts, self.stats, self.rank, self.world_size, self.interrupt)
@@ -186,7 +189,7 @@ class Trainer:
         window_start, window_steps = time.perf_counter(), 0
         while state.step < total:
             x0, labels = self.data.batch(self.parts.local_batch_size)
-            train_step(self.parts, x0, state.step, self.counters, self.stats, labels)
+            self.step_fn(self.parts, x0, state.step, self.counters, self.stats, labels)
             state.step += 1
             state.images_seen += cfg.train.batch_size
             window_steps += 1
