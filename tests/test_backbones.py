@@ -88,7 +88,7 @@ def test_minsnr_vit_parameter_count_equals_official(size, num_classes, official)
 def test_model_configs_build_the_counted_nets(option, channels, image_size, expected):
     """The Hydra configs, with an ImageNet-like dataset node (1000 classes), give exactly the counted nets."""
     cfg = compose_config([f"model={option}", "dataset=cifar10", f"dataset.channels={channels}",
-                          f"dataset.image_size={image_size}", "+dataset.num_classes=1000"])
+                          f"dataset.image_size={image_size}", "dataset.num_classes=1000"])
     with torch.device("meta"):
         net = build(cfg.model.net)
     assert count(net) == expected
