@@ -64,7 +64,7 @@ class OnUnavailable(str, Enum):
 
 @dataclass
 class TrainConfig:
-    steps: int = 1500                 # optimizer steps (with `kimg`: ${diffrun.kimg_to_steps:${train.kimg},${train.batch_size}})
+    steps: int = 600                  # optimizer steps (with `kimg`: ${diffrun.kimg_to_steps:${train.kimg},${train.batch_size}})
     kimg: Optional[float] = None      # budget in thousands of training images (EDM's unit); set, it decides the length:
                                       # steps = ⌈kimg·1000 / batch_size⌉, and a train.steps that disagrees is refused
     batch_size: int = 64              # global batch (split across ranks under DDP)
@@ -303,6 +303,12 @@ def check_argument_types(spec: dict, where: str) -> None:
         if not isinstance(value, _SCALAR_TYPES[kind]) or (kind is not bool and isinstance(value, bool)):
             raise ConfigError(f"{where}.{key}={value!r}: expected {kind.__name__}"
                               f"{' (true or false)' if kind is bool else ''}{' or null' if type(None) in arms else ''}")
+
+
+def option(value: Any) -> str:
+    """A config option as the string a user typed: typed config nodes hand over enum members
+    (`Precision.fp16`), plain ones the string itself."""
+    return value.value if isinstance(value, Enum) else str(value)
 
 
 def show(value: Any) -> str:

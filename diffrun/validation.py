@@ -34,7 +34,7 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from diffrun.config import META_KEYS, RunConfig, build_spec, check_argument_types, show, spec_values
+from diffrun.config import META_KEYS, RunConfig, build_spec, check_argument_types, option, show, spec_values
 from diffrun.errors import ConfigError, DataError, DiffrunError
 
 GROUPS = ("dataset", "schedule", "weighting", "model", "optimizer")
@@ -647,11 +647,11 @@ def check_groups(cfg: DictConfig) -> None:
 
 def check_capture(cfg: DictConfig, strategy, fused_optimizer: bool) -> None:
     """train.capture=compile with a strategy, precision, network and optimizer it can capture (capture.refusal)."""
-    if str(getattr(cfg.train.capture, "value", cfg.train.capture)) != "compile":
+    if option(cfg.train.capture) != "compile":
         return
     from diffrun.training.capture import refusal
 
-    reason = refusal(strategy, fp16=str(getattr(cfg.precision, "value", cfg.precision)) == "fp16",
+    reason = refusal(strategy, fp16=option(cfg.precision) == "fp16",
                      compiled_network=bool(cfg.train.compile), world_size=cfg.dist.devices,
                      fused_optimizer=fused_optimizer, augment=float(cfg.augment.p) > 0)
     if reason is not None:
@@ -668,7 +668,7 @@ def check_environment(cfg: DictConfig) -> None:
     from diffrun.training.environment import resolve_device
 
     device = resolve_device(str(cfg.device))
-    precision = str(getattr(cfg.precision, "value", cfg.precision))
+    precision = option(cfg.precision)
     if precision == "fp16" and device.type != "cuda":
         raise ConfigError(f"precision=fp16 on device={device.type} needs CUDA (GradScaler); "
                           f"allowed here auto, fp32, bf16")

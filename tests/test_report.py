@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from diffrun.launching.sweep import append_entry
 from diffrun.reporting.cli import main as report_main
 from diffrun.reporting.collect import ReportError, collect_wandb
 
@@ -300,9 +301,11 @@ def test_different_targets_are_not_compared(tmp_path):
 
 def test_index_overrides_folder_names_and_cli_options(tmp_path):
     sweep = make_sweep(tmp_path, npz=False)
-    index = [{"dir": p.name, "weighting": "renamed" if p.name.startswith("0_") else p.name.split("_seed")[0].split("_", 1)[1],
-              "seed": int(p.name.rsplit("seed", 1)[1])} for p in sweep.iterdir() if p.is_dir()]
-    (sweep / "index.json").write_text(json.dumps(index))
+    for p in sorted(q for q in sweep.iterdir() if q.is_dir()):  # the lines diffrun.launching.sweep appends
+        entry = {"event": "start", "job_num": int(p.name.split("_", 1)[0]), "dir": p.name,
+                 "weighting": "renamed" if p.name.startswith("0_") else p.name.split("_seed")[0].split("_", 1)[1],
+                 "seed": int(p.name.rsplit("seed", 1)[1])}
+        append_entry(sweep, entry)
     out = tmp_path / "elsewhere"
     assert report_main([str(sweep), "--out", str(out), "--baseline", "min_snr", "--target-fid", "40"]) == 0
     report = (out / "report.md").read_text()

@@ -36,7 +36,7 @@ def test_fingerprint_ignores_budget_and_monitoring_but_not_the_recipe(make_cfg):
                  ["train.log_every=1"], ["checkpoint.keep=9"], ["sample.steps=2"], ["name=other"],
                  ["train.progress=true"], ["stats.bins=8"]):
         assert fingerprint(make_cfg(same)) == base, same
-    for other in (["optimizer.optim.lr=1e-3"], ["seed=1"], ["weighting=min_snr"], ["schedule=linear"],
+    for other in (["optimizer.optim.lr=5e-4"], ["seed=1"], ["weighting=min_snr"], ["schedule=linear"],
                   ["model.prediction=v"], ["train.batch_size=4"], ["precision=bf16"], ["ema.decay=0.99"]):
         assert fingerprint(make_cfg(other)) != base, other
     # a cosine decay runs over train.steps: then the length is part of what is trained
@@ -52,16 +52,16 @@ def test_config_yaml_round_trip_keeps_the_fingerprint(make_cfg, tmp_path):
 
 def test_another_config_never_resumes_a_run_silently(make_cfg, tmp_path):
     train(make_cfg(["train.steps=3", *QUIET]), tmp_path)
-    other = make_cfg(["train.steps=6", "optimizer.optim.lr=1e-3", *QUIET])
-    with pytest.raises(RunMismatchError, match=r"(?s)optimizer\.optim\.lr: 0\.0002 → 0\.001.*resume=force"):
+    other = make_cfg(["train.steps=6", "optimizer.optim.lr=5e-4", *QUIET])
+    with pytest.raises(RunMismatchError, match=r"(?s)optimizer\.optim\.lr: 0\.001 → 0\.0005.*resume=force"):
         train(other, tmp_path)
     assert json.loads((tmp_path / "status.json").read_text())["state"] == "finished"   # untouched
     # the finished run is not "skipped" for another config either, and its checkpoint is refused directly too
     with pytest.raises(RunMismatchError):
-        train(make_cfg(["train.steps=3", "optimizer.optim.lr=1e-3", *QUIET]), tmp_path)
+        train(make_cfg(["train.steps=3", "optimizer.optim.lr=5e-4", *QUIET]), tmp_path)
     state = ckpt.load(CheckpointManager(tmp_path / "checkpoints").list()[-1])
     assert state["fingerprint"] == fingerprint(make_cfg())
-    summary = train(make_cfg(["train.steps=6", "optimizer.optim.lr=1e-3", "resume=force", *QUIET]), tmp_path)
+    summary = train(make_cfg(["train.steps=6", "optimizer.optim.lr=5e-4", "resume=force", *QUIET]), tmp_path)
     assert summary["step"] == 6   # continued the recorded run under the new config, as asked
 
 
@@ -78,9 +78,9 @@ def test_name_gets_a_suffix_when_the_command_line_changes_the_recipe(tmp_path):
     assert job_config("train.steps=10", "eval.num_samples=50", "seed=0").name == plain.name   # not the recipe
     assert job_config("weighting=min_snr").name == "digits_unet_small_min_snr_seed0"          # said by the name
     changed = job_config("model.prediction=v", "schedule=linear", "sample.sampler=ddpm").name
-    lr = job_config("optimizer.optim.lr=1e-3").name
+    lr = job_config("optimizer.optim.lr=5e-4").name
     assert changed.startswith(plain.name + "_") and lr.startswith(plain.name + "_") and changed != lr
-    assert job_config("optimizer.optim.lr=1e-3").name == lr                                   # reproducible
+    assert job_config("optimizer.optim.lr=5e-4").name == lr                                   # reproducible
 
 
 # ---------------------------------------------------------------------------------------------------

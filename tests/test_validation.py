@@ -376,7 +376,7 @@ def test_nonfinite_hint_names_the_candidates():
 
     cfg = compose_run(["weighting=snr", "schedule=edm", "train.grad_clip=0"], Path("/unused"))
     hint = nonfinite_hint(cfg, reduced_precision=True)
-    for part in ("optimizer.optim.lr=0.0002", "train.grad_clip=0", "precision=auto", "weighting=snr",
+    for part in ("optimizer.optim.lr=0.001", "train.grad_clip=0", "precision=auto", "weighting=snr",
                  "schedule.sigma_min=0.002", "schedule.sigma_max=80.0", "model.prediction=eps"):
         assert part in hint, hint
     keys = existing_keys()

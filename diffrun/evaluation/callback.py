@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 
+from diffrun.config import option
 from diffrun.evaluation.inception import InceptionWeightsUnavailable
 from diffrun.evaluation.protocol import evaluate
 from diffrun.evaluation.reference import check_reference_count
@@ -39,7 +40,7 @@ class FIDCallback(Callback):
         try:
             record = evaluate(trainer, settings)
         except InceptionWeightsUnavailable as exc:
-            if str(getattr(settings.on_unavailable, "value", settings.on_unavailable)) == "fail":
+            if option(settings.on_unavailable) == "fail":
                 raise
             self.skipped_reason = str(exc).splitlines()[0]
             log.warning("FID skipped (eval.on_unavailable=skip): %s", exc)

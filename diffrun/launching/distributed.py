@@ -31,6 +31,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from diffrun.config import option
+
 log = logging.getLogger(__name__)
 RANK_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -82,7 +84,7 @@ def info() -> DistInfo:
 
 
 def backend_for(name: str, device: torch.device) -> str:
-    name = str(getattr(name, "value", name))
+    name = option(name)
     if name == "auto":
         return "nccl" if device.type == "cuda" else "gloo"
     return name

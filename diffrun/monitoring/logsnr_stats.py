@@ -11,6 +11,7 @@ import math
 import torch
 from torch import Tensor
 
+from diffrun.config import option
 from diffrun.strategies.ops import bin_index
 
 FIELDS = ("count", "loss_sum", "loss_sq_sum", "wloss_sum", "wloss_sq_sum", "weight_sum")
@@ -69,7 +70,7 @@ def stats_range(stats_cfg, schedule=None) -> tuple[float, float]:
     """The λ range the bins span: [stats.logsnr_min, stats.logsnr_max], or with `stats.range=schedule`
     the schedule's own [λ(t=1), λ(t=0)] (falls back to the fixed range if that is not finite)."""
     mode = stats_cfg.get("range", "fixed")
-    if str(getattr(mode, "value", mode)) == "schedule" and schedule is not None:
+    if option(mode) == "schedule" and schedule is not None:
         lo, hi = float(schedule.logsnr_min), float(schedule.logsnr_max)
         if math.isfinite(lo) and math.isfinite(hi) and lo < hi:
             return lo, hi

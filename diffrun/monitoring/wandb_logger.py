@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from diffrun.config import option
 from diffrun.errors import ConfigError
 from diffrun.files import atomic_write
 from diffrun.training.callbacks import Callback
@@ -57,10 +58,10 @@ LINE_PLOTS = (("loss_mean", "mean loss E[ℓ | λ]"), ("loss_var", "loss varianc
 
 def resolve_mode(cfg_mode) -> str:
     """online | offline | disabled: the config, else $WANDB_MODE, else online iff WANDB_API_KEY is set."""
-    mode = getattr(cfg_mode, "value", cfg_mode)
-    if mode is None:
-        mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "disabled")
-    mode = {"dryrun": "offline", "run": "online"}.get(str(mode), str(mode))
+    if cfg_mode is None:
+        cfg_mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "disabled")
+    mode = option(cfg_mode)
+    mode = {"dryrun": "offline", "run": "online"}.get(mode, mode)
     if mode not in ("online", "offline", "disabled"):
         raise ConfigError(f"wandb.mode={mode!r} (or $WANDB_MODE): allowed online, offline, disabled")
     return mode

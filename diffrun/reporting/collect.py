@@ -3,9 +3,9 @@
 A sweep directory holds one folder per job, `<job_num>_<weighting>_seed<seed>/`, each with
 `config.yaml`, `status.json`, `metrics.jsonl` and (optionally) `logsnr_stats.npz`. A job whose
 status is missing or not `finished` is a failed/incomplete job: it is kept, with its error, and
-left out of the per-strategy statistics. A sweep-level `index.json`/`index.jsonl` (written by the
-launcher), when present, says which folder is which strategy and seed; otherwise each job's
-`config.yaml` does, and the folder name is the last resort.
+left out of the per-strategy statistics. The sweep's `index.jsonl` (one line per job start), when
+present, says which folder is which strategy and seed; otherwise each job's `config.yaml` does, and
+the folder name is the last resort.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from typing import Any, Optional
 import numpy as np
 
 from diffrun.errors import DiffrunError
+from diffrun.launching.sweep import read_entries
 from diffrun.monitoring.metrics import read_jsonl
 
 JOB_DIR = re.compile(r"^(?P<num>\d+)_(?P<strategy>.+)_seed(?P<seed>-?\d+)$")
@@ -254,44 +255,10 @@ def load_config(path: Path) -> dict:
 
 
 def read_index(sweep_dir: Path) -> dict[str, dict]:
-    """Job folder → {strategy, seed, job_num} from the launcher's index.json / index.jsonl, if any.
-
-    Accepted shapes: a list of entries, {"jobs": [...]}, or {folder: entry}; one entry per line in
-    .jsonl. An entry names its folder by one of dir/subdir/job_dir/path/run_dir and its strategy by
-    weighting/strategy/weighting.name.
-    """
-    entries: list[dict] = []
-    for name in ("index.json", "index.jsonl"):
-        path = sweep_dir / name
-        if not path.exists():
-            continue
-        if name.endswith(".jsonl"):
-            entries.extend(e for e in read_jsonl(path) if isinstance(e, dict))
-            continue
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        if isinstance(data, dict) and isinstance(data.get("jobs"), list):
-            data = data["jobs"]
-        if isinstance(data, dict):
-            data = [dict(v, dir=k) if isinstance(v, dict) else {"dir": k} for k, v in data.items()]
-        entries.extend(e for e in data if isinstance(e, dict))
-    index: dict[str, dict] = {}
-    for e in entries:
-        where = next((e[k] for k in ("dir", "subdir", "job_dir", "path", "run_dir", "output_dir") if e.get(k)), None)
-        if where is None:
-            continue
-        strategy = e.get("weighting") or e.get("strategy") or e.get("weighting.name")
-        if isinstance(strategy, dict):
-            strategy = strategy.get("name")
-        num = e.get("job_num", e.get("num", e.get("job")))
-        index[Path(str(where)).name] = {
-            "strategy": strategy,
-            "seed": e.get("seed"),
-            "job_num": int(num) if isinstance(num, (int, str)) and str(num).isdigit() else None,
-        }
-    return index
+    """Job folder → {strategy, seed, job_num} from the sweep's `index.jsonl` (diffrun.launching.sweep), if any;
+    a requeued or rerun job's last line wins."""
+    return {Path(str(e["dir"])).name: {"strategy": e.get("weighting"), "seed": e.get("seed"), "job_num": e.get("job_num")}
+            for e in read_entries(sweep_dir) if e.get("dir")}
 
 
 def incomplete_reason(status: dict, has_status: bool) -> str:

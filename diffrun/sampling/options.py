@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import math
+from enum import Enum
 from dataclasses import asdict, dataclass, fields
 
 import torch
 
+from diffrun.config import option
 from diffrun.errors import ConfigError
 
 SAMPLERS = ("ddim", "ddpm", "ddpm_continuous", "heun")
@@ -41,8 +43,8 @@ class SamplerOptions:
     def __post_init__(self) -> None:
         for f in fields(self):  # enums from the config arrive as Enum members
             value = getattr(self, f.name)
-            if hasattr(value, "value") and not isinstance(value, (int, float)):
-                object.__setattr__(self, f.name, value.value)
+            if isinstance(value, Enum):
+                object.__setattr__(self, f.name, option(value))
         self._check()
 
     @property
@@ -111,7 +113,7 @@ class SamplerOptions:
 def autocast_dtype(precision, train_dtype: torch.dtype | None, key: str = "sample") -> torch.dtype | None:
     """The autocast dtype for `sample.precision` / `eval.precision`: fp32 → None (no autocast), bf16, fp16, or
     `train`: the training run's own autocast dtype (None when it trains in fp32)."""
-    precision = str(getattr(precision, "value", precision))
+    precision = option(precision)
     if precision not in PRECISIONS:
         raise ConfigError(f"{key}.precision={precision!r} is not allowed: one of {', '.join(PRECISIONS)}")
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16, "train": train_dtype}[precision]

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from diffrun.config import option
 from diffrun.errors import ConfigError
 
 log = logging.getLogger("diffrun")
@@ -42,7 +43,7 @@ def resolve_device(name: str) -> torch.device:
 
 def resolve_precision(name: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
     """(autocast dtype or None, use GradScaler). `auto`: bf16 on CUDA, fp32 elsewhere."""
-    name = str(getattr(name, "value", name))
+    name = option(name)
     if name == "auto":
         name = "bf16" if device.type == "cuda" else "fp32"
     if name == "fp32":

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from diffrun.config import validate
+from diffrun.config import option, validate
 from diffrun.data import balanced_labels
 from diffrun.errors import DiffrunError
 from diffrun.files import atomic_write, atomic_write_json
@@ -63,7 +63,7 @@ class Trainer:
             raise
         self.events = Events(build_callbacks(cfg, self.rank) if callbacks is None else callbacks)
         self.interrupt = GracefulInterrupt()
-        self.step_fn = step_function(str(getattr(cfg.train.capture, "value", cfg.train.capture)), self.parts)
+        self.step_fn = step_function(option(cfg.train.capture), self.parts)
         self.counters = StepCounters(self.device)
         self.stats = LogSNRStats.from_config(cfg.stats, self.schedule, self.device)
         self.state = RunState(cfg, self.run_dir, self.parts, self.stats, self.rank, self.world_size, self.interrupt)
@@ -115,7 +115,7 @@ class Trainer:
         return record
 
     def _apply_nan_policy(self, nonfinite: int, first_bad: int) -> None:
-        policy = str(getattr(self.cfg.train.nan_policy, "value", self.cfg.train.nan_policy))
+        policy = option(self.cfg.train.nan_policy)
         total, limit = self.state.nonfinite_total, self.cfg.train.max_skipped_fraction
         if policy == "halt" or total > limit * max(1, self.step):
             path = self.save_checkpoint()    # every bad update was skipped: this state is the last good one
