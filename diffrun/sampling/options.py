@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import math
-from enum import Enum
 from dataclasses import asdict, dataclass, fields
+from enum import Enum
 
 import torch
 
