@@ -3,6 +3,7 @@
     diffrun                                   # digits, unet_small, CPU, a few minutes
     diffrun dataset=cifar10 model=ddpm_cifar10 weighting=min_snr
     diffrun -m seed=0,1,2 weighting=uniform,min_snr sweep_name=minsnr
+    diffrun -m experiment=min_snr_cifar10 hydra/launcher=slurm_gpu --dry-run   # the jobs and checks, no training
 """
 from __future__ import annotations
 
@@ -127,8 +128,17 @@ def shown(path) -> str:
         return str(path)
 
 
+def main() -> None:
+    """The `diffrun` command: Hydra's command line, plus `--dry-run` (diffrun/launching/dry_run.py)."""
+    from diffrun.launching import dry_run
+    from diffrun.launching.preflight import ValidateBeforeRun
+
+    ValidateBeforeRun.dry_run = dry_run.take_flag(sys.argv)
+    hydra_main()
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
-def main(cfg: DictConfig) -> float | None:
+def hydra_main(cfg: DictConfig) -> float | None:
     from diffrun.launching import distributed
     from diffrun.launching.preflight import remove_hydra_leftovers, shorten_warmup
     from diffrun.launching.sweep import pin_sweep_name, record_job_start

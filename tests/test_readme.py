@@ -40,7 +40,7 @@ CHECK = {   # command → the number of jobs it starts
     "diffrun eval.sampler=heun eval.steps=18": 1,
     "diffrun -m seed=0,1,2 weighting=uniform,min_snr sweep_name=minsnr": 6,
     "diffrun -m experiment=smoke": 4,
-    "diffrun -m experiment=min_snr_cifar10 hydra/launcher=slurm hydra.launcher.partition=gpu": 6,
+    "diffrun -m experiment=min_snr_cifar10 hydra/launcher=slurm_gpu": 6,
 }
 SKIP = {
     "pip install torch==2.14.1 torchvision==0.29.1": "installs packages into the environment (network)",
