@@ -98,3 +98,68 @@ def test_inception_weights_resolved_before_step_0(monkeypatch, tmp_path, caplog)
     with caplog.at_level(logging.INFO):
         FIDCallback().on_start(SimpleNamespace(cfg=cfg, data=list(range(100)), step=0))
     assert seen == [str(weights)] and f"Inception weights for FID: {weights} (explicit)" in caplog.text
+
+
+# ------------------------------------------------------------------------------------------------
+# diffrun-prepare (offline here: its use of files already there, and its error paths)
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture
+def offline(monkeypatch):
+    import torchvision.datasets.utils
+
+    calls = []
+
+    def refused(*args, **kwargs):
+        calls.append(args)
+        raise OSError("no network (test)")
+    monkeypatch.setattr(torchvision.datasets.utils, "download_and_extract_archive", refused)
+    monkeypatch.setattr(inception, "_download_official", refused)
+    return calls
+
+
+def converted_weights(cache):
+    """A state dict with every key of the converted (headless) network, as the cache holds it."""
+    import torch
+
+    cache.mkdir(parents=True, exist_ok=True)
+    torch.save({key: torch.zeros(1) for key in inception.inception_body_keys()}, cache / inception.CONVERTED_FILENAME)
+    return cache / inception.CONVERTED_FILENAME
+
+
+@pytest.mark.slow
+def test_prepare_uses_files_already_there(tmp_path, offline, capsys, monkeypatch):
+    from diffrun.launching.prepare import main
+
+    from conftest import write_cifar
+
+    monkeypatch.setattr(inception, "fid_helper_source", lambda: None)
+    write_cifar(tmp_path / "cifar")
+    weights = converted_weights(tmp_path / "cache")
+    code = main(["experiment=min_snr_cifar10", f"dataset.loader.root={tmp_path}/cifar", f"eval.cache_dir={tmp_path}/cache"])
+    out = capsys.readouterr()
+    assert code == 0, out
+    assert f"ok       cifar10: present in {tmp_path}/cifar" in out.out
+    assert f"ok       Inception weights: {weights} (converted)" in out.out
+    assert offline == []    # nothing downloaded
+
+
+@pytest.mark.slow
+def test_prepare_offline_says_what_is_missing(tmp_path, offline, capsys, monkeypatch):
+    from diffrun.launching.prepare import main
+
+    monkeypatch.setattr(inception, "fid_helper_source", lambda: None)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    code = main(["experiment=min_snr_cifar10", f"dataset.loader.root={tmp_path}/cifar", f"eval.cache_dir={tmp_path}/cache",
+                 f"eval.reference_stats={tmp_path}/stats.npz"])
+    err = capsys.readouterr().err.splitlines()
+    assert code == 1 and len(err) == 3, err
+    assert err[0].startswith("missing  cifar10 not found and could not be downloaded (OSError: no network (test))")
+    assert err[1].startswith("missing  No Inception weights for FID/KID.")
+    assert err[2].startswith(f"missing  eval.reference_stats='{tmp_path}/stats.npz'") or "eval.reference_stats" in err[2]
+
+
+def test_prepare_refuses_a_bad_override(capsys):
+    from diffrun.launching.prepare import main
+
+    assert main(["experiment=no_such_preset"]) == 1
+    assert "no_such_preset" in capsys.readouterr().err
