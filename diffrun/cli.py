@@ -1,6 +1,6 @@
 """`diffrun`: compose a run with Hydra, train it, sample it, score it.
 
-    diffrun                                   # digits, unet_small, CPU, a few minutes
+    diffrun                                   # digits, unet_small, CPU (docs/performance.md: how long)
     diffrun dataset=cifar10 model=ddpm_cifar10 weighting=min_snr
     diffrun -m seed=0,1,2 weighting=uniform,min_snr sweep_name=minsnr
     diffrun -m experiment=min_snr_cifar10 hydra/launcher=slurm_gpu --dry-run   # the jobs and checks, no training
