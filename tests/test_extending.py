@@ -76,7 +76,7 @@ def test_the_page_commands_run(tmp_path):
     modules = {"diffrun": "diffrun.cli", "diffrun-plot": "diffrun.monitoring.plots"}
     commands = page_commands()
     assert len(commands) == 3, commands
-    for line in (commands[0], commands[2]):       # the run and the plot (the sweep trains 6 runs: its jobs are the run's)
+    for line in (commands[0], commands[2]):       # the run and the plot (the sweep's jobs are that run, 6 times)
         words = shlex.split(line)
         assert words[0] == "PYTHONPATH=."
         proc = subprocess.run([sys.executable, "-m", modules[words[1]], *words[2:]], cwd=tmp_path, env=env,

@@ -63,8 +63,6 @@ def test_a_plugin_that_does_not_import_names_the_module(tmp_path):
     (tmp_path / "weighting").mkdir()
     (tmp_path / "weighting" / "mine.yaml").write_text("_target_: my_weightings.Mine\nname: mine\n")
     GlobalHydra.instance().clear()
-    from hydra.core.config_search_path import ConfigSearchPath  # noqa: F401
-
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("config", overrides=["debug=fast", f"hydra.searchpath=[file://{tmp_path}]", "weighting=mine"])
     GlobalHydra.instance().clear()

@@ -50,12 +50,13 @@ SKIP = {
     "diffrun -m experiment=min_snr_cifar10 hydra/launcher=slurm_gpu --dry-run":
         "exits 1 where sbatch is missing (it says so); tests/test_sweep_safety.py runs --dry-run",
     "diffrun-status outputs/sweeps/min_snr_cifar10": "reads the sweep's output (tests/test_status.py runs the command)",
-    "diffrun-report outputs/sweeps/min_snr_cifar10": "reads the sweep's output (tests/test_report.py runs it end to end)",
+    "diffrun-report outputs/sweeps/min_snr_cifar10": "reads the sweep's output (tests/test_report.py runs it)",
     "diffrun-eval ckpt=outputs/runs/digits_unet_small_uniform_seed0 eval.num_samples=1000":
         "needs the main job's run and minutes of CPU FID; tests/test_eval_paths.py resolves a run folder to its "
         "latest checkpoint, tests/test_eval_app.py evaluates one",
-    "diffrun-eval images=my_samples dataset=cifar10": "needs a folder of samples and CIFAR-10; tests/test_eval_paths.py "
-                                                      "checks it gives the checkpoint path's FID on the same images",
+    "diffrun-eval images=my_samples dataset=cifar10":
+        "needs a folder of samples and CIFAR-10; tests/test_eval_paths.py checks it gives the checkpoint path's FID "
+        "on the same images",
 }
 
 

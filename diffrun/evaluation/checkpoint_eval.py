@@ -46,7 +46,8 @@ def checkpoints_in(value: str) -> list[Path]:
     path = Path(value).expanduser()
     if not path.is_dir():
         return [Path(value)]
-    runs = [path] if (path / "checkpoints").is_dir() else sorted(p for p in path.iterdir() if (p / "checkpoints").is_dir())
+    runs = [path] if (path / "checkpoints").is_dir() else sorted(
+        p for p in path.iterdir() if (p / "checkpoints").is_dir())
     found = [latest for run in runs if (latest := CheckpointManager(run / "checkpoints").latest_path()) is not None]
     if not found:
         raise ConfigError(f"ckpt={show(value)}: a folder without checkpoints; allowed a checkpoint file, a run folder "

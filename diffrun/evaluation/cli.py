@@ -117,6 +117,7 @@ FID/KID of a checkpoint's EMA model; the checkpoint's own config is the base, ke
   ckpt=<run>/checkpoints/ckpt_X.pt   that checkpoint
   ckpt=<run>                         the run's latest checkpoint
   ckpt=<sweep>                       the latest checkpoint of every run in the sweep, as a multirun (-m)
+  images=FOLDER dataset=NAME         a folder of images against the dataset's reference (EDM's fid.py calc)
 
   eval.num_samples=50000 eval.repeats=3 eval.sampler=heun eval.steps=18
   eval.reference_stats=PATH.npz      published statistics instead of the training set
@@ -125,6 +126,20 @@ FID/KID of a checkpoint's EMA model; the checkpoint's own config is the base, ke
 
 The record and its protocol go to the run's metrics.jsonl, its W&B run and diffrun-report (docs/evaluation.md).
 Every key: diffrun --cfg job (the keys of a run); Hydra's own help: diffrun-eval --hydra-help."""
+
+
+def score_images_command(folder: str, overrides: list[str]) -> None:
+    """`images=FOLDER`: print the folder's FID (and KID) against the dataset `overrides` choose."""
+    from hydra.errors import HydraException
+
+    from diffrun.evaluation.image_folder import score_folder
+
+    try:
+        result = score_folder(folder, overrides)
+    except (DiffrunError, HydraException) as exc:
+        refuse([" ".join(str(exc).split())])
+    kid = f", KID {result['kid_mean']:.4f} ± {result['kid_std']:.4f}" if "kid_mean" in result else ""
+    print(f"FID {result['fid']:.4f}{kid} ({result['num_samples']} images of {folder} vs {result['reference']})")
 
 
 def checkpoint_arguments(args: list[str]) -> list[str]:
@@ -145,6 +160,10 @@ def checkpoint_arguments(args: list[str]) -> list[str]:
 def main() -> None:
     if {"-h", "--help"} & set(sys.argv[1:]):
         print(USAGE)
+        return
+    folders = [a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("images=")]
+    if folders:
+        score_images_command(folders[0], [a for a in sys.argv[1:] if not a.startswith("images=")])
         return
     try:
         args = checkpoint_arguments(sys.argv[1:])

@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from diffrun.config import option
 
@@ -39,7 +39,8 @@ def launcher_resources(launcher: DictConfig, name: str) -> str:
         parts += [f"{key} {launcher[key]}" for key in ("account", "qos", "constraint") if launcher.get(key)]
         return f"{name}: " + ", ".join(parts) + f"; at most {launcher.get('array_parallelism')} at once"
     if target.endswith("LocalLauncher"):
-        return f"{name}: every job at once on this machine, as subprocesses ({launcher.get('tasks_per_node')} task(s) each)"
+        return (f"{name}: every job at once on this machine, as subprocesses "
+                f"({launcher.get('tasks_per_node')} task(s) each)")
     return f"{name}: on this machine, one job after another, in this process"
 
 
@@ -57,7 +58,8 @@ def fid_plan(cfg: DictConfig) -> str:
     else:
         reference = f"the {cfg.dataset.name} training set"
     repeats = f", min of {settings.repeats}" if int(settings.get("repeats") or 1) > 1 else ""
-    return (f"FID-{size} every {settings.every_steps} steps and at the end, {option(settings.sampler)} {settings.steps} steps, "
+    return (f"FID-{size} every {settings.every_steps} steps and at the end, "
+            f"{option(settings.sampler)} {settings.steps} steps, "
             f"{option(settings.precision)}{repeats}, vs {reference}")
 
 
@@ -144,6 +146,6 @@ def report(config: DictConfig, jobs: list[tuple[list[str], DictConfig]], failure
     for line in problems:
         out.append(f"    launcher   {line}")
         ready = False
-    out.append(f"    {'ready: rerun without --dry-run to start' if ready else 'NOT READY: see REFUSED / not found above'}")
+    out.append("    ready: rerun without --dry-run to start" if ready else "    NOT READY: see REFUSED / not found above")
     print("\n".join(out))
     sys.exit(0 if ready else 1)

@@ -24,7 +24,8 @@ IMPORT_FAILED = re.compile(r"Error locating target '(?P<target>[^']+)'")
 
 
 def closest(word: str, candidates: list[str]) -> str | None:
-    """The candidate nearest to `word`, also across a left-out or extra `_` (minsnr → min_snr); None if none is close."""
+    """The candidate nearest to `word`, also across a left-out or extra `_` (minsnr → min_snr); None if none is
+    close."""
     squashed = {c.replace("_", ""): c for c in candidates}
     if word.replace("_", "") in squashed:
         return squashed[word.replace("_", "")]

@@ -71,9 +71,9 @@ class ValidateBeforeRun(Callback):
         except DiffrunError as exc:
             if not self.dry_run:
                 refuse([str(exc)])
-            dry_run.report(config, [(overrides(config, "task"), checked)], {0: str(exc)}, launcher_name(config))
+            dry_run.report(config, [(command_overrides(config, "task"), checked)], {0: str(exc)}, launcher_name(config))
         if self.dry_run:
-            dry_run.report(config, [(overrides(config, "task"), checked)], {}, launcher_name(config))
+            dry_run.report(config, [(command_overrides(config, "task"), checked)], {}, launcher_name(config))
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         try:
@@ -88,7 +88,7 @@ class ValidateBeforeRun(Callback):
             for override in overrides:
                 values[override.split("=", 1)[0]].add(override)
         swept = {override for overrides in values.values() if len(overrides) > 1 for override in overrides}
-        failures = {}
+        failures, labels = {}, {}   # job number → its message; → "job 1 (weighting=min_snr)"
         for num, (overrides, job) in enumerate(jobs):
             try:
                 shorten_warmup(job)
@@ -97,7 +97,7 @@ class ValidateBeforeRun(Callback):
                     check_launcher_resources(job, config.hydra.launcher, launcher_name(config))
             except DiffrunError as exc:
                 name = " ".join(o for o in overrides if o in swept)
-                failures[f"job {num}{f' ({name})' if name else ''}"] = str(exc)
+                failures[num], labels[num] = str(exc), f"job {num}{f' ({name})' if name else ''}"
         problems = []
         if slurm:
             try:
@@ -105,12 +105,11 @@ class ValidateBeforeRun(Callback):
             except DiffrunError as exc:
                 problems.append(str(exc))
         if self.dry_run:
-            dry_run.report(config, jobs, {int(job.split()[1]): message for job, message in failures.items()},
-                           launcher_name(config), problems, multirun=True)
+            dry_run.report(config, jobs, failures, launcher_name(config), problems, multirun=True)
         if len(failures) > 1 and len(failures) == len(jobs) and len(set(failures.values())) == 1:
             refuse([f"every job of the sweep: {next(iter(failures.values()))}"])
         if failures:
-            refuse([f"{job}: {message}" for job, message in failures.items()])
+            refuse([f"{labels[num]}: {message}" for num, message in failures.items()])
         if problems:
             refuse(problems)
 
@@ -123,25 +122,26 @@ def is_slurm_launcher(launcher: DictConfig) -> bool:
     return str(launcher.get("_target_", "")).endswith("SlurmLauncher")
 
 
-def overrides(config: DictConfig, which: str) -> list[str]:
+def command_overrides(config: DictConfig, which: str) -> list[str]:
     """The command line's `hydra` or `task` overrides as typed (an interpolation in a value is not resolved)."""
     return [str(o) for o in OmegaConf.to_container(config.hydra.overrides, resolve=False).get(which) or []]
 
 
 def command_line(config: DictConfig, multirun: bool) -> str:
     """The `diffrun` command that composed `config`, as the user would type it (with `-m` when `multirun`)."""
-    words = [o for o in overrides(config, "hydra") if not o.startswith("hydra.mode=")] + overrides(config, "task")
+    words = [o for o in command_overrides(config, "hydra") if not o.startswith("hydra.mode=")]
+    words += command_overrides(config, "task")
     return shlex.join(["diffrun", *(["-m"] if multirun else []), *words])
 
 
 def check_single_run(config: DictConfig) -> None:
     """A single run (no `-m`) that was meant as a sweep: Hydra would ignore the launcher, or train only the first
     job of a preset's sweep, on this machine."""
-    launchers = [o for o in overrides(config, "hydra") if o.split("=", 1)[0].lstrip("+") == "hydra/launcher"]
+    launchers = [o for o in command_overrides(config, "hydra") if o.split("=", 1)[0].lstrip("+") == "hydra/launcher"]
     if launchers:
         raise ConfigError(f"{launchers[0]} launches the jobs of a sweep and is ignored without -m (the run would "
                           f"train here, on this machine); run: {command_line(config, multirun=True)}")
-    given = {o.split("=", 1)[0].lstrip("+~") for o in overrides(config, "task")}
+    given = {o.split("=", 1)[0].lstrip("+~") for o in command_overrides(config, "task")}
     params = config.hydra.sweeper.get("params") or {}
     swept = {key: str(values) for key, values in params.items() if "," in str(values) and key not in given}
     if swept:
@@ -167,11 +167,13 @@ def check_launcher_resources(job: DictConfig, launcher: DictConfig, name: str) -
     """One job of a SLURM sweep against what `hydra/launcher=<name>` asks for, before anything is submitted: a
     GPU where the run needs one, one task (rank) per GPU, a batch the ranks share evenly, and the data and files
     the job reads (from this machine: a login node sees the cluster's shared paths)."""
-    gpus, nodes, tasks = launcher_gpus(launcher), int(launcher.get("nodes") or 1), int(launcher.get("tasks_per_node") or 1)
+    gpus = launcher_gpus(launcher)
+    nodes, tasks = int(launcher.get("nodes") or 1), int(launcher.get("tasks_per_node") or 1)
     device, precision = str(job.device), option(job.precision)
     gpu_presets = "hydra/launcher=slurm_gpu (or slurm_multinode)"
     if gpus == 0:
-        asked = f"hydra/launcher={name} gives each job no GPU (hydra.launcher.gpus_per_node={launcher.get('gpus_per_node') or 'null'})"
+        asked = (f"hydra/launcher={name} gives each job no GPU "
+                 f"(hydra.launcher.gpus_per_node={launcher.get('gpus_per_node') or 'null'})")
         if device.startswith("cuda"):
             raise ConfigError(f"device={device} needs a GPU, and {asked}; use {gpu_presets}, or device=cpu")
         if precision in ("fp16", "bf16"):

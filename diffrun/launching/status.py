@@ -56,7 +56,8 @@ class JobStatus:
     job_num: Optional[int]
     strategy: Optional[str]
     seed: Optional[int]
-    state: str                          # pending | unsubmitted | starting | running | lost | interrupted | halted | failed | finished
+    state: str                          # pending | unsubmitted | starting | running | lost | interrupted | halted |
+                                        # failed | finished
     step: Optional[int] = None
     total_steps: Optional[int] = None
     images_per_sec: Optional[float] = None

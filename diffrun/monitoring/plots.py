@@ -348,7 +348,8 @@ def fig_weightings(specs: list[str]):
     for name, w in curves:
         ax.plot(logsnr.numpy(), w.numpy(), label=name, **styles[name])
     ax.set(yscale="log", ylim=(1e-4, 2), xlim=(-15, 15), xlabel="log-SNR λ  (noisy ←  → clean)",
-           ylabel="W(λ) = p(λ)·w_ε(λ), ÷ max", title="Effective ε-space weighting (cosine schedule, σ_data = 0.5)")
+           ylabel="W(λ) = p(λ)·w_ε(λ), ÷ max",
+           title="Effective ε-space weighting (cosine schedule, σ_data = 0.5)")
     ax.grid(True, alpha=0.3)
     ax.legend(frameon=False)
     return fig
