@@ -38,6 +38,7 @@ class SamplerName(str, Enum):
 class DDPMVariance(str, Enum):
     fixed_large = "fixed_large"  # σ_t² = β_t (Ho et al. 2020 CIFAR-10, tqch/ddpm-torch)
     fixed_small = "fixed_small"  # σ_t² = β̃_t, the posterior variance
+    learned = "learned"          # IDDPM's learned range between β̃_t and β_t (needs model.learn_sigma)
 
 
 class SamplingPrecision(str, Enum):

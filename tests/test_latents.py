@@ -93,7 +93,8 @@ def test_conditional_latent_run_samples_with_guidance_decodes_and_scores(make_cf
     seen = []
     original = step_module.drop_labels
     monkeypatch.setattr(step_module, "drop_labels", lambda l, p, n: seen.append((l.clone(), p, n)) or original(l, p, n))
-    cfg = make_cfg([*latent_overrides(latents), "model=dit_s_2", "model.net.depth=1",
+    cfg = make_cfg([*latent_overrides(latents), "model=dit_s_2", "schedule=linear", "schedule.timesteps=1000",
+                    "model.net.depth=1",
                     "model.net.hidden_size=32", "model.net.num_heads=2", "train.label_dropout=0.3",
                     "sample.cfg_scale=2.0", "eval.enabled=true", "eval.cfg_scale=1.5", "eval.num_samples=12",
                     "eval.kid_subset_size=6", "eval.steps=3", "eval.batch_size=6", "train.batch_size=6"])
