@@ -77,7 +77,10 @@ class TrainConfig:
     nan_policy: NanPolicy = NanPolicy.skip
     max_skipped_fraction: float = 0.1  # halt anyway if more than this fraction of steps were non-finite
     progress: bool = True             # tqdm progress bar
-    label_dropout: float = 0.1        # class-conditional models: P(label → null label), for classifier-free guidance (DiT 0.1)
+    label_dropout: float = 0.0        # class-conditional models: P(label → null label), for classifier-free guidance; 0
+                                      # unless the recipe trains for guidance (DiT 0.1, Min-SNR 0.15; EDM 0)
+    tf32: Optional[bool] = None       # CUDA TF32: null keeps PyTorch's defaults (cuDNN convolutions on, matmuls off);
+                                      # false turns both off (EDM training_loop.py), true both on
 
 
 @dataclass

@@ -359,7 +359,7 @@ def test_conditional_pixel_run_passes_labels(make_cfg, tmp_path, monkeypatch):
     seen = []
     original = step_module.drop_labels
     monkeypatch.setattr(step_module, "drop_labels", lambda l, p, n: seen.append(l.clone()) or original(l, p, n))
-    train(make_cfg(["dataset.num_classes=10", "sample.cfg_scale=2"]), tmp_path / "cond")
+    train(make_cfg(["dataset.num_classes=10", "sample.cfg_scale=2", "train.label_dropout=0.1"]), tmp_path / "cond")
     assert len(seen) == 6 and all(l.dtype == torch.long and 0 <= l.min() and l.max() < 10 for l in seen)
 
 

@@ -211,16 +211,19 @@ RECIPES = {
     "edm_cifar10": {
         "model.name": "edm_ddpmpp_cifar10", "model.net.augment_dim": 9, "augment.p": 0.12, "precision": "fp32",
         "train.batch_size": 512, "train.steps": 390_625, "train.grad_clip": 0.0, "ema.halflife_kimg": 500,
-        "ema.rampup_ratio": 0.05, "optimizer.optim.lr": 1e-3, "optimizer.warmup_kimg": 10000,
+        "ema.rampup_ratio": 0.05, "optimizer.optim.lr": 1e-3, "optimizer.warmup_kimg": 10000, "train.tf32": False,
+        "train.label_dropout": 0.0,
         "optimizer.optim.eps": 1e-8 / 3072, "dataset.loader.random_flip": False,
         "eval.sampler": "heun", "eval.steps": 18, "eval.precision": "fp32", "eval.num_samples": 50000},
     "variance_aware_cifar10": {
         "model.name": "edm_ddpmpp_cifar10", "model.prediction": "edm", "precision": "fp32", "train.grad_clip": 0.0,
         "train.steps": 60_000, "train.batch_size": 128, "optimizer.optim.lr": 2e-4, "eval.sampler": "heun",
+        "optimizer.warmup_kimg": 0,   # the paper's flat Adam 2e-4, not EDM's 10-Mimg ramp on a 7.68-Mimg run
         "eval.steps": 18, "eval.precision": "fp32", "eval.num_samples": 50000, "augment.p": 0.12},
     "variance_aware_cifar100": {
         "dataset.name": "cifar100", "model.name": "edm_ddpmpp_cifar10", "precision": "fp32", "train.grad_clip": 0.0,
-        "train.steps": 60_000, "eval.sampler": "heun", "eval.steps": 18, "eval.precision": "fp32"},
+        "train.steps": 60_000, "eval.sampler": "heun", "eval.steps": 18, "eval.precision": "fp32",
+        "optimizer.warmup_kimg": 0},
     "adaptive_sampling_cifar10": {
         "schedule.name": "quad", "schedule.timesteps": 1000, "model.name": "ddpm_cifar10", "precision": "fp32",
         "weighting.model_variance": "fixed_large", "train.steps": 795_600, "train.batch_size": 128,
@@ -291,3 +294,26 @@ def test_short_run_with_edm_recipe_pieces(tmp_path):
     assert last["lr"] == pytest.approx(cfg.optimizer.optim.lr * min(6 * 8 / 32, 1.0))
     assert last["ema_decay"] == pytest.approx(0.5 ** (8 / min(500, 0.05 * 6 * 8)))
     assert math.isfinite(last["loss"])
+
+
+def test_tf32_setting_turns_both_kinds_off_and_null_leaves_them():
+    from diffrun.training.environment import apply_tf32
+
+    before = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    try:
+        apply_tf32(None)
+        assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == before
+        apply_tf32(False)
+        assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+        apply_tf32(True)
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def test_label_dropout_is_zero_unless_the_recipe_trains_for_guidance():
+    """EDM's conditional CIFAR-10 trains with label_dropout 0 (training/networks.py); the Min-SNR presets, which
+    sample with guidance, keep their 0.15."""
+    assert compose_config([], fast=False).train.label_dropout == 0.0
+    for preset in ("min_snr_imagenet256", "min_snr_imagenet64"):
+        assert compose_config([f"experiment={preset}", "dataset.root=/x"], fast=False).train.label_dropout == 0.15

@@ -20,7 +20,7 @@ from diffrun.models.parameterization import Denoiser
 from diffrun.schedules import NoiseSchedule
 from diffrun.strategies import Strategy
 from diffrun.training.ema import EMA
-from diffrun.training.environment import resolve_device, resolve_precision, seed_everything
+from diffrun.training.environment import apply_tf32, resolve_device, resolve_precision, seed_everything
 from diffrun.training.optim import build_lr_schedule, build_optimizer
 
 
@@ -58,6 +58,7 @@ def build_components(cfg: DictConfig, ranks: distributed.DistInfo) -> Components
     device = distributed.rank_device(resolve_device(cfg.device), ranks)
     autocast_dtype, use_scaler = resolve_precision(cfg.precision, device)
     seed_everything(cfg.seed, cfg.deterministic)          # the same model init on every rank
+    apply_tf32(cfg.train.tf32)
     if device.type == "cuda" and not cfg.deterministic:
         torch.backends.cudnn.benchmark = True             # fixed shapes: cuDNN times its conv algorithms once
 
