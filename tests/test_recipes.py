@@ -3,6 +3,7 @@ experiment presets that combine them (every preset composes and validates, and s
 from __future__ import annotations
 
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -317,3 +318,103 @@ def test_label_dropout_is_zero_unless_the_recipe_trains_for_guidance():
     assert compose_config([], fast=False).train.label_dropout == 0.0
     for preset in ("min_snr_imagenet256", "min_snr_imagenet64"):
         assert compose_config([f"experiment={preset}", "dataset.root=/x"], fast=False).train.label_dropout == 0.15
+
+
+# ------------------------------------------------------------------------------------------------
+# Preset header tables that cannot go stale: every `key=value` in the diffrun column is the composed value
+# ------------------------------------------------------------------------------------------------
+SETTING = re.compile(r"(?<![\w.<])((?:[a-z_0-9]+\.)*[a-z_0-9]+)=([^\s|,;()]+)")
+# The rows a program can read, and the keys each must state as `key=value` in its diffrun column.
+READABLE_ROWS = {
+    "optimizer": ("optimizer.optim.lr",),
+    "batch": ("train.batch_size",),
+    "duration": ("train.steps",),
+    "EMA": ("ema.decay",),                    # or ema.halflife_kimg where the preset counts its EMA in images
+    "precision": ("precision",),
+    "sampler, NFE": ("eval.sampler", "eval.steps"),
+    "FID protocol": ("eval.num_samples", "eval.reference_stats", "eval.repeats"),
+}
+
+
+def header_rows(preset: str) -> dict[str, list[str]]:
+    """The preset's header table as {item: [paper, official code, diffrun]}, continuation lines joined."""
+    rows: dict[str, list[str]] = {}
+    last = None
+    for line in (REPO / "conf" / "experiment" / f"{preset}.yaml").read_text().split("\ndefaults:")[0].splitlines():
+        if not line.startswith("# |") or not line.replace("|", "").replace("#", "").strip("- "):
+            continue
+        cells = [c.strip() for c in line[2:].strip().strip("|").split("|")]
+        if cells[0]:
+            last = cells[0]
+            rows[last] = cells[1:]
+        elif last is not None:
+            rows[last] = [f"{a} {b}".strip() for a, b in zip(rows[last], cells[1:])]
+    rows.pop("item", None)
+    return rows
+
+
+def composed_value(cfg, key: str):
+    """The composed value of `key`; a config group (`model=...`) is its option's name. KeyError if no such key."""
+    if key in ("dataset", "schedule", "weighting", "model", "optimizer"):
+        return cfg[key].name
+    node, _, leaf = key.rpartition(".")
+    parent = OmegaConf.select(cfg, node) if node else cfg
+    if parent is None or not OmegaConf.is_dict(parent) or leaf not in parent:
+        raise KeyError(key)
+    value = parent[leaf]
+    return OmegaConf.to_container(value) if OmegaConf.is_config(value) else getattr(value, "value", value)
+
+
+def stated_matches(stated: str, value) -> bool:
+    stated = stated.rstrip(".:")
+    if value is None:
+        return stated == "null"
+    if isinstance(value, bool):
+        return stated == str(value).lower()
+    if isinstance(value, (int, float)):
+        try:
+            return math.isclose(float(stated.replace("_", "")), float(value), rel_tol=1e-9, abs_tol=1e-15)
+        except ValueError:
+            return False
+    return stated == str(value)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_preset_header_diffrun_column_states_the_composed_values(preset):
+    root = ["dataset.root=/data/somewhere"] if preset.startswith("min_snr_") and preset != "min_snr_cifar10" else []
+    cfg = compose_config([f"experiment={preset}", *root], fast=False)
+    rows = header_rows(preset)
+    wrong = []
+    for item, (_, _, ours) in rows.items():
+        for key, stated in SETTING.findall(ours):
+            try:
+                value = composed_value(cfg, key)
+            except KeyError:
+                wrong.append(f"{item}: {key}={stated} names no key of the composed config")
+                continue
+            if key == "weighting" and stated in sweep_weightings(preset):            # an arm of the preset's sweep
+                continue
+            if not stated.startswith("<") and not stated_matches(stated, value):  # <...>: a path the user gives
+                wrong.append(f"{item}: the header says {key}={stated}, the preset composes {value!r}")
+    for item, keys in READABLE_ROWS.items():
+        assert item in rows, f"{preset}: no '{item}' row in the header table"
+        stated = {key for key, _ in SETTING.findall(rows[item][2])}
+        for key in keys:
+            if key == "ema.decay" and composed_value(cfg, "ema.decay") is None:
+                key = "ema.halflife_kimg"
+            if key not in stated:
+                wrong.append(f"{item}: the diffrun column does not state {key}=... (composed: "
+                             f"{composed_value(cfg, key)!r})")
+    assert not wrong, f"{preset}:\n" + "\n".join(wrong)
+
+
+def test_header_parser_reads_a_wrapped_table():
+    """The parser joins continuation lines and finds settings; a stated value that differs is caught."""
+    rows = header_rows("edm_cifar10")
+    assert "eval.steps=18" in rows["sampler, NFE"][2] and rows["batch"][2].startswith("train.batch_size=512")
+    cfg = compose_config(["experiment=edm_cifar10"], fast=False)
+    assert stated_matches("1e-3", composed_value(cfg, "optimizer.optim.lr"))
+    assert not stated_matches("2e-4", composed_value(cfg, "optimizer.optim.lr"))
+    assert composed_value(cfg, "model") == "edm_ddpmpp_cifar10"
+    with pytest.raises(KeyError):
+        composed_value(cfg, "random_flip")
