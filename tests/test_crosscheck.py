@@ -55,7 +55,7 @@ def test_reference_is_imported_from_the_checkout_and_its_commit_read(common, tmp
 
 def test_a_checkout_without_the_package_is_refused(common, tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(SystemExit, match=r"no standin_missing/ in it"):
+    with pytest.raises(SystemExit, match=r"no standin_missing/ or standin_missing.py in it"):
         common.load_reference(tmp_path / "empty", "standin_missing.ops")
     assert common.reference_commit(tmp_path / "empty") == "unknown (not a git checkout)"
 
@@ -80,5 +80,5 @@ def test_learned_variance_script_refuses_a_checkout_without_improved_diffusion(t
     """The script's command line: a folder that is not an improved-diffusion checkout stops with one line."""
     (tmp_path / "not_a_checkout").mkdir()
     script = load_script("learned_variance")
-    with pytest.raises(SystemExit, match=r"no improved_diffusion/ in it"):
+    with pytest.raises(SystemExit, match=r"no improved_diffusion/ or improved_diffusion.py in it"):
         script.main(["--reference", str(tmp_path / "not_a_checkout")])

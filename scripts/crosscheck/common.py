@@ -26,8 +26,9 @@ def parser(description: str, repository: str) -> argparse.ArgumentParser:
 def load_reference(checkout: Path, module: str):
     """Import `module` from the checkout (and only from there): a clear error if it is not a checkout holding it."""
     checkout = checkout.resolve()
-    if not (checkout / module.split(".")[0]).exists():
-        raise SystemExit(f"--reference {checkout}: no {module.split('.')[0]}/ in it; give a checkout of the official "
+    top = module.split(".")[0]
+    if not (checkout / top).is_dir() and not (checkout / f"{top}.py").is_file():
+        raise SystemExit(f"--reference {checkout}: no {top}/ or {top}.py in it; give a checkout of the official "
                          f"repository")
     sys.path.insert(0, str(checkout))
     loaded = importlib.import_module(module)
