@@ -9,6 +9,7 @@ import argparse
 import importlib
 import subprocess
 import sys
+import types
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,9 +24,16 @@ def parser(description: str, repository: str) -> argparse.ArgumentParser:
     return p
 
 
-def load_reference(checkout: Path, module: str):
-    """Import `module` from the checkout (and only from there): a clear error if it is not a checkout holding it."""
+def load_reference(checkout: Path, module: str, bare_packages: tuple[str, ...] = ()):
+    """Import `module` from the checkout (and only from there): a clear error if it is not a checkout holding it.
+    `bare_packages` are registered without running their `__init__.py` (where it imports the whole repository
+    and its dependencies, e.g. SpeeD's `speed/__init__.py`), so only the modules named are loaded."""
     checkout = checkout.resolve()
+    for package in bare_packages:
+        if package not in sys.modules:
+            bare = types.ModuleType(package)
+            bare.__path__ = [str(checkout / package.replace(".", "/"))]
+            sys.modules[package] = bare
     top = module.split(".")[0]
     if not (checkout / top).is_dir() and not (checkout / f"{top}.py").is_file():
         raise SystemExit(f"--reference {checkout}: no {top}/ or {top}.py in it; give a checkout of the official "
