@@ -82,3 +82,16 @@ def test_learned_variance_script_refuses_a_checkout_without_improved_diffusion(t
     script = load_script("learned_variance")
     with pytest.raises(SystemExit, match=r"no improved_diffusion/ or improved_diffusion.py in it"):
         script.main(["--reference", str(tmp_path / "not_a_checkout")])
+
+
+def test_bare_packages_skip_an_init_that_imports_the_world(common, tmp_path):
+    """SpeeD's speed/__init__.py imports its datasets and networks (transformers, ...): registered bare, only the
+    module asked for is loaded."""
+    checkout = stand_in_checkout(tmp_path / "ref", "standin_heavy_pkg", "VALUE = 7\n", git=False)
+    (checkout / "standin_heavy_pkg" / "__init__.py").write_text("raise ImportError('needs the whole world')\n")
+    with pytest.raises(ImportError, match="whole world"):
+        common.load_reference(checkout, "standin_heavy_pkg.ops")
+    sys.modules.pop("standin_heavy_pkg", None)
+    ops = common.load_reference(checkout, "standin_heavy_pkg.ops", bare_packages=("standin_heavy_pkg",))
+    assert ops.VALUE == 7
+    sys.modules.pop("standin_heavy_pkg.ops"), sys.modules.pop("standin_heavy_pkg")
