@@ -18,7 +18,10 @@ log = logging.getLogger(__name__)
 
 class FIDCallback(Callback):
     """FID/KID of the EMA model every `eval.every_steps` steps and at the end (`eval.enabled`), as `on_eval`
-    events for the other callbacks (metrics file, W&B); the final numbers join the run summary."""
+    events for the other callbacks (metrics file, W&B); the final numbers join the run summary. Under DDP it runs
+    on every rank: each samples its share, rank 0 computes and reports the numbers (protocol.py)."""
+
+    all_ranks = True
 
     def __init__(self):
         self.last_step = -1
@@ -27,7 +30,7 @@ class FIDCallback(Callback):
 
     def on_start(self, trainer) -> None:
         settings = trainer.cfg.eval
-        if settings.enabled and settings.reference_stats is None:   # a too large reference fails now, not at the end
+        if settings.enabled and settings.reference_stats is None and trainer.rank == 0:   # fails now, not at the end
             check_reference_count(trainer.data, settings.num_reference, trainer.cfg.dataset.name)
 
     def every_steps(self, trainer) -> int:
@@ -43,7 +46,11 @@ class FIDCallback(Callback):
             if option(settings.on_unavailable) == "fail":
                 raise
             self.skipped_reason = str(exc).splitlines()[0]
-            log.warning("FID skipped (eval.on_unavailable=skip): %s", exc)
+            if trainer.rank == 0:
+                log.warning("FID skipped (eval.on_unavailable=skip): %s", exc)
+            return {}
+        if record is None:   # a rank other than 0: its share is sampled, rank 0 reports
+            self.last_step = trainer.step
             return {}
         self.last_step, self.last_record = trainer.step, record
         log.info("step %d: %s (%s; %.0fs)", record["step"], summary_line(record), record["fid_protocol"],
