@@ -34,8 +34,8 @@ if [ "$MODE" = gpu ]; then
   XDIST=(-n 4)                       # 16 cores, one GPU: compiling tests overlap with the short ones
   DEVICE=cuda
 else
-  BUDGET_S=${BUDGET_S:-3000}         # a shared 2-core CPU; the sizes below are what makes it short
-  SCALE=10                           # each stage's limit: ten times the GPU's
+  BUDGET_S=${BUDGET_S:-4000}         # a shared 2-core CPU; the sizes below are what makes it short
+  SCALE=20                           # each stage's limit: twenty times the GPU's (a busy shared CPU)
   XDIST=(-p no:xdist)
   DEVICE=cpu
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
@@ -98,7 +98,7 @@ export -f install_deps
 stage install 45 install_deps
 
 # --- 1. the CUDA tier (on the CPU: collected and skipped) -----------------------------------------------------
-stage cuda_tier 130 python3 -m pytest -q -m cuda tests/test_cuda.py tests/test_capture.py -p no:cacheprovider \
+stage cuda_tier 125 python3 -m pytest -q -m cuda tests/test_cuda.py tests/test_capture.py -p no:cacheprovider \
   --timeout=90 "${XDIST[@]}" -rs --junitxml="$RES/cuda_tier.xml"
 
 # --- 2. the main job -------------------------------------------------------------------------------------------
@@ -116,7 +116,7 @@ stage main 55 main_job
 
 # --- 3. bf16, SIGTERM half-way, resume: compared step by step with the uninterrupted run -------------------------
 if [ "$MODE" = gpu ]; then RESUME=(train.steps=300); else RESUME=(model=unet_tiny train.steps=16 train.batch_size=8); fi
-stage resume 45 python3 scripts/resume_check.py --workdir "$WORK/resume" --json "$RES/resume.json" -- \
+stage resume 50 python3 scripts/resume_check.py --workdir "$WORK/resume" --json "$RES/resume.json" -- \
   device=$DEVICE precision=bf16 eval.enabled=false sample.num_images=0 checkpoint.every_steps=0 train.progress=false \
   "${RESUME[@]}"
 

@@ -91,7 +91,7 @@ class _Taken:
 def _prepare_on_rank0(trainer, eval_cfg):
     """(weights, statistics, reference) on rank 0, None elsewhere. Under DDP every rank learns whether rank 0
     could prepare, and fails the same way if not (no rank samples for an evaluation that will not happen)."""
-    prepared, failure = None, None
+    prepared = None
     if trainer.rank == 0:
         try:
             weights = resolve_inception_weights(eval_cfg.inception_weights, cache_dir=eval_cfg.cache_dir)
