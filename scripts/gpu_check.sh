@@ -130,7 +130,7 @@ if [ "$MODE" = gpu ]; then
 else   # stand-ins: the tiny U-Net for both models, tiny batches
   DDPM=(--model unet_tiny); EDM=(--model unet_tiny); B128=8; B512=16
   TIMING=(--warmup 1 --windows 2 --steps-per-window 2 --num-images 64)
-  FIDSIZES=(--sample-batch 4 --inception-batch 2)
+  FIDSIZES=(--sample-batch 4 --sample-steps 3 --inception-batch 2)   # after --sample-steps: overrides it
 fi
 bench() { python3 scripts/bench_train.py --precision bf16 --device "$DEVICE" "$@"; }
 export -f bench
