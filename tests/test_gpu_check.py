@@ -10,14 +10,15 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ["install", "cuda_tier", "main", "resume", "bench_ddpm_b128", "bench_ddpm_b512", "bench_edm_b128",
-          "bench_edm_b512", "bench_ddpm_b128_capture", "bench_edm_b128_capture", "bench_ddpm_b512_capture"]
+          "bench_edm_b512", "bench_ddpm_b128_capture"]
+OPTIONAL = ["bench_edm_b128_capture", "bench_ddpm_b512_capture"]   # only when the budget still holds their limit
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(3600)
 def test_gpu_check_dry_run_on_cpu(tmp_path):
     out = tmp_path / "out"
-    env = {**os.environ, "OUT": str(out)}
+    env = {**os.environ, "OUT": str(out), "BUDGET_S": "3000"}   # stages are cut to end within the test's timeout
     env.pop("PYTHONPATH", None)                        # the script sets its own: the checkout and the wheels
     subprocess.run(["bash", "scripts/gpu_check.sh", "--cpu"], cwd=REPO, env=env, check=True, timeout=3500,
                    capture_output=True, text=True)
@@ -25,6 +26,8 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     summary = (out / "summary.txt").read_text()
     for stage in STAGES:
         assert f"\n{stage}: exit 0 in " in f"\n{summary}", summary
+    for stage in OPTIONAL:
+        assert f"\n{stage}: exit 0 in " in f"\n{summary}" or f"\n{stage}: skipped (needs " in f"\n{summary}", summary
     assert "resume: stopped at" in summary and "weights identical True: MET" in summary
     with tarfile.open(out / "gpu_check.tar.gz") as archive:
         names = set(archive.getnames())
