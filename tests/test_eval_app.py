@@ -228,7 +228,9 @@ def test_repeats_statistics_files_and_callbacks(run, tmp_path, fid_features):
     assert record["fid"] == min(values) and record["fid_mean"] == pytest.approx(sum(values) / 2)
     assert record["kid_values"][values.index(min(values))] == record["kid_mean"]
     protocol = record["protocol"]
-    assert protocol["seeds"] == [[12345, 12346], [12347, 12348]] and protocol["reported"] == "min"
+    # one seed per image: the 10 images of repeat 0 take 12345..12354, those of repeat 1 the next ten
+    assert protocol["seeds"] == [[12345, 12354], [12355, 12364]] and protocol["seed_per"] == "image"
+    assert protocol["reported"] == "min"
     # the whole training set whatever the number of samples; KID's 1000 bounded by the 10 samples, and said
     assert record["fid_num_reference"] == 40 and protocol["reference"]["selection"] == "all"
     assert record["kid_subset_size"] == 10 and "eval.kid_subset_size=1000 bounded to 10" in record["kid_note"]

@@ -38,6 +38,7 @@ SYM6 = (0.015404109327027373, 0.0034907120842174702, -0.11799011114819057, -0.04
         0.4910559419267466, 0.787641141030194, 0.3379294217276218, -0.07263752278646252,
         -0.021060292512300564, 0.04472490177066578, 0.0017677118642428036, -0.007800708325034148)
 FILTER_MARGIN = len(SYM6) // 4          # output pixels the filter's support reaches beyond the image, per side
+PAD_STEP = 4                            # the reflect padding is a multiple of this (few shapes for cuDNN to tune)
 
 TRANSFORMS = ("xflip", "yflip", "scale", "rotate_frac", "aniso", "translate_frac")
 LABELS_PER_TRANSFORM = {"xflip": 1, "yflip": 1, "scale": 1, "rotate_frac": 2, "aniso": 2, "translate_frac": 2}
@@ -112,7 +113,7 @@ class AugmentPipe:
     def __call__(self, images: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         n, _, height, width = images.shape
         draw = self.draw(n, height, width, generator)
-        return self.apply(images, draw), draw.labels.to(images.device, non_blocking=True)
+        return self.apply(images, draw), to_device(draw.labels, images.device)
 
     # --- the random parameters (CPU) --------------------------------------------------------------
     def draw(self, n: int, height: int, width: int, generator: torch.Generator | None = None) -> AugmentDraw:
@@ -168,10 +169,18 @@ class AugmentPipe:
         device = images.device
         for flip, dim in ((draw.xflip, 3), (draw.yflip, 2)):
             if flip is not None:
-                images = torch.where(flip.to(device, non_blocking=True).view(-1, 1, 1, 1), images.flip(dim), images)
+                images = torch.where(to_device(flip, device).view(-1, 1, 1, 1), images.flip(dim), images)
         if draw.warp is not None:               # as EDM: every image is resampled once a warp is enabled
             images = warp_images(images, draw.warp)
         return images
+
+
+def to_device(tensor: Tensor, device: torch.device) -> Tensor:
+    """A CPU tensor on `device` without making the host wait: a CUDA copy is asynchronous from pinned memory only
+    (from pageable memory it waits for the stream)."""
+    if device.type == "cuda":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
 
 
 def warp_images(images: Tensor, inverse: Tensor) -> Tensor:
@@ -186,10 +195,12 @@ def warp_images(images: Tensor, inverse: Tensor) -> Tensor:
     reach = (inverse @ corners)[:, :2, :].permute(1, 0, 2).flatten(1)            # (xy, N·4)
     margin = torch.cat([-reach, reach]).amax(1)                                 # left, top, right, bottom
     margin = margin + torch.tensor([2 * FILTER_MARGIN - cx, 2 * FILTER_MARGIN - cy] * 2)
-    margin = margin.clamp(min=0).minimum(torch.tensor([width - 1.0, height - 1.0] * 2))
-    left, top, right, bottom = (int(v) for v in margin.ceil())
-    images = F.pad(images, [left, right, top, bottom], mode="reflect")
-    inverse = translation((left - right) / 2, (top - bottom) / 2, n) @ inverse   # the centre moved with the padding
+    # One pad for both sides of an axis, rounded up to a multiple of PAD_STEP: a handful of padded shapes, not one per
+    # batch, so that cuDNN's autotuner (cudnn.benchmark) times the filters' convolutions once per shape. Padding more
+    # than the corners reach changes no sampled pixel; the centre stays where it was.
+    margin = margin.clamp(min=0).view(2, 2).amax(0)                             # x, y
+    pad_x, pad_y = (min(size - 1, PAD_STEP * math.ceil(float(v) / PAD_STEP)) for v, size in zip(margin, (width, height)))
+    images = F.pad(images, [pad_x, pad_x, pad_y, pad_y], mode="reflect")
 
     # 2× upsampling (zero insertion + the time-reversed filter), then the same map in the finer pixel grid.
     images = _upsample2x(images)
@@ -200,7 +211,7 @@ def warp_images(images: Tensor, inverse: Tensor) -> Tensor:
     out_shape = [n, channels, (height + 2 * FILTER_MARGIN) * 2, (width + 2 * FILTER_MARGIN) * 2]
     inverse = (scaling(2 / images.shape[3], 2 / images.shape[2], n) @ inverse
                @ inverse_scaling(2 / out_shape[3], 2 / out_shape[2], n))
-    grid = F.affine_grid(inverse[:, :2, :].to(images.device, non_blocking=True), out_shape, align_corners=False)
+    grid = F.affine_grid(to_device(inverse[:, :2, :], images.device), out_shape, align_corners=False)
     images = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
     # Filter and keep every other pixel, then crop the margin.

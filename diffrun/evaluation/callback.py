@@ -18,7 +18,10 @@ log = logging.getLogger(__name__)
 
 class FIDCallback(Callback):
     """FID/KID of the EMA model every `eval.every_steps` steps and at the end (`eval.enabled`), as `on_eval`
-    events for the other callbacks (metrics file, W&B); the final numbers join the run summary."""
+    events for the other callbacks (metrics file, W&B); the final numbers join the run summary. Under DDP it runs
+    on every rank: each samples its share, rank 0 computes and reports the numbers (protocol.py)."""
+
+    all_ranks = True
 
     def __init__(self):
         self.last_step = -1
@@ -29,17 +32,21 @@ class FIDCallback(Callback):
         settings = trainer.cfg.eval
         if not settings.enabled:
             return
-        if settings.reference_stats is None:   # a too large reference fails now, not at the end
+        if settings.reference_stats is None and trainer.rank == 0:   # a too large reference fails now, not at the end
             check_reference_count(trainer.data, settings.num_reference, trainer.cfg.dataset.name)
-        try:   # before step 0, not at the first evaluation (step 10,000 of a paper preset)
+        # Before step 0, not at the first evaluation (step 10,000 of a paper preset). Every rank decides, from the
+        # same files, so that all of them skip or all take part in the evaluation's collectives.
+        try:
             weights = resolve_inception_weights(settings.inception_weights, cache_dir=settings.cache_dir)
         except InceptionWeightsUnavailable as exc:
             if option(settings.on_unavailable) == "fail":
                 raise
             self.skipped_reason = str(exc).splitlines()[0]
-            log.warning("FID will be skipped (eval.on_unavailable=skip; =fail stops instead): %s", exc)
+            if trainer.rank == 0:
+                log.warning("FID will be skipped (eval.on_unavailable=skip; =fail stops instead): %s", exc)
             return
-        log.info("Inception weights for FID: %s (%s)", weights.path, weights.source)
+        if trainer.rank == 0:
+            log.info("Inception weights for FID: %s (%s)", weights.path, weights.source)
 
     def every_steps(self, trainer) -> int:
         return trainer.cfg.eval.every_steps if trainer.cfg.eval.enabled else 0
@@ -54,7 +61,11 @@ class FIDCallback(Callback):
             if option(settings.on_unavailable) == "fail":
                 raise
             self.skipped_reason = str(exc).splitlines()[0]
-            log.warning("FID skipped (eval.on_unavailable=skip): %s", exc)
+            if trainer.rank == 0:
+                log.warning("FID skipped (eval.on_unavailable=skip): %s", exc)
+            return {}
+        if record is None:   # a rank other than 0: its share is sampled, rank 0 reports
+            self.last_step = trainer.step
             return {}
         self.last_step, self.last_record = trainer.step, record
         log.info("step %d: %s (%s; %.0fs)", record["step"], summary_line(record), record["fid_protocol"],

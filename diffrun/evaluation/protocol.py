@@ -1,9 +1,12 @@
 """One FID/KID evaluation of a model, and the protocol written beside its numbers.
 
     samples     `eval.num_samples` EMA samples per repeat, from `eval.sampler` / `eval.steps` /
-                `eval.precision` / guidance (`trainer.generate(..., "eval")`), one seed per batch of
-                `eval.batch_size`: batch b of repeat r uses seed `eval.seed + r·B + b` (B batches per repeat),
-                so repeat 0 is the same draw at every evaluation and the repeats never share a seed
+                `eval.precision` / guidance (`trainer.generate(..., "eval")`), one seed per image (EDM's
+                StackedRandomGenerator idea): image i of repeat r uses seed `eval.seed + r·N + i` (N samples per
+                repeat), so repeat 0 is the same draw at every evaluation, the repeats never share a seed, and
+                the set does not depend on `eval.batch_size` or on the number of ranks
+    ranks       under DDP every rank samples its share, `eval.batch_size` images at a time, and rank 0 gathers
+                them in seed order and computes the metrics; no rank waits for a whole evaluation of another
     reference   the whole training set, `eval.num_reference` images of it (seed 0), or the statistics file
                 `eval.reference_stats` (its path and SHA-256 recorded)
     repeats     `eval.repeats` FIDs; `fid` is their minimum (EDM, arXiv:2206.00364, reports the min of 3
@@ -22,15 +25,17 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable, Iterator
 
 import torch
 
 from diffrun.data import balanced_labels
 from diffrun.evaluation.fid import (SampledImages, compute_fid_against_statistics, compute_fid_kid,
                                     compute_fid_kid_from_sampler)
-from diffrun.evaluation.inception import InceptionWeights, resolve_inception_weights
+from diffrun.evaluation.inception import InceptionWeights, InceptionWeightsUnavailable, resolve_inception_weights
 from diffrun.evaluation.reference import (SUBSET_SEED, check_reference_count, dataset_size,
                                           read_reference_statistics, reference_images)
+from diffrun.launching import distributed
 from diffrun.sampling import SamplerOptions, autocast_dtype
 
 log = logging.getLogger(__name__)
@@ -49,11 +54,10 @@ def _finite(value):
     return str(value) if isinstance(value, float) and not math.isfinite(value) else value
 
 
-def sample_seeds(eval_cfg, repeat: int) -> tuple[int, int]:
-    """First and last batch seed of `repeat` (see the module docstring)."""
-    batches = math.ceil(eval_cfg.num_samples / eval_cfg.batch_size)
-    first = eval_cfg.seed + repeat * batches
-    return first, first + batches - 1
+def image_seeds(eval_cfg, repeat: int) -> range:
+    """The seeds of `repeat`'s images, one per image (see the module docstring)."""
+    first = eval_cfg.seed + repeat * eval_cfg.num_samples
+    return range(first, first + eval_cfg.num_samples)
 
 
 def reference_set(data, eval_cfg, dataset_cfg, num_samples: int):
@@ -84,28 +88,86 @@ def evaluate_images(images: torch.Tensor, data, eval_cfg, dataset_cfg, device: s
     return {**result, "reference": f"{dataset_cfg.name} {split} ({reference.shape[0]} images)"}
 
 
-def evaluate(trainer, eval_cfg, source: str = "training") -> dict:
-    """FID/KID of the trainer's EMA model under `eval_cfg`, as one record (module docstring). Raises
-    InceptionWeightsUnavailable when no Inception weights are found, ConfigError for a bad reference."""
-    weights = resolve_inception_weights(eval_cfg.inception_weights, cache_dir=eval_cfg.cache_dir)
+def sampled_in_shares(generate: Callable[[range, torch.Tensor | None], torch.Tensor], seeds: range,
+                      labels: torch.Tensor | None, per_rank: int, rank: int = 0, world_size: int = 1,
+                      gather: Callable[[object], list] = lambda images: [images]) -> Iterator[torch.Tensor]:
+    """The images of `seeds` (uint8, CPU), in seed order, in rounds: in round k rank r samples the `per_rank` seeds
+    from (k·world_size + r)·per_rank by `generate(seeds, labels)`, and `gather` (an all-gather over the ranks)
+    hands every rank the round's images. With per-image seeds the result is that of one process."""
+    per_round = per_rank * world_size
+    for start in range(0, len(seeds), per_round):
+        lo = min(start + rank * per_rank, len(seeds))
+        hi = min(lo + per_rank, len(seeds))
+        mine = generate(seeds[lo:hi], None if labels is None else labels[lo:hi]) if hi > lo else None
+        yield torch.cat([images for images in gather(mine) if images is not None])
+
+
+class _Taken:
+    """`take(n)`: the next n images of an iterator of image batches (torch-fidelity asks in its own batch sizes)."""
+
+    def __init__(self, batches: Iterator[torch.Tensor]):
+        self.batches, self.held = batches, None
+
+    def take(self, n: int) -> torch.Tensor:
+        parts = [] if self.held is None else [self.held]
+        while sum(p.shape[0] for p in parts) < n:
+            parts.append(next(self.batches))
+        images = torch.cat(parts)
+        self.held = images[n:]
+        return images[:n]
+
+
+def _prepare_on_rank0(trainer, eval_cfg):
+    """(weights, statistics, reference) on rank 0, None elsewhere. Under DDP every rank learns whether rank 0
+    could prepare, and fails the same way if not (no rank samples for an evaluation that will not happen)."""
+    prepared = None
+    if trainer.rank == 0:
+        try:
+            weights = resolve_inception_weights(eval_cfg.inception_weights, cache_dir=eval_cfg.cache_dir)
+            _, stats, reference, _ = reference_set(trainer.data, eval_cfg, trainer.cfg.dataset, eval_cfg.num_samples)
+            prepared = (weights, stats, reference)
+        except Exception as exc:
+            if trainer.world_size > 1:
+                distributed.gather_objects((type(exc).__name__, str(exc)))
+            raise
+    if trainer.world_size > 1:
+        outcome = distributed.gather_objects(None)[0]   # rank 0's: None when it is ready
+        if outcome is not None:
+            kind, message = outcome
+            raise (InceptionWeightsUnavailable if kind == InceptionWeightsUnavailable.__name__ else RuntimeError)(
+                f"rank 0 could not prepare the evaluation ({kind}): {message}")
+    return prepared
+
+
+def evaluate(trainer, eval_cfg, source: str = "training") -> dict | None:
+    """FID/KID of the trainer's EMA model under `eval_cfg`, as one record (module docstring); None on ranks other
+    than 0, which only sample their share. Raises InceptionWeightsUnavailable when no Inception weights are found,
+    ConfigError for a bad reference."""
+    weights, stats, reference = _prepare_on_rank0(trainer, eval_cfg) or (None, None, None)
+    kid_subset = None if reference is None else min(eval_cfg.kid_subset_size, eval_cfg.num_samples, reference.shape[0])
     dataset_cfg = trainer.cfg.dataset
-    split, stats, reference, kid_subset = reference_set(trainer.data, eval_cfg, dataset_cfg, eval_cfg.num_samples)
+    split = dataset_cfg.loader.get("split", "train") if "loader" in dataset_cfg else "train"
+    gather = distributed.gather_objects if trainer.world_size > 1 else (lambda images: [images])
 
     start = time.perf_counter()
     runs, nfe = [], []
     num_classes = trainer.data.num_classes    # conditional: every class equally often over all the samples
     for repeat in range(eval_cfg.repeats):
-        first_seed = sample_seeds(eval_cfg, repeat)[0]
-        seeds, done = iter(range(first_seed, 2**63)), [0]
-        labels = balanced_labels(eval_cfg.num_samples, num_classes, first_seed) if num_classes else None
+        seeds = image_seeds(eval_cfg, repeat)
+        labels = balanced_labels(eval_cfg.num_samples, num_classes, seeds.start) if num_classes else None
 
-        def sample_fn(n: int) -> torch.Tensor:
-            batch_labels = labels[done[0]:done[0] + n] if labels is not None else None
-            images, evaluations = trainer.generate(n, next(seeds), "eval", batch_labels)
+        def generate(share: range, share_labels: torch.Tensor | None) -> torch.Tensor:
+            images, evaluations = trainer.generate(len(share), share, "eval", share_labels)
             nfe.append(evaluations)
-            done[0] += n
             return images.cpu()
 
+        shares = sampled_in_shares(generate, seeds, labels, eval_cfg.batch_size, trainer.rank, trainer.world_size,
+                                   gather)
+        if trainer.rank != 0:
+            for _ in shares:   # this rank's share, handed to rank 0
+                pass
+            continue
+        sample_fn = _Taken(shares).take
         common = dict(weights_path=weights, batch_size=eval_cfg.batch_size, device=str(trainer.device),
                       cache_dir=eval_cfg.cache_dir)
         if stats is None:
@@ -115,6 +177,8 @@ def evaluate(trainer, eval_cfg, source: str = "training") -> dict:
         else:
             runs.append(compute_fid_against_statistics(SampledImages(sample_fn, eval_cfg.num_samples), stats,
                                                        **common))
+    if trainer.rank != 0:
+        return None
 
     fids = [r["fid"] for r in runs]
     best = min(range(len(fids)), key=fids.__getitem__)
@@ -178,8 +242,8 @@ def describe(trainer, eval_cfg, weights: InceptionWeights, stats, reference, spl
         "num_samples": samples,
         "repeats": eval_cfg.repeats,
         "reported": "min" if eval_cfg.repeats > 1 else "single",
-        "seeds": [list(sample_seeds(eval_cfg, r)) for r in range(eval_cfg.repeats)],
-        "seed_per": f"batch of {eval_cfg.batch_size}",
+        "seeds": [[image_seeds(eval_cfg, r)[0], image_seeds(eval_cfg, r)[-1]] for r in range(eval_cfg.repeats)],
+        "seed_per": "image",
         "reference": described,
         "sampler": options.sampler,
         "steps": options.steps,

@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from diffrun.config import option
+from diffrun.errors import ConfigError
 
 log = logging.getLogger(__name__)
 RANK_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -91,10 +92,16 @@ def backend_for(name: str, device: torch.device) -> str:
 
 
 def rank_device(device: torch.device, rank_info: DistInfo) -> torch.device:
-    """`cuda` means this rank's GPU (LOCAL_RANK) under DDP; explicit `cuda:N` is kept."""
-    if device.type == "cuda" and device.index is None and rank_info.enabled:
-        return torch.device("cuda", rank_info.local_rank % max(1, torch.cuda.device_count()))
-    return device
+    """`cuda` means this rank's GPU (LOCAL_RANK) under DDP. An explicit `cuda:N` would put every rank on GPU N: an
+    error where a rank sees several GPUs (with one visible GPU per rank, `cuda:0` is each rank's own)."""
+    if device.type != "cuda" or not rank_info.enabled:
+        return device
+    count = max(1, torch.cuda.device_count())
+    if device.index is not None and count > 1:
+        raise ConfigError(f"device={device} under DDP ({rank_info.world_size} ranks, {count} visible GPUs) would put "
+                          f"every rank on one GPU: use device=cuda (each rank takes GPU LOCAL_RANK), and "
+                          f"CUDA_VISIBLE_DEVICES to choose the GPUs")
+    return torch.device("cuda", rank_info.local_rank % count) if device.index is None else device
 
 
 def submitit_rendezvous() -> tuple[str, int] | None:

@@ -36,6 +36,29 @@ class Samples:
     options: SamplerOptions
 
 
+class PerImageGenerator:
+    """One `torch.Generator` per image, seeded with the image's own seed (the idea of NVlabs/edm `generate.py`'s
+    StackedRandomGenerator): an image's noise depends on its seed alone, not on the batch it is drawn in, so a
+    sample set is the same at every batch size and over any number of ranks. (CPU and CUDA generators are
+    different algorithms: the same seeds give other images on another device type.)"""
+
+    def __init__(self, device: torch.device | str, seeds):
+        self.generators = [torch.Generator(device).manual_seed(int(seed)) for seed in seeds]
+
+    def randn(self, shape: tuple[int, ...], device, dtype: torch.dtype) -> Tensor:
+        if shape[0] != len(self.generators):
+            raise ValueError(f"{len(self.generators)} per-image generators cannot draw a batch of {shape[0]}")
+        return torch.stack([torch.randn(shape[1:], generator=g, device=device, dtype=dtype) for g in self.generators])
+
+
+def randn(shape: tuple[int, ...], generator: torch.Generator | PerImageGenerator | None, device,
+          dtype: torch.dtype = torch.float32) -> Tensor:
+    """Standard normal noise of `shape` from one generator for the batch, or from each image's own."""
+    if isinstance(generator, PerImageGenerator):
+        return generator.randn(tuple(shape), device, dtype)
+    return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+
+
 def _log_sigmoid(x: float) -> float:
     return -(max(-x, 0.0) + math.log1p(math.exp(-abs(x))))  # −softplus(−x), stable for any |x|
 
@@ -55,7 +78,7 @@ def ddim(predict: GuidedDenoiser, logsnrs: list[float], eta: float, z: Tensor, g
         c = eta * sigma_s * math.sqrt(max(-math.expm1(lam_t - lam_s), 0.0))
         z = alpha_s * x0 + math.sqrt(max(sigma_s**2 - c**2, 0.0)) * eps
         if c > 0:
-            z = z + c * torch.randn(z.shape, generator=generator, device=z.device)
+            z = z + c * randn(z.shape, generator, z.device)
     return z
 
 
@@ -78,7 +101,7 @@ def ancestral(predict: GuidedDenoiser, logsnrs: list[float], variance: str, z: T
             std = torch.exp(0.5 * (frac * math.log(beta) + (1 - frac) * math.log(posterior_var)))
         else:
             std = math.sqrt(beta if variance == "fixed_large" else posterior_var)
-        z = mean + std * torch.randn(z.shape, generator=generator, device=z.device)
+        z = mean + std * randn(z.shape, generator, z.device)
     return z
 
 
@@ -102,7 +125,7 @@ def heun(predict: GuidedDenoiser, sigmas: list[float], options: SamplerOptions, 
             in_range = options.s_min <= sigma_cur <= options.s_max
             gamma = min(options.s_churn / steps, math.sqrt(2) - 1) if in_range else 0.0
             sigma_hat = round_sigma(sigma_cur + gamma * sigma_cur, sigma_grid)
-            noise = torch.randn(x_cur.shape, generator=generator, device=x_cur.device, dtype=torch.float64)
+            noise = randn(x_cur.shape, generator, x_cur.device, torch.float64)
             x_hat = x_cur + math.sqrt(sigma_hat**2 - sigma_cur**2) * options.s_noise * noise
         d_cur = (x_hat - denoised(x_hat, sigma_hat)) / sigma_hat                    # Euler step
         x_next = x_hat + (sigma_next - sigma_hat) * d_cur
@@ -114,7 +137,7 @@ def heun(predict: GuidedDenoiser, sigmas: list[float], options: SamplerOptions, 
 
 @torch.no_grad()
 def run_sampler(denoiser: nn.Module, schedule: NoiseSchedule, shape: tuple[int, ...], options: SamplerOptions, *,
-                generator: torch.Generator | None = None, device: torch.device | str = "cpu",
+                generator: torch.Generator | PerImageGenerator | None = None, device: torch.device | str = "cpu",
                 autocast_dtype: torch.dtype | None = None, class_labels: Tensor | None = None,
                 num_classes: int | None = None) -> Samples:
     """Draw `shape[0]` images with `options.sampler`; the network runs under `autocast_dtype` (None: fp32).
@@ -125,7 +148,7 @@ def run_sampler(denoiser: nn.Module, schedule: NoiseSchedule, shape: tuple[int, 
         raise ConfigError(f"{options.key}.ddpm_variance=learned needs a model that learns its variance "
                           f"(model.learn_sigma=true); allowed fixed_large or fixed_small")
     predict = GuidedDenoiser(denoiser, options, class_labels, num_classes, autocast_dtype, device)
-    latents = torch.randn(shape, generator=generator, device=device)
+    latents = randn(shape, generator, device)
     if options.sampler == "heun":
         sigmas = edm_sigma_grid(schedule, options.steps, options.sigma_min, options.sigma_max, options.rho)
         images = heun(predict, sigmas, options, latents, generator, schedule_sigmas(schedule))
@@ -144,7 +167,7 @@ def run_sampler(denoiser: nn.Module, schedule: NoiseSchedule, shape: tuple[int, 
 @torch.no_grad()
 def sample(denoiser: nn.Module, schedule: NoiseSchedule, shape: tuple[int, ...], steps: int = 50,
            sampler: str = "ddim", eta: float = 0.0, clip_x0: bool | None = None,
-           generator: torch.Generator | None = None, device: torch.device | str = "cpu",
+           generator: torch.Generator | PerImageGenerator | None = None, device: torch.device | str = "cpu",
            autocast_dtype: torch.dtype | None = None, class_labels: Tensor | None = None,
            num_classes: int | None = None, **options) -> Tensor:
     """`run_sampler(...).images` with the options as keywords (see `SamplerOptions` for the rest)."""

@@ -70,8 +70,13 @@ class NoiseSchedule:
         return self.logsnr(k / num_timesteps)
 
     def timestep_table(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float64) -> Tensor:
-        """`discrete_logsnr(timesteps)`, computed once per device and dtype (per-step callers stay on the device)."""
+        """`discrete_logsnr(timesteps)`, computed once per device and dtype (per-step callers stay on the device).
+        The trainer makes its tables at setup: first made inside a CUDA-graph-captured step, a table would live in
+        the graph's memory pool and the next step would recompile."""
         cache = self.__dict__.setdefault("_timestep_tables", {})
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:   # "cuda" and "cuda:0" are one table
+            device = torch.device("cuda", torch.cuda.current_device())
         key = (str(device), dtype)
         if key not in cache:
             cache[key] = self.discrete_logsnr(self.timesteps).to(device=device, dtype=dtype)

@@ -41,13 +41,19 @@ class AveragePoolTo(nn.Module):
     def __init__(self, size: int):
         super().__init__()
         self.size = size
+        self._windows_made: dict[tuple, Tensor] = {}   # (n, device, dtype) -> window matrix, made once
 
-    def _windows(self, n: int, device, dtype) -> Tensor:
-        i = torch.arange(self.size)
-        start, end = (i * n) // self.size, -((-(i + 1) * n) // self.size)      # floor, ceil: PyTorch's windows
-        j = torch.arange(n)
-        inside = (j[None] >= start[:, None]) & (j[None] < end[:, None])
-        return (inside.double() / (end - start)[:, None]).to(device=device, dtype=dtype)
+    def _windows(self, n: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+        """(size, n) averaging matrix, built on `device` itself the first time (no host-to-device copy, which
+        would wait for the stream: the policy runs on every batch), then reused."""
+        key = (n, device, dtype)
+        if key not in self._windows_made:
+            i = torch.arange(self.size, device=device)
+            start, end = (i * n) // self.size, -((-(i + 1) * n) // self.size)  # floor, ceil: PyTorch's windows
+            j = torch.arange(n, device=device)
+            inside = (j[None] >= start[:, None]) & (j[None] < end[:, None])
+            self._windows_made[key] = (inside.to(dtype) / (end - start)[:, None].to(dtype))
+        return self._windows_made[key]
 
     def forward(self, x: Tensor) -> Tensor:
         rows = self._windows(x.shape[-2], x.device, x.dtype)

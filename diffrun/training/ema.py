@@ -23,13 +23,30 @@ from torch import Tensor, nn
 from diffrun.errors import ConfigError
 
 
-def lerp_on_device_(ema: list[Tensor], targets: list[Tensor], weight: Tensor) -> None:
+LERP_CHUNK_ELEMENTS = 1 << 24   # the update's temporary: at most this many elements (64 MB in float32)
+
+
+def lerp_on_device_(ema: list[Tensor], targets: list[Tensor], weight: Tensor,
+                    chunk_elements: int = LERP_CHUNK_ELEMENTS) -> None:
     """ema ← ema + weight·(target − ema) for every pair, with `weight` a 0-d tensor that stays on the device
     (`torch._foreach_lerp_` would read a tensor weight on the host: a sync on a GPU). Three fused
-    multi-tensor calls; the rounding differs from lerp's by at most an ulp."""
-    delta = torch._foreach_sub(targets, ema)
-    torch._foreach_mul_(delta, weight)
-    torch._foreach_add_(ema, delta)
+    multi-tensor calls per group of tensors of at most `chunk_elements` elements (a tensor larger than that is a
+    group of its own), so the temporary difference is bounded instead of model-sized (2.7 GB for DiT-XL/2);
+    the rounding differs from lerp's by at most an ulp."""
+    if not ema:
+        return
+    groups, start, size = [], 0, 0
+    for i, tensor in enumerate(ema):
+        if size and size + tensor.numel() > chunk_elements:
+            groups.append((start, i))
+            start, size = i, 0
+        size += tensor.numel()
+    groups.append((start, len(ema)))
+    for lo, hi in groups:
+        delta = torch._foreach_sub(targets[lo:hi], ema[lo:hi])
+        torch._foreach_mul_(delta, weight)
+        torch._foreach_add_(ema[lo:hi], delta)
+        del delta   # freed before the next group's: one group's worth at a time
 
 
 def _buffer_slots(module: nn.Module) -> list[tuple[nn.Module, str]]:

@@ -42,10 +42,12 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_precision(name: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
-    """(autocast dtype or None, use GradScaler). `auto`: bf16 on CUDA, fp32 elsewhere."""
+    """(autocast dtype or None, use GradScaler). `auto`: bf16 on a GPU with bf16 tensor cores (compute capability
+    8.0 and up: A100, H100, RTX 30xx), fp32 elsewhere (older GPUs emulate bf16 slowly; fp16 needs a GradScaler,
+    which the user asks for by name)."""
     name = option(name)
     if name == "auto":
-        name = "bf16" if device.type == "cuda" else "fp32"
+        name = "bf16" if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0) else "fp32"
     if name == "fp32":
         return None, False
     if name == "bf16":
@@ -137,15 +139,21 @@ def apply_tf32(setting: bool | None) -> None:
     torch.backends.cuda.matmul.allow_tf32 = bool(setting)
 
 
-def seed_everything(seed: int, deterministic: bool = False) -> None:
+def seed_everything(seed: int) -> None:
     """One seed drives Python, NumPy and torch (CPU and CUDA) RNGs."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-    if deterministic:
+
+
+def set_deterministic(on: bool, device: torch.device) -> None:
+    """`deterministic=`: deterministic kernels (and no cuDNN autotuning) when on, the fast ones when off. Set both
+    ways at every run's start: the flags are process-wide, and a job of a multirun (or a test) must not inherit
+    the previous one's. cuDNN times its conv algorithms once per shape (`benchmark`) only on CUDA."""
+    if on:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(on)
+    torch.backends.cudnn.benchmark = device.type == "cuda" and not on
 
 
 def rng_state() -> dict:

@@ -20,7 +20,8 @@ from diffrun.models.parameterization import Denoiser
 from diffrun.schedules import NoiseSchedule
 from diffrun.strategies import Strategy
 from diffrun.training.ema import EMA
-from diffrun.training.environment import apply_tf32, resolve_device, resolve_precision, seed_everything
+from diffrun.training.environment import (apply_tf32, resolve_device, resolve_precision, seed_everything,
+                                          set_deterministic)
 from diffrun.training.optim import build_lr_schedule, build_optimizer
 
 
@@ -56,11 +57,12 @@ def build_components(cfg: DictConfig, ranks: distributed.DistInfo) -> Components
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} is the global batch and must be divisible by the "
                           f"{ranks.world_size} ranks (each draws batch_size / world_size)")
     device = distributed.rank_device(resolve_device(cfg.device), ranks)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)                     # cuda:N is also the current device (RNG restore, NCCL)
     autocast_dtype, use_scaler = resolve_precision(cfg.precision, device)
-    seed_everything(cfg.seed, cfg.deterministic)          # the same model init on every rank
+    set_deterministic(bool(cfg.deterministic), device)
+    seed_everything(cfg.seed)                             # the same model init on every rank
     apply_tf32(cfg.train.tf32)
-    if device.type == "cuda" and not cfg.deterministic:
-        torch.backends.cudnn.benchmark = True             # fixed shapes: cuDNN times its conv algorithms once
 
     # --- data ------------------------------------------------------------------------------------
     source = build(cfg.dataset.loader)
@@ -92,6 +94,9 @@ def build_components(cfg: DictConfig, ranks: distributed.DistInfo) -> Components
     comm = distributed.communication()
     strategy = build(cfg.weighting, _keep_meta=("name", "citation"))
     strategy.bind(schedule, cfg.model.prediction, cfg.model.sigma_data, comm).to(device)
+    if schedule.timesteps is not None:   # the step's λ tables, made before any compiled or captured step
+        for dtype in (torch.float32,) if device.type == "mps" else (torch.float32, torch.float64):
+            schedule.timestep_table(device, dtype)
     comm.broadcast_module_(strategy)
 
     # --- optimizer -------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from diffrun.errors import DiffrunError
 from diffrun.files import atomic_write, atomic_write_json
 from diffrun.launching import distributed
 from diffrun.monitoring.logsnr_stats import LogSNRStats
-from diffrun.sampling import SamplerOptions, autocast_dtype, run_sampler, to_uint8
+from diffrun.sampling import PerImageGenerator, SamplerOptions, autocast_dtype, run_sampler, to_uint8
 from diffrun.training.callbacks import Callback, Events, build_callbacks
 from diffrun.training.capture import step_function
 from diffrun.training.environment import provenance
@@ -137,16 +137,21 @@ class Trainer:
     # sampling (for callbacks: sample grids, FID)
     # ------------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, num_images: int, seed: int, section: str = "sample",
+    def generate(self, num_images: int, seed: int | range, section: str = "sample",
                  class_labels: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
         """(uint8 images, network evaluations per image) from the EMA model, with the sampler options of
-        `sample.*` or `eval.*` and a generator of their own (a fixed seed: comparable across runs and steps).
+        `sample.*` or `eval.*` and a generator of their own (a fixed seed: comparable across runs and steps); with
+        a range of `num_images` seeds, one generator per image (the same images at any batch size: FID).
         A class-conditional model samples `class_labels` ((num_images,) int64), by default every class equally
         often (`balanced_labels(num_images, num_classes, seed)`); latents are decoded to pixels first."""
         self.interrupt.check()
         settings = self.cfg[section]
         options = SamplerOptions.from_config(settings, section)
-        generator = torch.Generator(self.device).manual_seed(seed)
+        if isinstance(seed, range):
+            generator = PerImageGenerator(self.device, seed)
+            seed = seed.start
+        else:
+            generator = torch.Generator(self.device).manual_seed(seed)
         num_classes, labels = self.parts.num_classes, None
         if num_classes:
             labels = class_labels if class_labels is not None else balanced_labels(num_images, num_classes, seed)
