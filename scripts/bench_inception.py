@@ -3,10 +3,13 @@ diffrun's (batch norm folded into the convolutions, channels-last weights), and 
 
     python scripts/bench_inception.py                         # batch 64, torch's threads, 192 images
     python scripts/bench_inception.py --batch 32 128 --threads 1 2 --compile
+    python scripts/bench_inception.py --fid 200 1797      # FID of 200 digits against all 1,797 through both networks
 
 Each row times `--images` digits-sized images (uint8, upsampled to 299 px inside the network, as in FID)
 after one warm-up batch, under torch.inference_mode. `--compile` adds torch.compile(ours) (its compile time
-is reported apart). Weights: the offline conversion (diffrun.evaluation.inception), no download.
+is reported apart). `--fid N M` also scores N digits against M others (the main job's 16 px digits,
+torch-fidelity's statistics and Fréchet distance) through both networks: the FID the change of network moves.
+Weights: the offline conversion (diffrun.evaluation.inception), no download.
 """
 from __future__ import annotations
 
@@ -16,6 +19,10 @@ import time
 import torch
 from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
+from torch_fidelity.metric_fid import fid_features_to_statistics
+
+from diffrun.data import load_digits
+from diffrun.evaluation.fid import frechet_distance
 from diffrun.evaluation.inception import (HEADLESS_EXTRACTOR, HeadlessInceptionV3, fid_helper_state_dict,
                                           fid_helper_source, resolve_inception_weights)
 
@@ -42,6 +49,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, nargs="+", default=[torch.get_num_threads()])
     parser.add_argument("--images", type=int, default=192)
     parser.add_argument("--compile", action="store_true", help="also torch.compile(ours)")
+    parser.add_argument("--fid", type=int, nargs=2, metavar=("N", "M"),
+                        help="FID of N digits against M others (N + M ≤ 1797) through both networks")
     args = parser.parse_args()
 
     if fid_helper_source() is None:
@@ -71,6 +80,20 @@ def main() -> None:
                 else:
                     diff = f"{((features - reference).abs().max() / reference.abs().max()).item():.1e}"
                 print(f"{name:34s} {threads:7d} {batch:5d} {rate:9.2f} {diff:>30s}", flush=True)
+
+    if args.fid:
+        n, m = args.fid
+        digits = load_digits(image_size=16).images
+        digits = digits[torch.randperm(len(digits), generator=torch.Generator().manual_seed(0))].expand(-1, 3, -1, -1)
+        fids = {}
+        for name, network in networks.items():
+            _, features = images_per_second(network, digits[:n + m].contiguous(), args.batch[0])
+            a, b = (fid_features_to_statistics(f.double()) for f in (features[:n], features[n:n + m]))
+            fids[name] = frechet_distance(a["mu"], a["sigma"], b["mu"], b["sigma"])
+            print(f"FID of {n} digits against {m} others, {name}: {fids[name]:.6f}", flush=True)
+        first, *rest = fids.values()
+        for value in rest:
+            print(f"relative difference: {abs(value - first) / first:.1e}")
 
 
 if __name__ == "__main__":

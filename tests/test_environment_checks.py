@@ -72,7 +72,7 @@ def test_paper_presets_stop_without_inception_weights(preset):
 
 def test_missing_inception_weights_stop_a_paper_preset_before_step_0(no_inception_weights):
     cfg = compose_config(["experiment=min_snr_cifar10", "eval.enabled=true"])
-    trainer = SimpleNamespace(cfg=cfg, data=list(range(100)), step=0)
+    trainer = SimpleNamespace(cfg=cfg, data=list(range(100)), step=0, rank=0)
     with pytest.raises(InceptionWeightsUnavailable, match="no network"):
         FIDCallback().on_start(trainer)
 
@@ -80,7 +80,7 @@ def test_missing_inception_weights_stop_a_paper_preset_before_step_0(no_inceptio
 def test_missing_inception_weights_skip_fid_from_the_start_when_allowed(no_inception_weights, caplog):
     cfg = compose_config(["eval.enabled=true", "eval.on_unavailable=skip"])
     callback = FIDCallback()
-    trainer = SimpleNamespace(cfg=cfg, data=list(range(100)), step=0)
+    trainer = SimpleNamespace(cfg=cfg, data=list(range(100)), step=0, rank=0)
     with caplog.at_level(logging.WARNING):
         callback.on_start(trainer)
     assert callback.skipped_reason and "FID will be skipped" in caplog.text
@@ -96,7 +96,7 @@ def test_inception_weights_resolved_before_step_0(monkeypatch, tmp_path, caplog)
                             weights, "explicit", True))
     cfg = compose_config(["eval.enabled=true", f"eval.inception_weights={weights}"])
     with caplog.at_level(logging.INFO):
-        FIDCallback().on_start(SimpleNamespace(cfg=cfg, data=list(range(100)), step=0))
+        FIDCallback().on_start(SimpleNamespace(cfg=cfg, data=list(range(100)), step=0, rank=0))
     assert seen == [str(weights)] and f"Inception weights for FID: {weights} (explicit)" in caplog.text
 
 
