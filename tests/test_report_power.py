@@ -182,3 +182,30 @@ def test_max_seeds_moves_the_line_between_underpowered_and_not_shown(tmp_path, c
     assert "--max-seeds 1: a t-test needs at least 2 seeds per arm" in capsys.readouterr().err
     assert report_main([str(sweep), "--no-figures", "--wandb-summary", "no-slash"]) == 1
     assert "--wandb-summary 'no-slash': expected ENTITY/PROJECT" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_wandb_summary_scalars_in_an_offline_run(tmp_path, monkeypatch):
+    import os
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    sweep, _ = make_aa_sweep(tmp_path)
+    assert report_main([str(sweep), "--no-figures", "--wandb-summary", "me/diffrun"]) == 0
+    log = next((sweep / "report" / "wandb").glob("offline-run-*/run-*.wandb"))
+    out = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(log)], capture_output=True,
+                         text=True, timeout=120, env={**os.environ, "WANDB_DIR": str(tmp_path)})
+    records = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    scalars = {k: v for r in records if r["type"] == "summary" for k, v in r["summary"]["update"].items()}
+    run = next(r["run"] for r in records if r["type"] == "run")
+    assert run["display_name"] == "aa-report" and run["run_group"] == "aa" and run["job_type"] == "report"
+    summary = json.loads((sweep / "report" / "summary.json").read_text())
+    for key, comparison in (("final_fid", summary["comparisons"][0]), ("steps_to_target", summary["step_comparisons"][0])):
+        prefix = f"report/arm_b/{key}"
+        assert scalars[f"{prefix}/p"] == pytest.approx(comparison["p"])
+        assert scalars[f"{prefix}/min_detectable_diff"] == pytest.approx(comparison["min_detectable_diff"])
+        assert scalars[f"{prefix}/verdict"] == comparison["verdict"]
+        assert scalars[f"{prefix}/shown"] == int(comparison["verdict_kind"] == "shown")
+    assert scalars["report/arm_b/steps_to_target/seeds_needed"] == summary["step_comparisons"][0]["seeds_needed"]
