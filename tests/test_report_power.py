@@ -209,3 +209,19 @@ def test_wandb_summary_scalars_in_an_offline_run(tmp_path, monkeypatch):
         assert scalars[f"{prefix}/verdict"] == comparison["verdict"]
         assert scalars[f"{prefix}/shown"] == int(comparison["verdict_kind"] == "shown")
     assert scalars["report/arm_b/steps_to_target/seeds_needed"] == summary["step_comparisons"][0]["seeds_needed"]
+
+
+def test_calibration_preset_arms_differ_only_in_label_and_seed():
+    from omegaconf import OmegaConf
+
+    from conftest import compose_config
+
+    even, odd = (compose_config(["experiment=calibration", f"seed={seed}"], fast=False) for seed in (4, 7))
+    assert (even.weighting.name, odd.weighting.name) == ("uniform_even", "uniform_odd")
+    assert even.report.baseline == "uniform_even"
+    plain = [OmegaConf.to_container(cfg, resolve=True) for cfg in (even, odd)]
+    for cfg in plain:
+        cfg.pop("seed"), cfg.pop("name"), cfg["weighting"].pop("name")
+    assert plain[0] == plain[1]
+    seeds = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf/experiment/calibration.yaml").hydra.sweeper.params.seed
+    assert seeds == "range(0,12)"                     # six seeds per arm
