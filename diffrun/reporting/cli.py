@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Optional
 
 from diffrun.errors import DiffrunError
+from diffrun.reporting import stats
 from diffrun.reporting.collect import ReportError, collect_sweep, collect_wandb
 from diffrun.reporting.figures import make_figures
-from diffrun.reporting import stats
 from diffrun.reporting.markdown import wandb_summary, write_report
 from diffrun.reporting.stats import MAX_SEEDS, analyse
 

@@ -208,7 +208,8 @@ def paired(by_seed: dict, baseline_by_seed: dict) -> tuple[float, float, int]:
 # power of Welch's test: the noncentral t with Welch–Satterthwaite degrees of freedom
 # ------------------------------------------------------------------------------------------------
 def welch_se_df(s1: float, n1: int, s2: float, n2: int) -> tuple[float, float]:
-    """Standard error of mean(a) − mean(b) and the Welch–Satterthwaite degrees of freedom (Welch 1947, Eq. 26)."""
+    """Standard error of mean(a) − mean(b) and the Welch–Satterthwaite degrees of freedom (Welch 1947;
+    Satterthwaite 1946)."""
     v1, v2 = s1 ** 2 / n1, s2 ** 2 / n2
     se = math.sqrt(v1 + v2)
     df = (v1 + v2) ** 2 / (v1 ** 2 / (n1 - 1) + v2 ** 2 / (n2 - 1)) if v1 + v2 > 0 else math.nan
