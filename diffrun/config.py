@@ -265,11 +265,18 @@ def kimg_to_steps(kimg: float | None, batch_size: int) -> int:
     return -(-round(float(kimg) * 1000) // int(batch_size))
 
 
+def seed_parity(seed: int) -> str:
+    """"even" or "odd": the A/A calibration preset (conf/experiment/calibration.yaml) labels one configuration with
+    it, so that a single sweep over seeds gives two arms with disjoint seeds."""
+    return "even" if int(seed) % 2 == 0 else "odd"
+
+
 def register_configs() -> None:
     ConfigStore.instance().store(name="run_schema", node=RunConfig)
     OmegaConf.register_new_resolver("diffrun.kimg_to_steps", kimg_to_steps, replace=True)
     OmegaConf.register_new_resolver("diffrun.hydra_output_subdir", hydra_output_subdir, replace=True)
     OmegaConf.register_new_resolver("diffrun.run_name", run_name, replace=True)
+    OmegaConf.register_new_resolver("diffrun.seed_parity", seed_parity, replace=True)
 
 
 # Python types a constructor argument may declare, and the config values that fit them. Group configs

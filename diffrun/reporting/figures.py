@@ -117,6 +117,43 @@ def plot_loss_curves(analysis: Analysis, out_dir: Path) -> Optional[Plot]:
                 f"{kinds}. Comparable across strategies only for the same prediction target.")
 
 
+def plot_per_seed(analysis: Analysis, out_dir: Path) -> Optional[Plot]:
+    """Every seed's final FID (and steps to the target), one column per strategy, with the baseline's mean ± the
+    minimum detectable difference of each comparison: what the verdicts are made of."""
+    if analysis.mode != "fid" or not any(s.fid_runs for s in analysis.summaries):
+        return None
+    styles = strategy_styles(s.strategy for s in analysis.summaries)
+    panels = [("final FID (lower is better)", lambda s: s.final_fids, analysis.comparisons)]
+    if analysis.target_fid is not None:
+        panels.append((f"steps to FID ≤ {analysis.target_fid:g} (fewer is faster)",
+                       lambda s: [v for v in s.steps_to_target if v is not None], analysis.step_comparisons))
+    fig = Figure(figsize=(4.2 * len(panels) + 0.8, 4.0))
+    base = analysis.summary(analysis.baseline)
+    for i, (ylabel, values_of, comparisons) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        mdd = {c.strategy: c.mdd for c in comparisons}
+        for x, s in enumerate(analysis.summaries):
+            values = np.asarray(values_of(s), float)
+            if not len(values):
+                continue
+            jitter = np.linspace(-0.12, 0.12, len(values)) if len(values) > 1 else np.zeros(1)
+            ax.plot(x + jitter, values, "o", ms=4, alpha=0.8, color=styles[s.strategy]["color"])
+            ax.hlines(values.mean(), x - 0.25, x + 0.25, color=styles[s.strategy]["color"], lw=2)
+            if base is not None and s is not base and math.isfinite(mdd.get(s.strategy, math.nan)):
+                centre = np.mean(values_of(base))
+                ax.errorbar(x + 0.32, centre, yerr=mdd[s.strategy], fmt="none", ecolor="0.4", capsize=3, lw=1)
+        ax.set_xticks(range(len(analysis.summaries)), [s.strategy for s in analysis.summaries], fontsize=8)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3, axis="y")
+    fig.suptitle(f"Per seed — {analysis.sweep.name}", fontsize=10)
+    save(fig, out_dir / "per_seed.png")
+    return Plot("per_seed.png", "Per-seed results and the minimum detectable difference",
+                "Dots: one per seed (finished runs; for steps, the seeds that reached the target); bar: the mean. "
+                f"Grey whisker beside a strategy: the baseline's mean ± the minimum difference Welch's test would "
+                f"detect with 80% power for that comparison (docs/statistics.md): a strategy mean inside it could "
+                f"differ from the baseline without this sweep being able to tell.")
+
+
 # ------------------------------------------------------------------------------------------------
 # per-log-SNR statistics (logsnr_stats.npz)
 # ------------------------------------------------------------------------------------------------
@@ -346,6 +383,7 @@ def make_figures(analysis: Analysis, out_dir: Path) -> tuple[list[Plot], list[st
     why_var = no_npz if not stats_runs(analysis) else "no bin with ≥ 2 samples"
     for title, fn, why in [
         ("FID vs step", plot_fid_curves, "no FID evaluation in the finished runs (eval disabled or skipped)"),
+        ("Per-seed results", plot_per_seed, "no FID evaluation in the finished runs"),
         ("Training loss vs step", plot_loss_curves, "no training record in the finished runs"),
         ("Loss vs log-SNR", plot_loss_vs_logsnr, no_npz),
         ("Loss-variance heatmaps", lambda a, d: plot_variance_heatmaps(a, d, "loss_var"), why_var),

@@ -10,7 +10,8 @@ from typing import Optional
 from diffrun import conf_dir
 from diffrun.reporting.collect import RunRecord, dotted, first_line, to_float
 from diffrun.reporting.figures import Plot
-from diffrun.reporting.stats import ALPHA, BOOTSTRAP_SAMPLES, BOOTSTRAP_SEED, Analysis, mean, std
+from diffrun.reporting.stats import (ALPHA, BOOTSTRAP_SAMPLES, BOOTSTRAP_SEED, POWER, RELABEL_SEED, RELABEL_SPLITS,
+                                     Analysis, Comparison, mean, std)
 
 DASH = "—"
 
@@ -174,6 +175,27 @@ def skip_reasons(a: Analysis) -> list[str]:
     return sorted(reasons)
 
 
+def comparison_table(comparisons: list[Comparison]) -> list[str]:
+    rows = []
+    for c in comparisons:
+        ci = DASH if not math.isfinite(c.ci[0]) else f"[{c.ci[0]:+.3g}, {c.ci[1]:+.3g}]"
+        rows.append([c.strategy, f"{len(c.values)} vs {len(c.baseline_values)}",
+                     fmt(mean(c.values), ".4g"), fmt(mean(c.baseline_values), ".4g"),
+                     fmt(c.diff, "+.3g"), ci, fmt(c.t, ".3f"), fmt(c.p, ".3g"),
+                     "yes" if c.significant else "no",
+                     f"{fmt(c.paired_p, '.3g')} ({c.paired_n} pairs)" if c.paired_n else DASH,
+                     fmt(c.mdd, ".3g"), seeds_cell(c), c.verdict])
+    return table(["strategy", "n (strategy vs baseline)", "mean", "baseline mean", "Δ", "bootstrap 95% CI of Δ",
+                  "Welch t", "p", f"p < {ALPHA}", "paired p (same seeds)", f"min. detectable \\|Δ\\| ({POWER:.0%} power)",
+                  "seeds per arm for the observed Δ", "verdict"], rows)
+
+
+def seeds_cell(c: Comparison) -> str:
+    if c.verdict_kind == "n/a":
+        return DASH
+    return str(c.seeds_needed) if c.seeds_needed is not None else f"> {c.max_seeds}"
+
+
 def comparison(a: Analysis) -> list[str]:
     lines = ["", f"## Comparison against the baseline ({a.baseline})", ""]
     metric = "final FID" if a.mode == "fid" else "final unweighted training loss"
@@ -186,17 +208,17 @@ def comparison(a: Analysis) -> list[str]:
                   f"percentile bootstrap 95% CI of Δ ({BOOTSTRAP_SAMPLES} resamples, RNG seed {BOOTSTRAP_SEED}). "
                   f"Significant means p < {ALPHA} in Welch's test (the verdict); the paired t-test "
                   f"(`scipy.stats.ttest_rel`) over the seeds both have is shown beside it.", ""]
-        rows = []
-        for c in a.comparisons:
-            ci = DASH if not math.isfinite(c.ci[0]) else f"[{c.ci[0]:+.3g}, {c.ci[1]:+.3g}]"
-            rows.append([c.strategy, f"{len(c.values)} vs {len(c.baseline_values)}",
-                         fmt(mean(c.values), ".4g"), fmt(mean(c.baseline_values), ".4g"),
-                         fmt(c.diff, "+.3g"), ci, fmt(c.t, ".3f"), fmt(c.p, ".3g"),
-                         "yes" if c.significant else "no",
-                         f"{fmt(c.paired_p, '.3g')} ({c.paired_n} pairs)" if c.paired_n else DASH, c.verdict])
-        lines += table(["strategy", "n (strategy vs baseline)", "mean", "baseline mean", "Δ", "bootstrap 95% CI of Δ",
-                        "Welch t", "p", f"p < {ALPHA}", "paired p (same seeds)", "verdict"], rows)
-        lines += ["", "With 2–5 seeds these tests have little power and the bootstrap CI is too narrow (it resamples "
+        lines += comparison_table(a.comparisons)
+    if a.comparisons:
+        lines += ["", f"**How sure**: the minimum detectable |Δ| is the smallest true difference Welch's test would "
+                  f"find with {POWER:.0%} power at α = {ALPHA} with these seeds and the measured spreads (noncentral "
+                  f"t, Welch–Satterthwaite degrees of freedom). The seeds per arm are how many seeds in each arm the "
+                  f"test would need to find the *observed* Δ with {POWER:.0%} power, if it were the true difference "
+                  f"(a rough planning number: the observed Δ and spreads are themselves noisy). Verdict: **shown** "
+                  f"when p < {ALPHA}; **underpowered (needs ≈ N seeds per arm)** when p ≥ {ALPHA} and N ≤ "
+                  f"{a.max_seeds} (`--max-seeds`); **not shown** when p ≥ {ALPHA} and even {a.max_seeds} seeds per "
+                  f"arm would not find the observed Δ with {POWER:.0%} power. See docs/statistics.md.",
+                  "", "With 2–5 seeds these tests have little power and the bootstrap CI is too narrow (it resamples "
                   "few values); read a non-significant result as \"not shown\", not as \"no difference\". Runs with "
                   "the same seed start from the same initial weights, and strategies that draw noise levels the same "
                   "way (every t ~ U weighting: uniform, min_snr, p2, ...) also see the same batches and noise, so "
@@ -205,6 +227,32 @@ def comparison(a: Analysis) -> list[str]:
     if not a.comparisons and not a.remarks:
         lines.append("Nothing to compare: the sweep has a single strategy.")
     return lines
+
+
+def step_comparison(a: Analysis) -> list[str]:
+    if not a.step_comparisons:
+        return []
+    return (["", f"## Steps to the target FID (≤ {a.target_fid:g}) against the baseline ({a.baseline})", "",
+             "Metric: the step of each seed's first evaluation with FID ≤ target; **fewer steps = faster**. "
+             "Only the seeds that reached the target enter (the results table counts them), so a strategy "
+             "whose slow seeds never arrive looks faster than it is. Steps lie on the evaluation grid, so ties "
+             "are common and the t-test is a rough guide here. Same tests, power and verdicts as for the final FID.", ""]
+            + comparison_table(a.step_comparisons))
+
+
+def calibration(a: Analysis) -> list[str]:
+    """`--calibrate`: the false-positive rate of the verdict's test, from relabellings of the per-seed values."""
+    lines = ["", "## Calibration: false-positive rate from relabellings", "",
+             f"For each comparison, the per-seed values of both arms are pooled and split again into arms of the "
+             f"same sizes, every way when there are at most {RELABEL_SPLITS} splits (else {RELABEL_SPLITS} random "
+             f"splits, RNG seed {RELABEL_SEED}); the rate is the fraction of splits where Welch's test gives p < "
+             f"{ALPHA}, i.e. where the report would say **shown**. It is a false-positive rate only when both arms "
+             f"ran the same configuration (an A/A sweep such as `experiment=calibration`); a well-calibrated test "
+             f"gives about {ALPHA}.", ""]
+    rows = [[c.strategy, c.metric, f"{len(c.values)} + {len(c.baseline_values)}",
+             f"{c.relabel_splits} ({'all' if c.relabel_exact else 'random'})" if c.relabel_splits else DASH,
+             fmt(c.relabel_rate, ".3f")] for c in a.comparisons + a.step_comparisons]
+    return lines + table(["strategy", "metric", "seeds pooled", "splits", f"fraction with p < {ALPHA}"], rows)
 
 
 def failures(a: Analysis) -> list[str]:
@@ -260,7 +308,8 @@ def checkpoint_evals_table(a: Analysis) -> list[str]:
 
 def render(a: Analysis, plots: list[Plot], missing: list[str], now: Optional[str] = None) -> str:
     now = now or _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
-    lines = (header(a, now) + results_table(a) + comparison(a) + failures(a) + figures(plots, missing)
+    lines = (header(a, now) + results_table(a) + comparison(a) + step_comparison(a) + (calibration(a) if a.calibrated else [])
+             + failures(a) + figures(plots, missing)
              + runs_table(a) + checkpoint_evals_table(a))
     lines += ["", f"The tables as CSV: [{RESULTS_CSV}]({RESULTS_CSV}) (per strategy, with the comparison) and "
                   f"[{JOBS_CSV}]({JOBS_CSV}) (every job); `summary.json` holds the same numbers."]
@@ -289,11 +338,38 @@ def summary_dict(a: Analysis) -> dict:
             "fid_protocol": [r.fid_protocol for r in s.fid_runs],
             "failed": [{"job": r.name, "state": r.state, "error": r.error} for r in s.failed],
         } for s in a.summaries},
-        "comparisons": [{"strategy": c.strategy, "metric": c.metric, "diff": _num(c.diff), "t": _num(c.t),
-                         "p": _num(c.p), "ci": [_num(c.ci[0]), _num(c.ci[1])], "note": c.note,
-                         "paired": {"n": c.paired_n, "t": _num(c.paired_t), "p": _num(c.paired_p)},
-                         "verdict": c.verdict} for c in a.comparisons],
+        "power": POWER, "alpha": ALPHA, "max_seeds": a.max_seeds,
+        "comparisons": [comparison_dict(c) for c in a.comparisons],
+        "step_comparisons": [comparison_dict(c) for c in a.step_comparisons],
     }
+
+
+def comparison_dict(c: Comparison) -> dict:
+    out = {"strategy": c.strategy, "metric": c.metric, "n": len(c.values), "baseline_n": len(c.baseline_values),
+           "diff": _num(c.diff), "t": _num(c.t), "p": _num(c.p), "ci": [_num(c.ci[0]), _num(c.ci[1])],
+           "note": c.note, "paired": {"n": c.paired_n, "t": _num(c.paired_t), "p": _num(c.paired_p)},
+           "min_detectable_diff": _num(c.mdd), "seeds_needed": c.seeds_needed,
+           "verdict_kind": c.verdict_kind, "verdict": c.verdict}
+    if c.relabel_splits:
+        out["false_positive_rate"] = {"rate": _num(c.relabel_rate), "splits": c.relabel_splits, "exact": c.relabel_exact}
+    return out
+
+
+def wandb_summary(a: Analysis) -> dict:
+    """The comparisons as flat W&B summary scalars, `report/<strategy>/<metric>/<field>` (metric `final_fid`,
+    `final_loss` or `steps_to_target`); `verdict` is the text, `shown` 1 or 0, `underpowered` 1 or 0."""
+    out: dict = {}
+    for key, comparisons in (("final_fid" if a.mode == "fid" else "final_loss", a.comparisons),
+                             ("steps_to_target", a.step_comparisons)):
+        for c in comparisons:
+            prefix = f"report/{c.strategy}/{key}"
+            values = {"diff": _num(c.diff), "p": _num(c.p), "paired_p": _num(c.paired_p),
+                      "min_detectable_diff": _num(c.mdd), "seeds_needed": c.seeds_needed,
+                      "seeds": len(c.values), "baseline_seeds": len(c.baseline_values),
+                      "shown": int(c.verdict_kind == "shown"), "underpowered": int(c.verdict_kind == "underpowered"),
+                      "verdict": c.verdict, "false_positive_rate": _num(c.relabel_rate) if c.relabel_splits else None}
+            out.update({f"{prefix}/{k}": v for k, v in values.items() if v is not None})
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -306,6 +382,7 @@ JOBS_CSV = "jobs.csv"
 def results_rows(a: Analysis) -> list[dict]:
     """One row per strategy: the results table and, against the baseline, the comparison."""
     comparisons = {c.strategy: c for c in a.comparisons}
+    steps = {c.strategy: c for c in a.step_comparisons}
     rows = []
     for s in a.summaries:
         c = comparisons.get(s.strategy)
@@ -323,9 +400,22 @@ def results_rows(a: Analysis) -> list[dict]:
             "ci95_low": _num(c.ci[0]) if c else None, "ci95_high": _num(c.ci[1]) if c else None,
             "welch_t": _num(c.t) if c else None, "welch_p": _num(c.p) if c else None,
             "paired_p": _num(c.paired_p) if c else None, "paired_n": c.paired_n if c else None,
-            "verdict": c.verdict if c else None,
+            "min_detectable_diff": _num(c.mdd) if c else None, "seeds_needed": c.seeds_needed if c else None,
+            "verdict_kind": c.verdict_kind if c else None, "verdict": c.verdict if c else None,
+            "false_positive_rate": _num(c.relabel_rate) if c and c.relabel_splits else None,
+            **step_columns(steps.get(s.strategy)),
         })
     return rows
+
+
+def step_columns(c: Optional[Comparison]) -> dict:
+    """The steps-to-target comparison's columns of results.csv (empty without a target FID or for the baseline)."""
+    return {"steps_diff_vs_baseline": _num(c.diff) if c else None, "steps_welch_p": _num(c.p) if c else None,
+            "steps_paired_p": _num(c.paired_p) if c else None,
+            "steps_min_detectable_diff": _num(c.mdd) if c else None,
+            "steps_seeds_needed": c.seeds_needed if c else None,
+            "steps_verdict_kind": c.verdict_kind if c else None, "steps_verdict": c.verdict if c else None,
+            "steps_false_positive_rate": _num(c.relabel_rate) if c and c.relabel_splits else None}
 
 
 def jobs_rows(a: Analysis) -> list[dict]:

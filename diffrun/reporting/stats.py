@@ -1,25 +1,35 @@
 """Per-strategy summaries over seeds and the comparison of each strategy against the baseline.
 
 Only finished jobs enter the statistics; failed/incomplete ones are counted and listed. The
-comparison metric is the final FID (lower = better). When no finished run has any FID (eval
-disabled or skipped), it is the final unweighted training loss instead — comparable across
-weightings only when every run predicts the same target (ε, x0, v, EDM), so otherwise the losses
-are reported but not tested.
+comparison metric is the final FID (lower = better), and with a target FID also the steps to reach
+it. When no finished run has any FID (eval disabled or skipped), it is the final unweighted training
+loss instead — comparable across weightings only when every run predicts the same target (ε, x0, v,
+EDM), so otherwise the losses are reported but not tested.
+
+Every comparison says how sure it is: Welch's t-test makes the verdict, and the power of that same
+test (noncentral t, Welch–Satterthwaite degrees of freedom) gives the minimum detectable difference
+with the seeds at hand and the seeds per arm the observed difference would need (docs/statistics.md).
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
 from scipy import stats as sps
+from scipy.optimize import brentq
 
 from diffrun.reporting.collect import RunRecord, Sweep
 
 BOOTSTRAP_SEED = 0          # fixed: the same sweep gives the same confidence interval every time
 BOOTSTRAP_SAMPLES = 10_000
 ALPHA = 0.05
+POWER = 0.80                # the power the minimum detectable difference and the seeds needed are computed for
+MAX_SEEDS = 30              # default: a difference that would need more seeds per arm than this is "not shown"
+RELABEL_SPLITS = 10_000     # --calibrate: every split of the pooled seeds when there are at most this many, else random
+RELABEL_SEED = 0
 
 
 def mean(values) -> float:
@@ -81,6 +91,11 @@ class StrategySummary:
     def reached(self) -> int:
         return sum(s is not None for s in self.steps_to_target)
 
+    def steps_by_seed(self) -> dict[int, int]:
+        """seed → steps to the target FID, for the seeds that reached it."""
+        return {r.seed: step for r, step in zip(self.fid_runs, self.steps_to_target)
+                if step is not None and r.seed is not None}
+
     @property
     def steps_to_target_mean(self) -> float:
         """Mean over the seeds that reached the target (NaN if none did)."""
@@ -119,6 +134,12 @@ class Comparison:
     paired_n: int = 0                        # seeds both the strategy and the baseline finished
     paired_t: float = math.nan
     paired_p: float = math.nan
+    mdd: float = math.nan                    # minimum |Δ| Welch's test detects with POWER at ALPHA, these seeds
+    seeds_needed: Optional[int] = None       # seeds per arm to detect the observed Δ with POWER; None: > max_seeds
+    max_seeds: int = MAX_SEEDS
+    relabel_rate: float = math.nan           # --calibrate: fraction of relabellings with p < ALPHA
+    relabel_splits: int = 0
+    relabel_exact: bool = True               # every split (True) or RELABEL_SPLITS random ones
 
     @property
     def diff(self) -> float:
@@ -130,13 +151,28 @@ class Comparison:
         return math.isfinite(self.p) and self.p < ALPHA
 
     @property
-    def verdict(self) -> str:
+    def verdict_kind(self) -> str:
+        """"shown" (p < ALPHA), "underpowered" (p ≥ ALPHA, and ≤ max_seeds seeds per arm would detect the observed
+        Δ with POWER), "not shown" (p ≥ ALPHA, and they would not), or "n/a" (no test: `note` says why)."""
         if self.note:
+            return "n/a"
+        if self.significant:
+            return "shown"
+        return "underpowered" if self.seeds_needed is not None else "not shown"
+
+    @property
+    def verdict(self) -> str:
+        kind = self.verdict_kind
+        if kind == "n/a":
             return self.note
         lower = "lower" if self.diff < 0 else "higher"
-        if self.significant:
-            return f"{'better' if self.diff < 0 else 'worse'} ({lower} {self.metric}), p < {ALPHA}"
-        return f"no significant difference (p ≥ {ALPHA}; mean is {lower})"
+        if kind == "shown":
+            return f"shown: {'better' if self.diff < 0 else 'worse'} ({lower} {self.metric}, p = {self.p:.2g})"
+        if kind == "underpowered":
+            return f"underpowered (needs ≈ {self.seeds_needed} seeds per arm)"
+        if self.diff == 0:
+            return "not shown (equal means)"
+        return f"not shown (the observed Δ would need > {self.max_seeds} seeds per arm)"
 
 
 def welch(a, b) -> tuple[float, float]:
@@ -168,9 +204,87 @@ def paired(by_seed: dict, baseline_by_seed: dict) -> tuple[float, float, int]:
     return float(res.statistic), float(res.pvalue), len(seeds)
 
 
+# ------------------------------------------------------------------------------------------------
+# power of Welch's test: the noncentral t with Welch–Satterthwaite degrees of freedom
+# ------------------------------------------------------------------------------------------------
+def welch_se_df(s1: float, n1: int, s2: float, n2: int) -> tuple[float, float]:
+    """Standard error of mean(a) − mean(b) and the Welch–Satterthwaite degrees of freedom (Welch 1947;
+    Satterthwaite 1946)."""
+    v1, v2 = s1 ** 2 / n1, s2 ** 2 / n2
+    se = math.sqrt(v1 + v2)
+    df = (v1 + v2) ** 2 / (v1 ** 2 / (n1 - 1) + v2 ** 2 / (n2 - 1)) if v1 + v2 > 0 else math.nan
+    return se, df
+
+
+def t_test_power(noncentrality: float, df: float, alpha: float = ALPHA) -> float:
+    """Power of a two-sided t-test at level alpha whose statistic is noncentral t(df, noncentrality):
+    P(|T| > t_{1−α/2, df})."""
+    crit = sps.t.ppf(1 - alpha / 2, df)
+    upper = float(sps.nct.sf(crit, df, noncentrality))
+    lower = float(sps.nct.cdf(-crit, df, noncentrality))      # scipy returns NaN deep in this tail: it is ~0 there
+    return upper + (lower if math.isfinite(lower) else 0.0)
+
+
+def welch_power(diff: float, s1: float, n1: int, s2: float, n2: int, alpha: float = ALPHA) -> float:
+    """Power of Welch's test to detect a true difference `diff` between arms with standard deviations s1, s2 and
+    n1, n2 seeds (the spreads taken as known: the usual planning approximation)."""
+    se, df = welch_se_df(s1, n1, s2, n2)
+    return t_test_power(abs(diff) / se, df, alpha)
+
+
+def min_detectable_difference(s1: float, n1: int, s2: float, n2: int, alpha: float = ALPHA,
+                              power: float = POWER) -> float:
+    """The smallest |Δ| Welch's test detects with `power` at `alpha` (two-sided): Δ = δ·se, δ the noncentrality
+    at which the noncentral t reaches `power`."""
+    se, df = welch_se_df(s1, n1, s2, n2)
+    if not (se > 0 and math.isfinite(df)):
+        return math.nan
+    upper = 1.0
+    while t_test_power(upper, df, alpha) < power:
+        upper *= 2
+    return float(brentq(lambda nc: t_test_power(nc, df, alpha) - power, 0.0, upper)) * se
+
+
+def seeds_needed(diff: float, s1: float, s2: float, alpha: float = ALPHA, power: float = POWER,
+                 limit: int = MAX_SEEDS) -> Optional[int]:
+    """Seeds per arm (the same in both) with which Welch's test detects a true difference `diff` with `power`,
+    given the arms' standard deviations; None when more than `limit` would be needed (or diff = 0)."""
+    if not (math.isfinite(diff) and diff != 0 and s1 ** 2 + s2 ** 2 > 0):
+        return None
+    for n in range(2, limit + 1):
+        if welch_power(diff, s1, n, s2, n, alpha) >= power:
+            return n
+    return None
+
+
+def relabel_false_positive_rate(a, b, alpha: float = ALPHA, splits: int = RELABEL_SPLITS,
+                                seed: int = RELABEL_SEED) -> tuple[float, int, bool]:
+    """Fraction of relabellings of the pooled per-seed values a ∪ b into arms of len(a) and len(b) values whose
+    Welch p is below alpha: the false-positive rate of the report's verdict when the arms do not differ (an A/A
+    sweep). Every split when there are at most `splits` of them, else `splits` random ones (RNG `seed`).
+    Returns (rate, splits used, exact)."""
+    pooled = np.asarray(list(a) + list(b), float)
+    n, k = len(pooled), len(a)
+    if k < 2 or n - k < 2:
+        return math.nan, 0, True
+    exact = math.comb(n, k) <= splits
+    if exact:
+        first = np.array(list(itertools.combinations(range(n), k)))
+    else:
+        rng = np.random.default_rng(seed)
+        first = np.argsort(rng.random((splits, n)), axis=1)[:, :k]
+    mask = np.zeros((len(first), n), bool)
+    np.put_along_axis(mask, first, True, axis=1)
+    arm_a = pooled[None, :].repeat(len(first), 0)[mask].reshape(len(first), k)
+    arm_b = pooled[None, :].repeat(len(first), 0)[~mask].reshape(len(first), n - k)
+    p = sps.ttest_ind(arm_a, arm_b, axis=1, equal_var=False).pvalue
+    return float(np.mean(p < alpha)), len(first), exact
+
+
 def compare(strategy: str, values, baseline: str, baseline_values, metric: str,
-            by_seed: Optional[dict] = None, baseline_by_seed: Optional[dict] = None) -> Comparison:
-    cmp = Comparison(strategy, baseline, metric, list(values), list(baseline_values))
+            by_seed: Optional[dict] = None, baseline_by_seed: Optional[dict] = None,
+            max_seeds: int = MAX_SEEDS) -> Comparison:
+    cmp = Comparison(strategy, baseline, metric, list(values), list(baseline_values), max_seeds=max_seeds)
     if by_seed is not None and baseline_by_seed is not None:
         cmp.paired_t, cmp.paired_p, cmp.paired_n = paired(by_seed, baseline_by_seed)
     if len(cmp.values) < 2 or len(cmp.baseline_values) < 2:
@@ -180,6 +294,10 @@ def compare(strategy: str, values, baseline: str, baseline_values, metric: str,
     cmp.t, cmp.p = welch(cmp.values, cmp.baseline_values)
     if not math.isfinite(cmp.p):
         cmp.note = "n/a (no spread: every seed gave the same value)"
+        return cmp
+    s1, s2 = std(cmp.values), std(cmp.baseline_values)
+    cmp.mdd = min_detectable_difference(s1, len(cmp.values), s2, len(cmp.baseline_values))
+    cmp.seeds_needed = seeds_needed(cmp.diff, s1, s2, limit=max_seeds)
     return cmp
 
 
@@ -190,7 +308,10 @@ class Analysis:
     target_fid: Optional[float]
     summaries: list[StrategySummary]
     mode: str                                # "fid" | "loss"
-    comparisons: list[Comparison] = field(default_factory=list)
+    comparisons: list[Comparison] = field(default_factory=list)        # on the final FID (or loss)
+    step_comparisons: list[Comparison] = field(default_factory=list)   # on the steps to the target FID
+    max_seeds: int = MAX_SEEDS
+    calibrated: bool = False                                            # calibrate() filled relabel_rate
     remarks: list[str] = field(default_factory=list)  # printed under the comparison
 
     def summary(self, strategy: str) -> Optional[StrategySummary]:
@@ -201,7 +322,20 @@ class Analysis:
         return [r for s in self.summaries for r in s.failed]
 
 
-def analyse(sweep: Sweep, baseline: Optional[str] = None, target_fid: Optional[float] = None) -> Analysis:
+def compare_steps(s: StrategySummary, base: StrategySummary, max_seeds: int) -> Comparison:
+    """Steps to the target FID over the seeds that reached it; seeds that never did are left out (and counted in
+    the results table), so a strategy whose slow seeds never arrive looks faster than it is."""
+    metric = f"steps to FID ≤ {s.target_fid:g}"
+    mine, theirs = [v for v in s.steps_to_target if v is not None], [v for v in base.steps_to_target if v is not None]
+    if len(mine) < 2 or len(theirs) < 2:
+        return Comparison(s.strategy, base.strategy, metric, mine, theirs,
+                          note="n/a (need ≥ 2 seeds that reach the target in each)")
+    return compare(s.strategy, mine, base.strategy, theirs, metric, s.steps_by_seed(), base.steps_by_seed(),
+                   max_seeds=max_seeds)
+
+
+def analyse(sweep: Sweep, baseline: Optional[str] = None, target_fid: Optional[float] = None,
+            max_seeds: int = MAX_SEEDS) -> Analysis:
     baseline = baseline or sweep.baseline or "uniform"
     target = target_fid if target_fid is not None else sweep.target_fid
     summaries = [
@@ -211,7 +345,7 @@ def analyse(sweep: Sweep, baseline: Optional[str] = None, target_fid: Optional[f
     ]
     finished = [r for r in sweep.runs if r.finished]
     mode = "fid" if any(r.has_fid for r in finished) else "loss"
-    analysis = Analysis(sweep, baseline, target, summaries, mode)
+    analysis = Analysis(sweep, baseline, target, summaries, mode, max_seeds=max_seeds)
     base = analysis.summary(baseline)
     if base is None or base.n == 0:
         have = ", ".join(s.strategy for s in summaries if s.n) or "none"
@@ -228,7 +362,9 @@ def analyse(sweep: Sweep, baseline: Optional[str] = None, target_fid: Optional[f
                                                        note="n/a (no FID for this strategy)"))
                 continue
             analysis.comparisons.append(compare(s.strategy, s.final_fids, baseline, base.final_fids, "final FID",
-                                                s.final_by_seed("fid"), base.final_by_seed("fid")))
+                                                s.final_by_seed("fid"), base.final_by_seed("fid"), max_seeds))
+            if target is not None:
+                analysis.step_comparisons.append(compare_steps(s, base, max_seeds))
         return analysis
 
     predictions = sorted({str(r.prediction) for r in finished})
@@ -247,5 +383,13 @@ def analyse(sweep: Sweep, baseline: Optional[str] = None, target_fid: Optional[f
         if s is not base:
             analysis.comparisons.append(compare(s.strategy, s.final_losses("loss"), baseline,
                                                 base.final_losses("loss"), "final training loss",
-                                                s.final_by_seed("loss"), base.final_by_seed("loss")))
+                                                s.final_by_seed("loss"), base.final_by_seed("loss"), max_seeds))
+    return analysis
+
+
+def calibrate(analysis: Analysis) -> Analysis:
+    """Fill every comparison's false-positive rate from relabellings of its per-seed values (`--calibrate`)."""
+    for c in analysis.comparisons + analysis.step_comparisons:
+        c.relabel_rate, c.relabel_splits, c.relabel_exact = relabel_false_positive_rate(c.values, c.baseline_values)
+    analysis.calibrated = True
     return analysis
