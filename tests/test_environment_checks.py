@@ -78,7 +78,7 @@ def test_missing_inception_weights_stop_a_paper_preset_before_step_0(no_inceptio
 
 
 def test_missing_inception_weights_skip_fid_from_the_start_when_allowed(no_inception_weights, caplog):
-    cfg = compose_config(["eval.enabled=true", "eval.on_unavailable=skip"])
+    cfg = compose_config(["eval.enabled=true", "eval.on_unavailable=skip", "eval.num_reference=100"])
     callback = FIDCallback()
     trainer = SimpleNamespace(cfg=cfg, data=list(range(100)), step=0, rank=0)
     with caplog.at_level(logging.WARNING):
@@ -94,7 +94,7 @@ def test_inception_weights_resolved_before_step_0(monkeypatch, tmp_path, caplog)
     monkeypatch.setattr("diffrun.evaluation.callback.resolve_inception_weights",
                         lambda explicit, cache_dir=None: seen.append(explicit) or inception.InceptionWeights(
                             weights, "explicit", True))
-    cfg = compose_config(["eval.enabled=true", f"eval.inception_weights={weights}"])
+    cfg = compose_config(["eval.enabled=true", f"eval.inception_weights={weights}", "eval.num_reference=100"])
     with caplog.at_level(logging.INFO):
         FIDCallback().on_start(SimpleNamespace(cfg=cfg, data=list(range(100)), step=0, rank=0))
     assert seen == [str(weights)] and f"Inception weights for FID: {weights} (explicit)" in caplog.text
