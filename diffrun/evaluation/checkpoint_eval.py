@@ -5,7 +5,8 @@
                 whole group node; `callbacks` come from the eval app (conf/callbacks/eval.yaml), not from
                 the training run; then every check of diffrun/validation.py
     model       `diffrun.training.checkpoint.load` (SHA-256 checked; `checkpoint.allow_unverified=true`
-                for files without it) into a Trainer that never trains: no run lock, no file written
+                for files without it; data only: `checkpoint.allow_pickle=true` for one's own older files)
+                into a Trainer that never trains: no run lock, no file written
     records     the evaluation record (protocol.py, `source: diffrun-eval`, `checkpoint: <path>`) goes to
                 the callbacks as the trainer's would: `on_start(evaluation)`, `on_eval(evaluation, record)`,
                 `close()`. The metrics file appends it to `<run>/metrics.jsonl`; W&B resumes the run's id.
@@ -44,20 +45,20 @@ def run_dir_of_checkpoint(ckpt: Path) -> Path:
 
 
 @functools.lru_cache(maxsize=1)
-def _load(path: str, size: int, mtime_ns: int, allow_unverified: bool) -> dict:
+def _load(path: str, size: int, mtime_ns: int, allow_unverified: bool, allow_pickle: bool) -> dict:
     from diffrun.training import checkpoint
 
-    return checkpoint.load(path, allow_unverified)
+    return checkpoint.load(path, allow_unverified, allow_pickle)
 
 
-def load_checkpoint(ckpt: str | Path, allow_unverified: bool = False) -> dict:
+def load_checkpoint(ckpt: str | Path, allow_unverified: bool = False, allow_pickle: bool = False) -> dict:
     """The verified state of `ckpt` (read once per process: the pre-run checks and the job share it)."""
     path = Path(str(ckpt)).expanduser().absolute()
     if not path.is_file():
         raise ConfigError(f"ckpt={show(str(ckpt))}: no such file; allowed a checkpoint written by diffrun, "
                           f"e.g. <run>/checkpoints/ckpt_00001000.pt")
     stat = path.stat()
-    state = _load(str(path), stat.st_size, stat.st_mtime_ns, bool(allow_unverified))
+    state = _load(str(path), stat.st_size, stat.st_mtime_ns, bool(allow_unverified), bool(allow_pickle))
     if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
         raise ConfigError(f"ckpt={show(str(ckpt))} has no embedded config: allowed a checkpoint written by diffrun")
     return state
@@ -111,7 +112,8 @@ def evaluation_config(app: DictConfig, overrides: Sequence[str],
         raise ConfigError("ckpt=??? is required: diffrun-eval ckpt=<run>/checkpoints/ckpt_<step>.pt [key=value ...]")
     ckpt = Path(str(app.ckpt)).expanduser().absolute()
     allow_unverified = OmegaConf.select(app, "checkpoint.allow_unverified", default=False)
-    state = load_checkpoint(ckpt, bool(allow_unverified))
+    allow_pickle = OmegaConf.select(app, "checkpoint.allow_pickle", default=False)
+    state = load_checkpoint(ckpt, bool(allow_unverified), bool(allow_pickle))
     cfg = checkpoint_config(state["config"], app, overrides)
     validate(cfg, environment=environment)
     return cfg, state, ckpt

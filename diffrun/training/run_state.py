@@ -33,7 +33,8 @@ class RunState:
         self.cfg, self.parts, self.stats = cfg, parts, stats
         self.rank, self.world_size, self.interrupt = rank, world_size, interrupt
         self.checkpoints = ckpt.CheckpointManager(Path(run_dir) / "checkpoints", cfg.checkpoint.keep,
-                                                  bool(cfg.checkpoint.get("allow_unverified", False)))
+                                                  bool(cfg.checkpoint.get("allow_unverified", False)),
+                                                  bool(cfg.checkpoint.get("allow_pickle", False)))
         self.step = 0
         self.images_seen = 0
         self.nonfinite_total = 0             # steps skipped as non-finite (loss or gradient)
@@ -125,7 +126,7 @@ class RunState:
             state, path = found
         else:
             path = Path(resume).expanduser()
-            state = ckpt.load(path, self.checkpoints.allow_unverified)
+            state = ckpt.load(path, self.checkpoints.allow_unverified, self.checkpoints.allow_pickle)
         check_checkpoint(state, path, self.cfg, force=resume == "force")
         self.load_state_dict(state)
         if path.parent == self.checkpoints.directory:
