@@ -117,3 +117,52 @@ def test_a_file_that_is_not_data_is_not_converted(tmp_path):
     path.write_bytes(ckpt.encode({"rng": None, "other": print}))        # a function: not data, not diffrun's format
     with pytest.raises(CheckpointError, match=r"not data \(print\)"):
         ckpt.convert(path)
+
+
+# ----------------------------------------------------------------------------- targets named by a file
+
+@pytest.mark.parametrize("key, target", [
+    ("model", "os.system"),
+    ("model", "diffrun.training.environment.os.system"),     # a path through a diffrun module to another's
+    ("optimizer", "subprocess.Popen"),
+    ("dataset.loader", "diffrun.files.atomic_write"),        # diffrun's, but a function no config file names
+])
+def test_a_foreign_target_in_a_checkpoint_config_runs_nothing(tmp_path, capsys, key, target):
+    from omegaconf import OmegaConf
+    from test_eval_app import compose_eval
+
+    from conftest import compose_config
+    from diffrun.evaluation.cli import ValidateBeforeEvaluation
+
+    marker = tmp_path / "ran"
+    config = OmegaConf.to_container(compose_config(), resolve=True, enum_to_str=True)
+    node = config
+    for part in key.split("."):
+        node = node[part]
+    node.clear()
+    node.update({"_target_": target, "_args_": [f"touch {marker}"]})
+    path = tmp_path / "run" / "checkpoints" / "ckpt_00000003.pt"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(ckpt.encode({"config": config, "step": 3}))                  # data only: it loads
+    with pytest.raises(SystemExit) as stop:
+        ValidateBeforeEvaluation().on_run_start(compose_eval([f"ckpt={path}"], hydra_node=True))
+    assert stop.value.code == 1 and not marker.exists()
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and f"{key}._target_='{target}' in the config embedded in {path}" in lines[0], lines
+    assert "nothing of it was imported or run" in lines[0]
+
+
+def test_trusted_targets_come_from_diffrun_and_its_config_files():
+    from conftest import compose_config
+    from diffrun.targets import check_targets, config_folder_targets, is_diffrun_class
+
+    assert {"torch.optim.AdamW", "torch.optim.Adam", "diffrun.data.load_cifar"} <= config_folder_targets()
+    assert is_diffrun_class("diffrun.models.unet.UNet") and is_diffrun_class("diffrun.strategies.MinSNR")
+    assert not is_diffrun_class("diffrun.training.environment.os.system") and not is_diffrun_class("os.system")
+    for experiment in ("edm_cifar10", "variance_aware_cifar100", "adaptive_sampling_cifar10"):
+        from omegaconf import OmegaConf
+
+        config = OmegaConf.to_container(compose_config([f"experiment={experiment}"]), resolve=True, enum_to_str=True)
+        check_targets(config, "a shipped experiment")                             # nothing refused
+    check_targets({"model": {"_target_": "my.Model"}}, "x", replaced=["model._target_"])  # the command line's
+    check_targets({"model": {"_target_": "my.Model"}}, "x", replaced=["model"])           # a group chosen anew

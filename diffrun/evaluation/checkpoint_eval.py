@@ -1,9 +1,9 @@
 """Evaluate a checkpoint: its own config as the base, the command line on top, records into its run.
 
-    config      the config embedded in the checkpoint, typed by the schema (diffrun/config.py); each
-                command-line override replaces its key, a group choice (`dataset=cifar100`) replaces the
-                whole group node; `callbacks` come from the eval app (conf/callbacks/eval.yaml), not from
-                the training run; then every check of diffrun/validation.py
+    config      the config embedded in the checkpoint, its `_target_`s limited to diffrun's (diffrun/targets.py),
+                typed by the schema (diffrun/config.py); each command-line override replaces its key, a group
+                choice (`dataset=cifar100`) replaces the whole group node; `callbacks` come from the eval app
+                (conf/callbacks/eval.yaml), not from the training run; then every check of diffrun/validation.py
     model       `diffrun.training.checkpoint.load` (SHA-256 checked; `checkpoint.allow_unverified=true`
                 for files without it; data only: `checkpoint.allow_pickle=true` for one's own older files)
                 into a Trainer that never trains: no run lock, no file written
@@ -64,19 +64,23 @@ def load_checkpoint(ckpt: str | Path, allow_unverified: bool = False, allow_pick
     return state
 
 
-def checkpoint_config(state_config: dict, app: DictConfig, overrides: Sequence[str]) -> DictConfig:
+def checkpoint_config(state_config: dict, app: DictConfig, overrides: Sequence[str],
+                      source: str = "the checkpoint's config") -> DictConfig:
     """The checkpoint's config with `overrides` (the eval app's command line, values read from its composed
-    config `app`) on top, as the module docstring says. Raises ConfigError for a value the schema refuses."""
+    config `app`) on top, as the module docstring says. Raises ConfigError for a value the schema refuses, and
+    UntrustedTargetError for a `_target_` of the file that the command line does not replace (diffrun/targets.py)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
+    from diffrun.targets import check_targets
     from diffrun.validation import GROUPS
 
+    parsed = [o for o in OverridesParser.create().parse_overrides(list(overrides)) if not o.is_hydra_override()]
+    check_targets(state_config, source, ["callbacks", *(o.key_or_group for o in parsed)])
     try:
         cfg = OmegaConf.merge(OmegaConf.structured(RunConfig), state_config)
     except OmegaConfBaseException as exc:
         raise ConfigError(f"the checkpoint's config does not fit this diffrun's schema: "
                           f"{str(exc).splitlines()[0]}") from None
-    parsed = [o for o in OverridesParser.create().parse_overrides(list(overrides)) if not o.is_hydra_override()]
     for override in parsed:                          # group choices first: `dataset=cifar100 dataset.loader.root=...`
         if override.key_or_group in GROUPS and not override.is_delete():
             cfg[override.key_or_group] = app[override.key_or_group]
@@ -114,7 +118,7 @@ def evaluation_config(app: DictConfig, overrides: Sequence[str],
     allow_unverified = OmegaConf.select(app, "checkpoint.allow_unverified", default=False)
     allow_pickle = OmegaConf.select(app, "checkpoint.allow_pickle", default=False)
     state = load_checkpoint(ckpt, bool(allow_unverified), bool(allow_pickle))
-    cfg = checkpoint_config(state["config"], app, overrides)
+    cfg = checkpoint_config(state["config"], app, overrides, f"the config embedded in {ckpt}")
     validate(cfg, environment=environment)
     return cfg, state, ckpt
 
