@@ -166,5 +166,15 @@ def main(cfg: DictConfig) -> float | None:
     return summary.get("fid") if isinstance(summary, dict) else None
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The `diffrun` command: overrides Hydra's grammar cannot read are refused in one line first."""
+    from diffrun.launching.preflight import override_character_errors, refuse
+
+    errors = override_character_errors(sys.argv[1:])
+    if errors:
+        refuse(errors)
     main()
+
+
+if __name__ == "__main__":
+    run()

@@ -56,7 +56,11 @@ def load_checkpoint(ckpt: str | Path, allow_unverified: bool = False, allow_pick
     path = Path(str(ckpt)).expanduser().absolute()
     if not path.is_file():
         raise ConfigError(f"ckpt={show(str(ckpt))}: no such file; allowed a checkpoint written by diffrun, "
-                          f"e.g. <run>/checkpoints/ckpt_00001000.pt")
+                          f"e.g. <run>/checkpoints/ckpt_00001000.pt, or its diffrun-export (.safetensors)")
+    if path.suffix == ".safetensors":                # diffrun-export's EMA weights (diffrun/training/export.py)
+        from diffrun.training import export
+
+        return export.as_state(path, "ckpt")
     stat = path.stat()
     state = _load(str(path), stat.st_size, stat.st_mtime_ns, bool(allow_unverified), bool(allow_pickle))
     if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
@@ -134,7 +138,11 @@ def evaluate_checkpoint(app: DictConfig, overrides: Sequence[str]) -> dict:
     events = Events(build_callbacks(cfg))            # built first: a bad callback stops us before any sampling
     trainer = Trainer(cfg, run_dir, callbacks=[], lock=False)
     try:
-        trainer.state.load_state_dict(state)
+        if "export" in state:                        # EMA weights only: what evaluation samples from
+            trainer.ema.model.load_state_dict(state["ema"]["model"])
+            trainer.state.step, trainer.state.images_seen = state["step"], state["images_seen"]
+        else:
+            trainer.state.load_state_dict(state)
     except (RuntimeError, KeyError, ValueError) as exc:
         reason = " ".join(str(exc).split())[:300]
         raise ConfigError(f"the weights in {ckpt} do not fit model={cfg.model.get('name')} "

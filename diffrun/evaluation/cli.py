@@ -111,6 +111,11 @@ def evaluate_job(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
+    from diffrun.launching.preflight import override_character_errors
+
+    errors = override_character_errors(sys.argv[1:])
+    if errors:
+        refuse(errors)
     sys.argv = [sys.argv[0], *with_group_keys_added(sys.argv[1:])]
     evaluate_job()
 

@@ -87,6 +87,13 @@ class RunState:
         else:  # world size changed since the checkpoint: fresh, distinct streams per rank
             seed_everything(self.cfg.seed + self.rank + 1_000_003 * self.step)
 
+    def init_from(self, path: str) -> None:
+        """Start from the weights of a diffrun-export file (`model.init_from`): the model and its EMA."""
+        from diffrun.training.export import load_into
+
+        load_into(self.parts.denoiser, path)
+        self.parts.ema.model.load_state_dict(self.parts.denoiser.state_dict())
+
     def weights_finite(self) -> bool:
         """Model and EMA weights are finite (a host sync: called at flushes and before saving)."""
         tensors = [t for m in (self.parts.denoiser, self.parts.ema.model) for t in m.parameters()]
