@@ -166,3 +166,129 @@ def test_trusted_targets_come_from_diffrun_and_its_config_files():
         check_targets(config, "a shipped experiment")                             # nothing refused
     check_targets({"model": {"_target_": "my.Model"}}, "x", replaced=["model._target_"])  # the command line's
     check_targets({"model": {"_target_": "my.Model"}}, "x", replaced=["model"])           # a group chosen anew
+
+
+# ----------------------------------------------------------------------------- shareable weights
+
+@pytest.mark.slow
+def test_export_holds_the_ema_weights_config_and_provenance_and_starts_a_run(make_cfg, tmp_path):
+    import yaml
+
+    from diffrun.training import export
+    from diffrun.training.trainer import Trainer
+
+    train(make_cfg(["train.steps=3", *QUIET]), tmp_path / "a")
+    path = CheckpointManager(tmp_path / "a" / "checkpoints").list()[-1]
+    state = ckpt.load(path)
+    assert export.main([str(path), "-o", str(tmp_path / "ema.safetensors")]) == 0
+    tensors, meta = export.read(tmp_path / "ema.safetensors")
+    assert tensors.keys() == state["ema"]["model"].keys()
+    assert all(torch.equal(tensors[k], state["ema"]["model"][k]) for k in tensors)
+    assert (meta["format"], meta["step"], meta["fingerprint"]) == ("diffrun-ema-1", "3", state["fingerprint"])
+    assert yaml.safe_load(meta["config"]) == state["config"] and yaml.safe_load(meta["model"]) == state["config"]["model"]
+    provenance = (tmp_path / "a" / "provenance.json").read_text()
+    assert meta["git_commit"] in provenance and "fid" not in meta                 # no FID measured: none claimed
+
+    trainer = Trainer(make_cfg(["train.steps=3", *QUIET, f"+model.init_from={tmp_path / 'ema.safetensors'}"]),
+                      tmp_path / "b")
+    try:
+        trainer._begin()
+        for module in (trainer.denoiser, trainer.ema.model):
+            weights = module.state_dict()
+            assert all(torch.equal(weights[k], tensors[k]) for k in tensors)
+    finally:
+        trainer.directory.unlock()
+
+
+@pytest.mark.parametrize("make_file, expected", [
+    (lambda p: None, "cannot be read"),
+    (lambda p: p.write_bytes(b"not safetensors"), "not a safetensors file"),
+    (lambda p: __import__("safetensors.torch").torch.save_file({"w": torch.zeros(2)}, str(p)), "without diffrun's metadata"),
+])
+def test_init_from_refuses_what_is_not_an_export_at_the_door(tmp_path, capsys, make_file, expected):
+    from test_validation import compose_run
+
+    from diffrun.launching.preflight import ValidateBeforeRun
+
+    path = tmp_path / "w.safetensors"
+    make_file(path)
+    with pytest.raises(SystemExit):
+        ValidateBeforeRun().on_run_start(config=compose_run([f"+model.init_from={path}"], tmp_path))
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"model.init_from={path}" in err and expected in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_init_from_an_export_of_another_model_says_which_weights_do_not_fit(make_cfg, tmp_path):
+    from diffrun.errors import ConfigError
+    from diffrun.training import export
+    from diffrun.training.trainer import Trainer
+
+    train(make_cfg(["train.steps=3", *QUIET]), tmp_path / "a")
+    exported = export.export(CheckpointManager(tmp_path / "a" / "checkpoints").list()[-1])
+    trainer = Trainer(make_cfg(["train.steps=3", *QUIET, "model.net.channels=8"]), tmp_path / "b")
+    try:
+        with pytest.raises(ConfigError, match=r"model.init_from=.*do not fit this model \(0 missing, 0 unexpected, \d+ of another shape"):
+            export.load_into(trainer.denoiser, exported)
+    finally:
+        trainer.directory.unlock()
+
+
+# ----------------------------------------------------------------------------- bad values at the door
+
+@pytest.mark.parametrize("content, expected", [
+    (lambda tmp: b"a text file", "carries no SHA-256"),
+    (lambda tmp: ckpt.encode({"weights": torch.zeros(2)}), "not a diffrun training checkpoint"),
+    (lambda tmp: ckpt.encode({"x": RunsCode(tmp / "ran")}), "holds pickled Python objects"),
+])
+def test_resume_from_a_file_that_is_not_a_checkpoint_is_refused_at_the_door(tmp_path, capsys, content, expected):
+    from test_validation import compose_run
+
+    from diffrun.launching.preflight import ValidateBeforeRun
+
+    path = tmp_path / "other.pt"
+    path.write_bytes(content(tmp_path))
+    with pytest.raises(SystemExit):
+        ValidateBeforeRun().on_run_start(config=compose_run([f"resume={path}"], tmp_path))
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"resume='{path}'" in err and expected in err, err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "ran").exists()
+
+
+@pytest.mark.parametrize("arg, expected", [
+    ("name=run\U0001F600", "name: U+1F600 (GRINNING FACE) is not allowed here; unquoted values take ASCII only; "
+                           "quote a value (a name) that needs other characters: name='run\U0001F600'"),
+    ("name=run\u200fa", "name: U+200F (RIGHT-TO-LEFT MARK) is not allowed here; it is an invisible control or "
+                        "formatting character; type the value without it: name=runa"),
+    ("name=run\x07", "name: U+0007 (a control character) is not allowed here; it is an invisible control or "
+                     "formatting character; type the value without it: name=run"),
+    ("train.steps=\u0661\u0660\u0660", "train.steps: U+0661 (ARABIC-INDIC DIGIT ONE) is not allowed here; numbers "
+                                       "take ASCII digits 0-9: train.steps=100"),
+    ("precision=\uff46\uff50\uff13\uff12", "precision: U+FF46 (FULLWIDTH LATIN SMALL LETTER F) is not allowed here; "
+                                           "write it in ASCII: precision=fp32"),
+])
+def test_an_override_with_a_character_hydra_cannot_read_is_explained_in_one_line(arg, expected):
+    from diffrun.launching.preflight import override_character_errors
+
+    assert override_character_errors(["model=unet_tiny", arg, "--cfg", "job"]) == [expected]
+    fix = expected.rsplit(": ", 1)[1]
+    assert override_character_errors([fix]) == []                    # what it suggests is read
+
+
+def test_quoted_names_and_plain_overrides_pass_the_character_check():
+    from diffrun.launching.preflight import override_character_errors
+
+    assert override_character_errors(["name='run\U0001F600'", "train.steps=100", "-cd", "/tmp/конфиг"]) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("module", ["diffrun.cli", "diffrun.evaluation.cli"])
+def test_the_commands_refuse_such_an_override_in_one_line_and_make_nothing(tmp_path, module):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", module, "train.steps=\u0661\u0660", f"hydra.run.dir={tmp_path}/run"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    lines = (proc.stdout + proc.stderr).strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1, lines
+    assert lines[0].startswith("[diffrun][ERROR] - train.steps: U+0661") and list(tmp_path.iterdir()) == []
