@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 from diffrun.cli import CONF_DIR
 from diffrun.config import RunConfig, validate
 from diffrun.launching.preflight import ValidateBeforeRun, remove_hydra_leftovers
-from diffrun.validation import RANGES, SAMPLER_OPTION_KEYS, target_parameters
+from diffrun.validation import GROUP_KEYS, RANGES, SAMPLER_OPTION_KEYS, target_parameters
 
 from conftest import FAST, write_image_folder
 
@@ -355,6 +355,8 @@ def existing_keys() -> frozenset[str]:
         for overrides in [[], *choices]:
             keys |= set(walk(compose(config_name="config", overrides=overrides, return_hydra_config=True), ""))
     GlobalHydra.instance().clear()
+    # a group's optional keys, which no shipped option may set (+model.init_from=...)
+    keys |= {f"{group}.{key}" for group, (required, optional) in GROUP_KEYS.items() for key in (*required, *optional)}
     return frozenset(keys)
 
 
