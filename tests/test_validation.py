@@ -437,7 +437,7 @@ def test_eval_command_refuses_a_wrong_type_in_one_line(tmp_path):
 
     from conftest import compose_config
 
-    config = OmegaConf.to_container(compose_config(), resolve=True)
+    config = OmegaConf.to_container(compose_config(), resolve=True, enum_to_str=True)   # data, as a run saves it
     path = CheckpointManager(tmp_path / "checkpoints").save({"config": config}, 1)
     line = one_error_line(diffrun(tmp_path, f"ckpt={path}", "eval.num_samples=abc", module="diffrun.evaluation.cli"))
     assert line.count("\n") == 0 and "eval.num_samples" in line and "'abc'" in line, line
