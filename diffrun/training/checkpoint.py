@@ -66,8 +66,8 @@ def decode(data: bytes, source: Path, allow_unverified: bool = False, allow_pick
             raise PickledCheckpointError(source, exc) from None
     except Exception as exc:
         raise CheckpointError(f"checkpoint {source} cannot be loaded ({type(exc).__name__}: {exc})") from exc
-    log.warning("checkpoint.allow_pickle=true: loading %s with pickle, which runs any code the file holds; "
-                "rewrite it as data once with `diffrun-convert %s`", source, source)
+    log.warning("loading %s with pickle (checkpoint.allow_pickle=true, or diffrun-convert), which runs any code "
+                "the file holds", source)
     try:
         state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=False)
     except Exception as exc:
