@@ -246,3 +246,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"diffrun-convert: error: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())
