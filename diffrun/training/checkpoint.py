@@ -17,12 +17,14 @@ files, which loads it as before with a warning; `diffrun-convert` rewrites such 
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import io
 import json
 import logging
 import pickle
 import re
+import sys
 from pathlib import Path
 
 import torch
@@ -220,9 +222,6 @@ def convert(path: Path, allow_unverified: bool = False) -> Path | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-    import sys
-
     parser = argparse.ArgumentParser(
         prog="diffrun-convert",
         description="Rewrite checkpoints of diffrun's earlier format (pickled objects) as data, which loads with "
@@ -249,6 +248,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    import sys
-
     sys.exit(main())
