@@ -62,7 +62,7 @@ def decode(data: bytes, source: Path, allow_unverified: bool = False, allow_pick
     try:
         return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "GLOBAL" not in str(exc):                 # damaged bytes rather than an object to rebuild
+        if unsupported_global(exc) is None:          # damaged bytes rather than an object to rebuild
             raise CheckpointError(f"checkpoint {source} cannot be loaded (it is damaged: {unpickler_reason(exc)})") from None
         if not allow_pickle:
             raise PickledCheckpointError(source, exc) from None
@@ -77,6 +77,12 @@ def decode(data: bytes, source: Path, allow_unverified: bool = False, allow_pick
     return as_data(state, source)
 
 
+def unsupported_global(exc: Exception) -> str | None:
+    """The class or function torch's weights-only unpickler refused to import ("posix.system"), if any."""
+    found = re.search(r"GLOBAL (\S+)", str(exc))
+    return found.group(1) if found else None
+
+
 def unpickler_reason(exc: Exception) -> str:
     """The line of torch's weights-only error that says what it met ("Unsupported operand 0", ...)."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
@@ -87,10 +93,9 @@ class PickledCheckpointError(CheckpointError):
     """The file holds pickled objects, which only code can rebuild: it is not loaded."""
 
     def __init__(self, source: Path, cause: Exception):
-        found = re.search(r"GLOBAL (\S+)", str(cause))
-        self.global_name = found.group(1) if found else None
+        self.global_name = unsupported_global(cause)
         super().__init__(
-            f"checkpoint {source} holds pickled Python objects{f' ({self.global_name})' if found else ''}, not "
+            f"checkpoint {source} holds pickled Python objects ({self.global_name}), not "
             f"only data: loading it could run any code in it, and its SHA-256 proves it intact, not who wrote it. "
             f"It is diffrun's format before data-only checkpoints, or a file crafted to run code. If you wrote it "
             f"yourself: rewrite it as data once with `diffrun-convert {source}`, or load it as before with "
@@ -114,9 +119,8 @@ def as_data(state: dict, source: Path) -> dict:
     try:
         torch.load(io.BytesIO(buffer.getvalue()), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        found = re.search(r"GLOBAL (\S+)", str(exc))
-        raise CheckpointError(f"checkpoint {source} holds objects that are not data "
-                              f"({found.group(1) if found else 'unknown'}); it cannot be rewritten as data") from None
+        raise CheckpointError(f"checkpoint {source} holds objects that are not data ({unsupported_global(exc)}); "
+                              f"it cannot be rewritten as data") from None
     return state
 
 
