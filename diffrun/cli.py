@@ -1,13 +1,15 @@
 """`diffrun`: compose a run with Hydra, train it, sample it, score it.
 
-    diffrun                                   # digits, unet_small, CPU, a few minutes
+    diffrun                                   # digits, unet_small, CPU (docs/performance.md: how long)
     diffrun dataset=cifar10 model=ddpm_cifar10 weighting=min_snr
     diffrun -m seed=0,1,2 weighting=uniform,min_snr sweep_name=minsnr
+    diffrun -m experiment=min_snr_cifar10 hydra/launcher=slurm_gpu --dry-run   # the jobs and checks, no training
 """
 from __future__ import annotations
 
 import copy
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -127,8 +129,46 @@ def shown(path) -> str:
         return str(path)
 
 
+def main() -> None:
+    """The `diffrun` command: Hydra's command line, plus `--dry-run` (diffrun/launching/dry_run.py)."""
+    from diffrun.launching import dry_run
+    from diffrun.launching.preflight import ValidateBeforeRun, override_character_errors, refuse
+
+    errors = override_character_errors(sys.argv[1:])     # characters Hydra's grammar cannot read: one line each
+    if errors:
+        refuse(errors)
+    ValidateBeforeRun.dry_run = dry_run.take_flag(sys.argv)
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")   # Hydra's errors reach `say_override_error`, not its printer
+    try:
+        hydra_main()
+    except Exception as exc:  # noqa: BLE001 — what is not an override failure goes on as Hydra would show it
+        say_override_error(exc)
+        raise
+
+
+def say_override_error(exc: BaseException) -> None:
+    """Exit with diffrun's one line when `exc` is a failure of the command line's overrides (or a job's
+    CompactHydraException, which Hydra prints as one line too); return otherwise."""
+    from diffrun.launching.overrides import override_error
+
+    args = hydra_args()
+    message = override_error(exc, args.overrides, [args.config_dir] if args.config_dir else [])
+    if message is not None:
+        print(f"[diffrun][ERROR] - {message}", file=sys.stderr)
+        sys.exit(1)
+    if isinstance(exc, CompactHydraException):
+        print(str(exc), file=sys.stderr)
+        sys.exit(1)
+
+
+def hydra_args():
+    from hydra._internal.utils import get_args_parser
+
+    return get_args_parser().parse_known_args(sys.argv[1:])[0]
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
-def main(cfg: DictConfig) -> float | None:
+def hydra_main(cfg: DictConfig) -> float | None:
     from diffrun.launching import distributed
     from diffrun.launching.preflight import remove_hydra_leftovers, shorten_warmup
     from diffrun.launching.sweep import pin_sweep_name, record_job_start
@@ -166,15 +206,5 @@ def main(cfg: DictConfig) -> float | None:
     return summary.get("fid") if isinstance(summary, dict) else None
 
 
-def run() -> None:
-    """The `diffrun` command: overrides Hydra's grammar cannot read are refused in one line first."""
-    from diffrun.launching.preflight import override_character_errors, refuse
-
-    errors = override_character_errors(sys.argv[1:])
-    if errors:
-        refuse(errors)
-    main()
-
-
 if __name__ == "__main__":
-    run()
+    main()

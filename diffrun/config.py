@@ -340,12 +340,20 @@ def build_spec(spec: Any, where: str, **kwargs: Any) -> Any:
     except DiffrunError:
         raise
     except Exception as exc:  # Hydra wraps constructor errors; unwrap ours so the message stays clean
-        cause, root = exc.__cause__ or exc.__context__, exc
+        cause, root, imports = exc.__cause__ or exc.__context__, exc, None
         while cause is not None:
             if isinstance(cause, DiffrunError):
                 raise cause from None
+            if isinstance(cause, ImportError) and imports is None:
+                imports = cause
             root, cause = cause, cause.__cause__ or cause.__context__
         target = spec.get("_target_", where) if isinstance(spec, dict) else where
+        if imports is not None:   # a user's plugin that Python cannot find, not a bad value
+            module = getattr(imports, "name", None) or str(target).rpartition(".")[0]
+            raise ConfigError(f"{where}._target_={target}: module {module} cannot be imported "
+                              f"({type(imports).__name__}: {' '.join(str(imports).split())[:200]}); put the folder "
+                              f"that holds it on PYTHONPATH (PYTHONPATH=. diffrun -cd <your config folder> ...) "
+                              f"or install it") from exc
         values = spec_values(spec, where) if isinstance(spec, dict) else ""
         reason = " ".join(f"{type(root).__name__}: {root}".split())
         raise ConfigError(f"{where} cannot be built ({target} with {values or 'no arguments'}): {reason}; "

@@ -19,6 +19,7 @@ of a multirun, and in the Trainer's constructor (`diffrun.config.validate`).
 """
 from __future__ import annotations
 
+import difflib
 import functools
 import inspect
 import json
@@ -218,7 +219,9 @@ def _unknown(where: str, key: str, node: DictConfig, allowed: set[str], owner: s
         value = show(resolved(node[key]))
     except OmegaConfBaseException:
         value = "?"
-    return ConfigError(f"{full}={value}: unknown key; {owner} takes {', '.join(sorted(allowed))}")
+    near = difflib.get_close_matches(key, sorted(allowed), n=1, cutoff=0.6)
+    hint = f"did you mean {where}.{near[0]}? " if near and where else f"did you mean {near[0]}? " if near else ""
+    return ConfigError(f"{full}={value}: unknown key; {hint}{owner} takes {', '.join(sorted(allowed))}")
 
 
 def check_schema_keys(node: DictConfig, kind: type, where: str) -> None:
@@ -238,11 +241,21 @@ def target_parameters(target_path: str) -> tuple[set[str] | None, set[str]]:
     from hydra.utils import get_object
 
     try:
-        parameters = inspect.signature(get_object(target_path)).parameters.values()
+        target = get_object(target_path)
+        parameters = list(inspect.signature(target).parameters.values())
     except Exception:  # not importable or no signature: instantiate reports it when the group is built
         return None, set()
     named = [p for p in parameters if p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)]
     required = {p.name for p in named if p.default is inspect.Parameter.empty}
+    # a class whose __init__ passes **kwargs on to its base's (MinSNR → Strategy): the base's arguments are its
+    for base in (target.__mro__[1:] if inspect.isclass(target) else ()):
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters) or base is object:
+            break
+        if "__init__" not in vars(base):
+            continue
+        parameters = list(inspect.signature(base.__init__).parameters.values())[1:]
+        named += [p for p in parameters if p.kind not in (inspect.Parameter.VAR_POSITIONAL,
+                                                          inspect.Parameter.VAR_KEYWORD)]
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
         return None, required
     return {p.name for p in named}, required

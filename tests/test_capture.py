@@ -129,6 +129,7 @@ def _assert_same_training(captured: Trainer, eager: Trainer, rtol: float = 1e-5,
     assert captured.optimizer.param_groups[0]["lr"] == eager.optimizer.param_groups[0]["lr"]
 
 
+@pytest.mark.slow   # torch.compile of a whole step on the CPU: the full tier
 def test_captured_step_trains_like_the_eager_step(make_cfg, tmp_path, monkeypatch):
     """aot_eager (Dynamo capture + AOTAutograd, what inductor is given), a closed-form strategy, 3 steps through a
     warm-up learning rate; then a non-finite batch after a jump of the host's step (as after a resume), then a
@@ -161,6 +162,7 @@ def test_captured_step_trains_like_the_eager_step(make_cfg, tmp_path, monkeypatc
         _steps(captured, 1)
 
 
+@pytest.mark.slow   # torch.compile of a whole step on the CPU: the full tier
 def test_adaptive_strategy_learns_inside_the_captured_step(make_cfg, tmp_path, monkeypatch):
     """importance's sampler and `observe` (device-only by the Strategy contract) run inside the graph."""
     torch._dynamo.reset()

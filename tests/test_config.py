@@ -108,6 +108,7 @@ def test_cli_prints_config(tmp_path):
     assert "gamma: 5.0" in out.stdout and "name: digits" in out.stdout
 
 
+@pytest.mark.slow   # builds and installs a wheel: the full tier
 def test_installed_wheel_carries_the_configs(tmp_path):
     """`pip install .` (not editable) must work too: the wheel ships conf/ as diffrun/conf, and the CLI
     composes from it with no checkout in sight."""

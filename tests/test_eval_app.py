@@ -26,7 +26,7 @@ from diffrun.evaluation.checkpoint_eval import checkpoint_config, evaluate_check
 from diffrun.evaluation.cli import ValidateBeforeEvaluation, with_group_keys_added
 from diffrun.evaluation.fid import reference_cache_name
 from diffrun.data.loaders import load_cifar
-from diffrun.evaluation.inception import default_cache_dir, fid_helper_source, resolve_inception_weights
+from diffrun.evaluation.inception import default_cache_dir, fid_helper_source
 from diffrun.evaluation.reference import (FEATURE_DIM, check_reference_count, read_reference_statistics,
                                           reference_images)
 from diffrun.monitoring.metrics import read_jsonl
@@ -215,8 +215,7 @@ def test_reference_is_the_whole_training_set_or_a_seeded_subset():
 
 # ----------------------------------------------------------------------------- the protocol, end to end
 
-@needs_weights
-def test_repeats_statistics_files_and_callbacks(run, tmp_path):
+def test_repeats_statistics_files_and_callbacks(run, tmp_path, fid_features):
     _, run_dir, data = run
     ckpt = ckpt_of(run_dir, 6)
     before = (run_dir / "metrics.jsonl").read_text().splitlines()
@@ -250,7 +249,7 @@ def test_repeats_statistics_files_and_callbacks(run, tmp_path):
     assert json.loads(after[-1])["fid_values"] == values and json.loads(after[-1])["source"] == "diffrun-eval"
 
     # against the statistics of the same 40 images, as EDM writes them (.npz, mu and sigma): the same FID
-    weights = resolve_inception_weights()
+    weights = fid_features
     images = load_cifar(release="cifar10", root=str(data), download=False).images
     cached = default_cache_dir() / "fidelity" / (f"{reference_cache_name(images, 'cifar10-train-32px', weights)}"
                                                  f"-{weights.feature_extractor}-stat-fid-{FEATURE_DIM}.pt")
@@ -292,9 +291,8 @@ def test_multirun_over_two_checkpoints_reaches_the_report(run, tmp_path):
     assert f"| {added[1]['fid']:.2f} | {min(r['fid'] for r in added):.2f} |" in jobs and label in jobs
 
 
-@needs_weights
-@pytest.mark.slow
-def test_a_safetensors_export_evaluates_to_the_fid_of_its_checkpoint(run):
+@pytest.mark.slow   # two evaluations: ~30 s on 2 busy cores even with the tiny extractor
+def test_a_safetensors_export_evaluates_to_the_fid_of_its_checkpoint(run, fid_features):
     """diffrun-export's file holds the EMA weights the checkpoint's evaluation samples from: the same FID, and the
     export records the FID measured at its step with its protocol."""
     from diffrun.training import export

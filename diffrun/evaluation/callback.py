@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 
 from diffrun.config import option
-from diffrun.evaluation.inception import InceptionWeightsUnavailable
+from diffrun.evaluation.inception import InceptionWeightsUnavailable, resolve_inception_weights
 from diffrun.evaluation.protocol import evaluate
 from diffrun.evaluation.reference import check_reference_count
 from diffrun.training.callbacks import Callback
@@ -27,8 +27,19 @@ class FIDCallback(Callback):
 
     def on_start(self, trainer) -> None:
         settings = trainer.cfg.eval
-        if settings.enabled and settings.reference_stats is None:   # a too large reference fails now, not at the end
+        if not settings.enabled:
+            return
+        if settings.reference_stats is None:   # a too large reference fails now, not at the end
             check_reference_count(trainer.data, settings.num_reference, trainer.cfg.dataset.name)
+        try:   # before step 0, not at the first evaluation (step 10,000 of a paper preset)
+            weights = resolve_inception_weights(settings.inception_weights, cache_dir=settings.cache_dir)
+        except InceptionWeightsUnavailable as exc:
+            if option(settings.on_unavailable) == "fail":
+                raise
+            self.skipped_reason = str(exc).splitlines()[0]
+            log.warning("FID will be skipped (eval.on_unavailable=skip; =fail stops instead): %s", exc)
+            return
+        log.info("Inception weights for FID: %s (%s)", weights.path, weights.source)
 
     def every_steps(self, trainer) -> int:
         return trainer.cfg.eval.every_steps if trainer.cfg.eval.enabled else 0

@@ -38,6 +38,24 @@ class Evaluation:
     job_type: str = "eval"                           # a Trainer has none: "train"
 
 
+def checkpoints_in(value: str) -> list[Path]:
+    """What `ckpt=` names: a checkpoint file as it is; a run folder → its latest checkpoint (the one a resume reads
+    first); a sweep folder → the latest checkpoint of every run in it, in folder order. ConfigError when a folder
+    holds none."""
+    from diffrun.training.checkpoint import CheckpointManager
+
+    path = Path(value).expanduser()
+    if not path.is_dir():
+        return [Path(value)]
+    runs = [path] if (path / "checkpoints").is_dir() else sorted(
+        p for p in path.iterdir() if (p / "checkpoints").is_dir())
+    found = [latest for run in runs if (latest := CheckpointManager(run / "checkpoints").latest_path()) is not None]
+    if not found:
+        raise ConfigError(f"ckpt={show(value)}: a folder without checkpoints; allowed a checkpoint file, a run folder "
+                          f"(<run>/checkpoints/ckpt_*.pt) or a sweep folder of such runs")
+    return found
+
+
 def run_dir_of_checkpoint(ckpt: Path) -> Path:
     """`<run>/checkpoints/ckpt_*.pt` → `<run>`; a file elsewhere → its folder."""
     ckpt = Path(ckpt)

@@ -31,8 +31,9 @@ from omegaconf import DictConfig, OmegaConf
 from diffrun.cli import CONF_DIR, JobFailed
 from diffrun.config import RunConfig
 from diffrun.errors import DiffrunError
-from diffrun.evaluation.checkpoint_eval import evaluate_checkpoint, evaluation_config, run_dir_of_checkpoint
-from diffrun.launching.preflight import BASIC_LAUNCHER, refuse, sweep_jobs
+from diffrun.evaluation.checkpoint_eval import (checkpoints_in, evaluate_checkpoint, evaluation_config,
+                                               run_dir_of_checkpoint)
+from diffrun.launching.preflight import BASIC_LAUNCHER, override_character_errors, refuse, sweep_jobs
 from diffrun.validation import GROUPS, check_writable_dir
 
 log = logging.getLogger("diffrun.eval")
@@ -110,13 +111,68 @@ def evaluate_job(cfg: DictConfig) -> float | None:
     return record["fid"]
 
 
-def main() -> None:
-    from diffrun.launching.preflight import override_character_errors
+USAGE = """usage: diffrun-eval ckpt=CHECKPOINT|RUN_DIR|SWEEP_DIR [key=value ...]
 
+FID/KID of a checkpoint's EMA model; the checkpoint's own config is the base, key=value changes it.
+  ckpt=<run>/checkpoints/ckpt_X.pt   that checkpoint
+  ckpt=<run>                         the run's latest checkpoint
+  ckpt=<sweep>                       the latest checkpoint of every run in the sweep, as a multirun (-m)
+  images=FOLDER dataset=NAME         a folder of images against the dataset's reference (EDM's fid.py calc)
+
+  eval.num_samples=50000 eval.repeats=3 eval.sampler=heun eval.steps=18
+  eval.reference_stats=PATH.npz      published statistics instead of the training set
+  dataset.loader.root=DIR device=cuda  the run's data elsewhere, another device
+  -m ckpt=A,B hydra/launcher=slurm_gpu any Hydra launcher
+
+The record and its protocol go to the run's metrics.jsonl, its W&B run and diffrun-report (docs/evaluation.md).
+Every key: diffrun --cfg job (the keys of a run); Hydra's own help: diffrun-eval --hydra-help."""
+
+
+def score_images_command(folder: str, overrides: list[str]) -> None:
+    """`images=FOLDER`: print the folder's FID (and KID) against the dataset `overrides` choose."""
+    from hydra.errors import HydraException
+
+    from diffrun.evaluation.image_folder import score_folder
+
+    try:
+        result = score_folder(folder, overrides)
+    except (DiffrunError, HydraException) as exc:
+        refuse([" ".join(str(exc).split())])
+    kid = f", KID {result['kid_mean']:.4f} ± {result['kid_std']:.4f}" if "kid_mean" in result else ""
+    print(f"FID {result['fid']:.4f}{kid} ({result['num_samples']} images of {folder} vs {result['reference']})")
+
+
+def checkpoint_arguments(args: list[str]) -> list[str]:
+    """`ckpt=<run or sweep folder>` → the checkpoint(s) it holds (a sweep's several: a multirun, `-m` added)."""
+    out = []
+    for arg in args:
+        key, _, value = arg.partition("=")
+        if key.lstrip("+") != "ckpt" or "," in value or not Path(value).expanduser().is_dir():
+            out.append(arg)
+            continue
+        found = checkpoints_in(value)
+        out.append(f"ckpt={','.join(str(p) for p in found)}")
+        if len(found) > 1 and not {"-m", "--multirun"} & set(args):
+            out.insert(0, "-m")
+    return out
+
+
+def main() -> None:
+    if {"-h", "--help"} & set(sys.argv[1:]):
+        print(USAGE)
+        return
     errors = override_character_errors(sys.argv[1:])
     if errors:
         refuse(errors)
-    sys.argv = [sys.argv[0], *with_group_keys_added(sys.argv[1:])]
+    folders = [a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("images=")]
+    if folders:
+        score_images_command(folders[0], [a for a in sys.argv[1:] if not a.startswith("images=")])
+        return
+    try:
+        args = checkpoint_arguments(sys.argv[1:])
+    except DiffrunError as exc:
+        refuse([str(exc)])
+    sys.argv = [sys.argv[0], *with_group_keys_added(args)]
     evaluate_job()
 
 

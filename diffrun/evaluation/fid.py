@@ -20,6 +20,7 @@ import hashlib
 import logging
 import os
 import re
+import time
 from typing import Callable
 
 import numpy as np
@@ -34,6 +35,7 @@ from diffrun.errors import ConfigError
 from diffrun.evaluation.inception import (HeadlessInceptionError, InceptionWeights, default_cache_dir,
                                           resolve_inception_weights)
 from diffrun.evaluation.reference import FEATURE_DIM, ReferenceStatistics
+from diffrun.monitoring.progress import duration
 
 KID_SUBSET_SIZE_MAX = 1000   # torch-fidelity's default, the KID paper's (arXiv:1801.01401) choice
 log = logging.getLogger(__name__)
@@ -57,6 +59,29 @@ class UInt8Images(Dataset):
 
     def __getitem__(self, index: int) -> torch.Tensor:
         return self.images[index]
+
+
+class ReferenceImages(UInt8Images):
+    """The reference side on its first, uncached pass through Inception (minutes on a CPU for a whole training
+    set): a log line every `every_s` seconds with the count, images/s and an ETA. torch-fidelity reads the items
+    in order, one batch at a time, in this process (`save_cpu_ram=True`: no loader workers)."""
+
+    every_s = 10.0
+
+    def __init__(self, images: torch.Tensor):
+        super().__init__(images)
+        self.start = self.last_log = None
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        now = time.monotonic()
+        if index == 0:
+            self.start = self.last_log = now
+        elif now - self.last_log >= self.every_s:
+            self.last_log = now
+            rate = index / (now - self.start)
+            log.info("reference statistics: %d/%d images (%.0f%%), %.1f images/s, ETA %s", index, len(self),
+                     100 * index / len(self), rate, duration((len(self) - index) / rate))
+        return super().__getitem__(index)
 
 
 class SampledImages(GenerativeModelBase):
@@ -123,14 +148,16 @@ def compute_fid_kid(generated: torch.Tensor | Dataset | SampledImages,
                           f"or reference images ({num_reference})")
 
     cache_root, cache_name = default_cache_dir(cache_dir) / "fidelity", reference_cache_name(reference, reference_name, weights)
-    if not any(cache_root.glob(f"{cache_name}-*.pt")):
+    cached = any(cache_root.glob(f"{cache_name}-*.pt"))
+    if not cached:
         log.info("Inception statistics of the %d reference images: computed now (once), cached as %s/%s-*.pt",
                  num_reference, cache_root, cache_name)
+    start = time.monotonic()
     with _on_device(device) as cuda:
         metrics = torch_fidelity.calculate_metrics(
             input1=generated,
             input1_model_num_samples=num_samples,
-            input2=UInt8Images(reference),
+            input2=UInt8Images(reference) if cached else ReferenceImages(reference),
             input2_cache_name=cache_name,
             cache=True,
             cache_root=str(cache_root),
@@ -142,6 +169,9 @@ def compute_fid_kid(generated: torch.Tensor | Dataset | SampledImages,
             save_cpu_ram=True,   # images are in memory already: DataLoader worker processes only add forks
             verbose=verbose,
         )
+    if not cached:
+        log.info("reference statistics and %d samples through Inception in %s", num_samples,
+                 duration(time.monotonic() - start))
     out = {"fid": metrics[torch_fidelity.KEY_METRIC_FID]}
     if kid:
         out["kid_mean"] = metrics[torch_fidelity.KEY_METRIC_KID_MEAN]

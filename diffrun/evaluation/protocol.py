@@ -26,7 +26,8 @@ import time
 import torch
 
 from diffrun.data import balanced_labels
-from diffrun.evaluation.fid import SampledImages, compute_fid_against_statistics, compute_fid_kid_from_sampler
+from diffrun.evaluation.fid import (SampledImages, compute_fid_against_statistics, compute_fid_kid,
+                                    compute_fid_kid_from_sampler)
 from diffrun.evaluation.inception import InceptionWeights, resolve_inception_weights
 from diffrun.evaluation.reference import (SUBSET_SEED, check_reference_count, dataset_size,
                                           read_reference_statistics, reference_images)
@@ -55,19 +56,40 @@ def sample_seeds(eval_cfg, repeat: int) -> tuple[int, int]:
     return first, first + batches - 1
 
 
+def reference_set(data, eval_cfg, dataset_cfg, num_samples: int):
+    """(split, statistics file or None, reference images or None, KID subset size or None) the evaluation of
+    `num_samples` images compares against (module docstring: reference)."""
+    split = dataset_cfg.loader.get("split", "train") if "loader" in dataset_cfg else "train"
+    if eval_cfg.reference_stats is not None:
+        return split, read_reference_statistics(eval_cfg.reference_stats), None, None
+    count = check_reference_count(data, eval_cfg.num_reference, dataset_cfg.name)
+    reference = reference_images(data, count, SUBSET_SEED)
+    return split, None, reference, min(eval_cfg.kid_subset_size, num_samples, reference.shape[0])
+
+
+def reference_name(dataset_cfg, split: str) -> str:
+    return f"{dataset_cfg.name}-{split}-{dataset_cfg.image_size}px"
+
+
+def evaluate_images(images: torch.Tensor, data, eval_cfg, dataset_cfg, device: str = "cpu") -> dict:
+    """FID (and KID against images) of the uint8 `images` against the reference a run of `dataset_cfg` is scored
+    against (EDM's `fid.py calc`): the same reference, Inception weights and KID settings as `evaluate`."""
+    weights = resolve_inception_weights(eval_cfg.inception_weights, cache_dir=eval_cfg.cache_dir)
+    split, stats, reference, kid_subset = reference_set(data, eval_cfg, dataset_cfg, images.shape[0])
+    common = dict(weights_path=weights, batch_size=eval_cfg.batch_size, device=device, cache_dir=eval_cfg.cache_dir)
+    if stats is not None:
+        return {**compute_fid_against_statistics(images, stats, **common), "reference": str(eval_cfg.reference_stats)}
+    result = compute_fid_kid(images, reference, kid_subset_size=kid_subset, kid_subsets=KID_SUBSETS,
+                             reference_name=reference_name(dataset_cfg, split), **common)
+    return {**result, "reference": f"{dataset_cfg.name} {split} ({reference.shape[0]} images)"}
+
+
 def evaluate(trainer, eval_cfg, source: str = "training") -> dict:
     """FID/KID of the trainer's EMA model under `eval_cfg`, as one record (module docstring). Raises
     InceptionWeightsUnavailable when no Inception weights are found, ConfigError for a bad reference."""
     weights = resolve_inception_weights(eval_cfg.inception_weights, cache_dir=eval_cfg.cache_dir)
     dataset_cfg = trainer.cfg.dataset
-    split = dataset_cfg.loader.get("split", "train") if "loader" in dataset_cfg else "train"
-    stats = read_reference_statistics(eval_cfg.reference_stats) if eval_cfg.reference_stats is not None else None
-    if stats is None:
-        count = check_reference_count(trainer.data, eval_cfg.num_reference, dataset_cfg.name)
-        reference = reference_images(trainer.data, count, SUBSET_SEED)
-        kid_subset = min(eval_cfg.kid_subset_size, eval_cfg.num_samples, reference.shape[0])
-    else:
-        reference, kid_subset = None, None
+    split, stats, reference, kid_subset = reference_set(trainer.data, eval_cfg, dataset_cfg, eval_cfg.num_samples)
 
     start = time.perf_counter()
     runs, nfe = [], []
@@ -89,7 +111,7 @@ def evaluate(trainer, eval_cfg, source: str = "training") -> dict:
         if stats is None:
             runs.append(compute_fid_kid_from_sampler(
                 sample_fn, eval_cfg.num_samples, reference, kid_subset_size=kid_subset, kid_subsets=KID_SUBSETS,
-                reference_name=f"{dataset_cfg.name}-{split}-{dataset_cfg.image_size}px", **common))
+                reference_name=reference_name(dataset_cfg, split), **common))
         else:
             runs.append(compute_fid_against_statistics(SampledImages(sample_fn, eval_cfg.num_samples), stats,
                                                        **common))

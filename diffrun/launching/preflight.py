@@ -6,10 +6,17 @@ check inside `diffrun.cli.main` is too late to leave nothing behind. `ValidateBe
 
     diffrun ...        on_run_start: before the run directory exists; also checks that hydra.run.dir can
                        be made. A bad value prints one line and exits with status 1.
+                       A launcher (`hydra/launcher=`) or a preset that sweeps (`hydra.sweeper.params`) is
+                       refused without `-m`, naming the command that runs the sweep.
+    ... --dry-run      the same checks, then the plan and what the jobs need (diffrun/launching/dry_run.py),
+                       and an exit before Hydra makes anything.
     diffrun -m ...     on_multirun_start: before the sweep directory exists, every job the basic sweeper
                        will start is composed and checked (its values; with the local launcher also this
-                       machine's devices and paths: a SLURM job checks its node's when it starts). Each bad
-                       job prints one line naming its overrides; then the sweep exits with status 1.
+                       machine's devices and paths). A SLURM job is checked against what its launcher asks
+                       for (`check_launcher_resources`: GPUs, precision, ranks, the data and files it will
+                       read), and the submission needs sbatch and srun here. Each bad job prints one line
+                       naming its overrides; then the sweep exits with status 1. The node checks its own
+                       devices and paths again when the job starts.
 
 A job that fails its checks where it runs (a SLURM node without the GPU it asked for, or a sweeper other
 than the basic one) removes what Hydra made for it, `remove_hydra_leftovers`, and fails with its message.
@@ -18,6 +25,9 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
+import shlex
+import shutil
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -26,10 +36,11 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from diffrun.config import validate
-from diffrun.errors import DiffrunError
+from diffrun.config import option, show, validate
+from diffrun.errors import ConfigError, DiffrunError
+from diffrun.launching import dry_run
 from diffrun.training.environment import cpu_threads
-from diffrun.validation import check_writable_dir
+from diffrun.validation import check_dataset_files, check_writable_dir
 
 log = logging.getLogger("diffrun")
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
@@ -47,15 +58,22 @@ def refuse(messages: list[str]) -> None:
 class ValidateBeforeRun(Callback):
     """conf/config.yaml `hydra.callbacks.validate`: the checks of diffrun/validation.py before Hydra writes anything."""
 
+    dry_run = False   # `--dry-run` on the command line (diffrun.cli.main): print the plan, then exit
+
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        checked = copy.deepcopy(config)
         try:
-            checked = copy.deepcopy(config)
+            check_single_run(config)
             shorten_warmup(checked)     # diffrun.cli.main shortens the run's own config, and says so
             validate(checked)
             cpu_threads()               # a malformed OMP_NUM_THREADS / SLURM_CPUS_PER_TASK
             check_writable_dir(config.hydra.run.dir, "hydra.run.dir")
         except DiffrunError as exc:
-            refuse([str(exc)])
+            if not self.dry_run:
+                refuse([str(exc)])
+            dry_run.report(config, [(command_overrides(config, "task"), checked)], {0: str(exc)}, launcher_name(config))
+        if self.dry_run:
+            dry_run.report(config, [(command_overrides(config, "task"), checked)], {}, launcher_name(config))
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         try:
@@ -63,24 +81,135 @@ class ValidateBeforeRun(Callback):
         except DiffrunError as exc:
             refuse([str(exc)])
         local = config.hydra.launcher._target_ == BASIC_LAUNCHER
+        slurm = is_slurm_launcher(config.hydra.launcher)
         jobs = sweep_jobs(config)
         values = defaultdict(set)   # key → the overrides of it the jobs have; a job is named by those that vary
         for overrides, _ in jobs:
             for override in overrides:
                 values[override.split("=", 1)[0]].add(override)
         swept = {override for overrides in values.values() if len(overrides) > 1 for override in overrides}
-        failures = {}
+        failures, labels = {}, {}   # job number → its message; → "job 1 (weighting=min_snr)"
         for num, (overrides, job) in enumerate(jobs):
             try:
                 shorten_warmup(job)
                 validate(job, environment=local)
+                if slurm:
+                    check_launcher_resources(job, config.hydra.launcher, launcher_name(config))
             except DiffrunError as exc:
                 name = " ".join(o for o in overrides if o in swept)
-                failures[f"job {num}{f' ({name})' if name else ''}"] = str(exc)
+                failures[num], labels[num] = str(exc), f"job {num}{f' ({name})' if name else ''}"
+        problems = []
+        if slurm:
+            try:
+                check_slurm_commands(launcher_name(config))
+            except DiffrunError as exc:
+                problems.append(str(exc))
+        if self.dry_run:
+            dry_run.report(config, jobs, failures, launcher_name(config), problems, multirun=True)
         if len(failures) > 1 and len(failures) == len(jobs) and len(set(failures.values())) == 1:
             refuse([f"every job of the sweep: {next(iter(failures.values()))}"])
         if failures:
-            refuse([f"{job}: {message}" for job, message in failures.items()])
+            refuse([f"{labels[num]}: {message}" for num, message in failures.items()])
+        if problems:
+            refuse(problems)
+
+
+def launcher_name(config: DictConfig) -> str:
+    return str(config.hydra.runtime.choices.get("hydra/launcher") or "the launcher")
+
+
+def is_slurm_launcher(launcher: DictConfig) -> bool:
+    return str(launcher.get("_target_", "")).endswith("SlurmLauncher")
+
+
+def command_overrides(config: DictConfig, which: str) -> list[str]:
+    """The command line's `hydra` or `task` overrides as typed (an interpolation in a value is not resolved)."""
+    return [str(o) for o in OmegaConf.to_container(config.hydra.overrides, resolve=False).get(which) or []]
+
+
+def command_line(config: DictConfig, multirun: bool) -> str:
+    """The `diffrun` command that composed `config`, as the user would type it (with `-m` when `multirun`)."""
+    words = [o for o in command_overrides(config, "hydra") if not o.startswith("hydra.mode=")]
+    words += command_overrides(config, "task")
+    return shlex.join(["diffrun", *(["-m"] if multirun else []), *words])
+
+
+def check_single_run(config: DictConfig) -> None:
+    """A single run (no `-m`) that was meant as a sweep: Hydra would ignore the launcher, or train only the first
+    job of a preset's sweep, on this machine."""
+    launchers = [o for o in command_overrides(config, "hydra") if o.split("=", 1)[0].lstrip("+") == "hydra/launcher"]
+    if launchers:
+        raise ConfigError(f"{launchers[0]} launches the jobs of a sweep and is ignored without -m (the run would "
+                          f"train here, on this machine); run: {command_line(config, multirun=True)}")
+    given = {o.split("=", 1)[0].lstrip("+~") for o in command_overrides(config, "task")}
+    params = config.hydra.sweeper.get("params") or {}
+    swept = {key: str(values) for key, values in params.items() if "," in str(values) and key not in given}
+    if swept:
+        preset = config.hydra.runtime.choices.get("experiment")
+        what = f"experiment={preset}" if preset else "this config"
+        jobs = " × ".join(f"{key}: {values}" for key, values in swept.items())
+        pick = " ".join(f"{key}=<one of {values}>" for key, values in swept.items())
+        raise ConfigError(f"{what} is a sweep ({jobs}) and without -m only its first job would train, here; run "
+                          f"every job with: {command_line(config, multirun=True)} hydra/launcher=slurm_gpu (or "
+                          f"hydra/launcher=local), or one job with {pick}")
+
+
+def launcher_gpus(launcher: DictConfig) -> int:
+    """GPUs per node the launcher asks SLURM for: `gpus_per_node`, else a `gres: gpu[:type]:N`."""
+    if launcher.get("gpus_per_node"):
+        return int(launcher.gpus_per_node)
+    gres = str(launcher.get("gres") or (launcher.get("additional_parameters") or {}).get("gres") or "")
+    found = re.search(r"gpu(?::[\w-]+)?:(\d+)", gres)
+    return int(found[1]) if found else (1 if re.fullmatch(r"gpu(:[\w-]+)?", gres) else 0)
+
+
+def check_launcher_resources(job: DictConfig, launcher: DictConfig, name: str) -> None:
+    """One job of a SLURM sweep against what `hydra/launcher=<name>` asks for, before anything is submitted: a
+    GPU where the run needs one, one task (rank) per GPU, a batch the ranks share evenly, and the data and files
+    the job reads (from this machine: a login node sees the cluster's shared paths)."""
+    gpus = launcher_gpus(launcher)
+    nodes, tasks = int(launcher.get("nodes") or 1), int(launcher.get("tasks_per_node") or 1)
+    device, precision = str(job.device), option(job.precision)
+    gpu_presets = "hydra/launcher=slurm_gpu (or slurm_multinode)"
+    if gpus == 0:
+        asked = (f"hydra/launcher={name} gives each job no GPU "
+                 f"(hydra.launcher.gpus_per_node={launcher.get('gpus_per_node') or 'null'})")
+        if device.startswith("cuda"):
+            raise ConfigError(f"device={device} needs a GPU, and {asked}; use {gpu_presets}, or device=cpu")
+        if precision in ("fp16", "bf16"):
+            raise ConfigError(f"precision={precision} is a GPU precision, and {asked}: the job would fail (fp16) or "
+                              f"crawl (bf16) on the node's CPU; use {gpu_presets}, or precision=fp32")
+    elif tasks > gpus:
+        raise ConfigError(f"hydra.launcher.tasks_per_node={tasks} with hydra.launcher.gpus_per_node={gpus}: one task "
+                          f"is one rank and needs a GPU of its own; allowed tasks_per_node <= gpus_per_node")
+    if device == "mps":
+        raise ConfigError(f"device=mps: SLURM nodes have no Apple GPU; allowed auto, cpu or cuda with "
+                          f"hydra/launcher={name}")
+    world = nodes * tasks
+    if world > 1 and job.dist.devices > 1:
+        raise ConfigError(f"dist.devices={job.dist.devices} with hydra/launcher={name}: the launcher starts the ranks "
+                          f"({nodes} node(s) × {tasks} task(s)); allowed dist.devices=1")
+    if gpus and job.dist.devices > gpus and not device.startswith("cpu"):
+        raise ConfigError(f"dist.devices={job.dist.devices}: one GPU per rank, and hydra/launcher={name} asks for "
+                          f"hydra.launcher.gpus_per_node={gpus}; allowed dist.devices <= {gpus}")
+    if job.train.batch_size % world:
+        raise ConfigError(f"train.batch_size={job.train.batch_size} is the global batch and must be divisible by the "
+                          f"{world} ranks hydra/launcher={name} starts ({nodes} node(s) × {tasks} task(s))")
+    for key in ("eval.inception_weights", "eval.reference_stats"):
+        value = OmegaConf.select(job, key)
+        if job.eval.enabled and value is not None and not Path(str(value)).expanduser().exists():
+            raise ConfigError(f"{key}={show(str(value))}: no such file (checked from this machine, which submits "
+                              f"the jobs); allowed a file the nodes can read, or null")
+    check_dataset_files(job)
+
+
+def check_slurm_commands(name: str) -> None:
+    """submitit submits with sbatch and starts each job's tasks with srun: both must be on this machine's PATH."""
+    missing = [command for command in ("sbatch", "srun") if shutil.which(command) is None]
+    if missing:
+        raise ConfigError(f"hydra/launcher={name} submits with sbatch and srun, and this machine has no "
+                          f"{' or '.join(missing)} on PATH: run the command on a SLURM login node, or use "
+                          f"hydra/launcher=local to run the jobs here")
 
 
 def shorten_warmup(cfg: DictConfig) -> str | None:

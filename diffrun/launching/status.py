@@ -12,7 +12,8 @@ Every column is read from files the runs write, never from the launcher:
 
     state      <job>/status.json; `starting` when the index logged a (re)start after the status was written;
                `lost` when it says running but its process, on this host, is gone (killed: rerun to resume);
-               `pending` for a job of the sweep's plan (multirun.yaml) that has not started
+               `pending` for a job of the sweep's plan (multirun.yaml) that has not started; `unsubmitted` instead
+               when the sweep's SLURM submission left no job id (`unsubmitted_reason`)
     step       the newer of status.json and the last record of <job>/metrics.jsonl
     images/s   the median of the last 3 training records
     FID        the last evaluation record (or status.json's, at the end)
@@ -55,7 +56,8 @@ class JobStatus:
     job_num: Optional[int]
     strategy: Optional[str]
     seed: Optional[int]
-    state: str                          # pending | starting | running | lost | interrupted | halted | failed | finished
+    state: str                          # pending | unsubmitted | starting | running | lost | interrupted | halted |
+                                        # failed | finished
     step: Optional[int] = None
     total_steps: Optional[int] = None
     images_per_sec: Optional[float] = None
@@ -207,6 +209,30 @@ def eta(job: JobStatus, train: list[dict], now: float) -> Optional[float]:
 # ------------------------------------------------------------------------------------------------
 # a sweep
 # ------------------------------------------------------------------------------------------------
+SUBMITIT_JOB = re.compile(r"^\d+(_\d+)?$")    # submitit's folder per SLURM job: <job id> or <array id>_<task>
+
+
+def unsubmitted_reason(sweep_dir: Path) -> Optional[str]:
+    """Why the jobs of a SLURM sweep that have not started are not queued either: Hydra writes multirun.yaml before
+    submitit calls sbatch, and submitit makes a folder per job id (`hydra.launcher.submitit_folder`, diffrun's
+    presets: `<sweep>/.submitit/%j`) once sbatch has answered with one. None when the sweep is not a SLURM one, its
+    submitit folder is elsewhere, or a job id is there (queued)."""
+    from omegaconf import OmegaConf
+
+    try:
+        launcher = OmegaConf.load(sweep_dir / "multirun.yaml").hydra.launcher
+        target, folder = str(launcher.get("_target_", "")), str(launcher._get_node("submitit_folder")._value())
+    except Exception:  # noqa: BLE001 — no plan, or not a submitit sweep: nothing to say
+        return None
+    if not target.endswith("SlurmLauncher") or not folder.startswith("${hydra.sweep.dir}/.submitit/"):
+        return None
+    submitit = sweep_dir / ".submitit"
+    if submitit.is_dir() and any(SUBMITIT_JOB.match(p.name) for p in submitit.iterdir() if p.is_dir()):
+        return None
+    return (f"never queued: no SLURM job id under {submitit} (sbatch failed, and the command that submitted the "
+            f"sweep printed why, or it is being submitted now); fix that and rerun the same command")
+
+
 def is_run_dir(path: Path) -> bool:
     return any((path / name).exists() for name in RUN_FILES)
 
@@ -232,12 +258,14 @@ def sweep_status(path: str | Path, now: Optional[float] = None) -> list[JobStatu
                        seed=e[-1].get("seed"), state="starting", slurm_job_id=e[-1].get("slurm_job_id"))
              for name, e in starts.items() if name not in folders]
     started = {j.job_num for j in jobs}
-    for num, overrides in enumerate(planned_jobs(path) or []):
-        if num not in started:
-            values = dict(o.split("=", 1) for o in overrides if "=" in o)
-            seed = values.get("seed")
-            jobs.append(JobStatus(job=f"job {num}", job_num=num, strategy=values.get("weighting"),
-                                  seed=int(seed) if seed and seed.lstrip("-").isdigit() else None, state="pending"))
+    planned = [(num, overrides) for num, overrides in enumerate(planned_jobs(path) or []) if num not in started]
+    unsubmitted = unsubmitted_reason(path) if planned else None
+    for num, overrides in planned:
+        values = dict(o.split("=", 1) for o in overrides if "=" in o)
+        seed = values.get("seed")
+        jobs.append(JobStatus(job=f"job {num}", job_num=num, strategy=values.get("weighting"),
+                              seed=int(seed) if seed and seed.lstrip("-").isdigit() else None,
+                              state="unsubmitted" if unsubmitted else "pending", error=unsubmitted))
     if not jobs:
         raise StatusError(f"{path} holds no job folders, no index.jsonl and no multirun.yaml: is it the directory "
                           f"a multirun wrote (outputs/sweeps/<sweep_name>) or a run's (outputs/runs/<name>)?")

@@ -22,6 +22,7 @@ import numpy as np
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
+from diffrun.errors import DiffrunError
 from diffrun.monitoring.stats_writer import FILENAME, load_stats
 
 LAMBDA = "log-SNR λ = log(α²/σ²)"
@@ -312,12 +313,66 @@ def render(root: str | Path, out: str | Path | None = None, steps=None) -> list[
     return written
 
 
+def effective_weighting(spec: str, logsnr):
+    """(name, W(λ) = p(λ)·w_ε(λ) ÷ its maximum) of a weighting: a conf/weighting option's name or a yaml file of
+    one (your own: its `_target_` importable, e.g. with PYTHONPATH=.), on the cosine schedule with σ_data = 0.5
+    (Kingma & Gao 2023, arXiv:2303.00848, the ε-space view). Adaptive strategies in their initial state."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from diffrun import conf_dir
+    from diffrun.config import build
+    from diffrun.schedules import CosineSchedule
+
+    path = Path(spec) if spec.endswith((".yaml", ".yml")) else conf_dir() / "weighting" / f"{spec}.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"--weighting {spec}: no such option or yaml file; allowed a name from "
+                                f"{conf_dir() / 'weighting'} or a path to your own weighting's yaml")
+    strategy = build(OmegaConf.load(path), _keep_meta=("name", "citation"))
+    strategy.bind(CosineSchedule(), "eps", 0.5)
+    with torch.no_grad():
+        log_w = strategy.log_density(logsnr) + torch.log(strategy.weight_in("eps", logsnr))
+        if hasattr(strategy, "log_factor_at_init"):
+            log_w = log_w + strategy.log_factor_at_init(logsnr)
+    return strategy.name, torch.exp(log_w - log_w.max())
+
+
+def fig_weightings(specs: list[str]):
+    import torch
+
+    logsnr = torch.linspace(-15, 15, 1201, dtype=torch.float64)
+    curves = [effective_weighting(spec, logsnr) for spec in specs]
+    styles = strategy_styles([name for name, _ in curves])
+    fig = Figure(figsize=(8, 4.5), dpi=DPI, layout="constrained")
+    ax = fig.subplots()
+    for name, w in curves:
+        ax.plot(logsnr.numpy(), w.numpy(), label=name, **styles[name])
+    ax.set(yscale="log", ylim=(1e-4, 2), xlim=(-15, 15), xlabel="log-SNR λ  (noisy ←  → clean)",
+           ylabel="W(λ) = p(λ)·w_ε(λ), ÷ max",
+           title="Effective ε-space weighting (cosine schedule, σ_data = 0.5)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(frameon=False)
+    return fig
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="diffrun-plot", description=__doc__.split("\n\n")[0])
-    parser.add_argument("path", help="a run directory (with logsnr_stats.npz) or a sweep directory of runs")
+    parser.add_argument("path", nargs="?", help="a run directory (with logsnr_stats.npz) or a sweep directory of runs")
     parser.add_argument("--steps", type=int, nargs="+", help="steps for the loss curves (nearest flush; default: 5 evenly spaced)")
-    parser.add_argument("--out", help="output directory (default: PATH/plots)")
+    parser.add_argument("--out", help="output directory (default: PATH/plots; with --weighting: a .png file)")
+    parser.add_argument("--weighting", action="append", metavar="NAME_OR_YAML",
+                        help="plot W(λ) of this weighting (a conf/weighting name or your yaml; repeat to compare)")
     args = parser.parse_args(argv)
+    if args.weighting:
+        out = Path(args.out or "weighting.png")
+        try:
+            print(_save(fig_weightings(args.weighting), out))
+        except (FileNotFoundError, DiffrunError) as exc:
+            print(f"diffrun-plot: {exc}", file=sys.stderr)
+            return 2
+        return 0
+    if args.path is None:
+        parser.error("give a run or sweep directory, or --weighting NAME_OR_YAML")
     try:
         written = render(args.path, args.out, args.steps)
     except FileNotFoundError as exc:

@@ -3,7 +3,8 @@
 W&B is optional: results never depend on it, and it never stops or blocks a run.
 
 * Mode (`wandb.mode`): online | offline | disabled. Left unset, it is `$WANDB_MODE` if set, else online
-  when `WANDB_API_KEY` is set, else disabled (no W&B process is started at all).
+  when credentials are found without asking (`WANDB_API_KEY`, or the netrc `wandb login` writes), else
+  disabled (no W&B process is started at all). The run's log says which, and why (`mode_reason`).
 * Never a prompt: online needs credentials found without asking (`WANDB_API_KEY`, `wandb login`'s
   netrc); without them the run logs offline. The online attempt is bounded by `wandb.init_timeout`
   seconds; after it fails the run logs offline, into a fresh `<run>/wandb/offline-run-*` with the
@@ -62,12 +63,48 @@ LINE_PLOTS = (("loss_mean", "mean loss E[ℓ | λ]"), ("loss_var", "loss varianc
 ENV_MODES = ("online", "offline", "disabled", "dryrun", "run")   # $WANDB_MODE values diffrun reads
 
 
+def env_mode() -> str | None:
+    """$WANDB_MODE when it is one of ENV_MODES; an empty or unknown value counts as unset (`unusable_environment`
+    says so)."""
+    mode = os.environ.get("WANDB_MODE", "").strip().lower()
+    return mode if mode in ENV_MODES else None
+
+
+def credentials_source() -> str | None:
+    """Where W&B will find an API key without asking: `WANDB_API_KEY`, else the netrc entry `wandb login` writes
+    for `$WANDB_BASE_URL` (read with W&B's own reader, no network); None when neither has one."""
+    if os.environ.get("WANDB_API_KEY"):
+        return "WANDB_API_KEY"
+    try:
+        from wandb.sdk.lib.wbauth import read_netrc_auth
+        from wandb.sdk.lib.wbauth.wbnetrc import _get_netrc_file_path
+
+        host = os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai"
+        if read_netrc_auth(host=host):
+            return f"{_get_netrc_file_path()} (wandb login)"
+    except Exception as exc:  # noqa: BLE001 - no wandb, an unreadable or malformed netrc: no credentials
+        log.debug("no W&B credentials from netrc: %s", exc)
+    return None
+
+
+def mode_reason(cfg_mode) -> str:
+    """Why `resolve_mode` picks its mode, for the run's log: 'W&B online (credentials from ~/.netrc ...)'."""
+    if cfg_mode is not None:
+        return f"W&B {resolve_mode(cfg_mode)} (wandb.mode={option(cfg_mode)})"
+    if env_mode():
+        return f"W&B {resolve_mode(None)} ($WANDB_MODE={os.environ['WANDB_MODE']})"
+    source = credentials_source()
+    if source:
+        return f"W&B online (wandb.mode unset; credentials from {source})"
+    return ("W&B off (wandb.mode unset, no $WANDB_MODE, no credentials: set WANDB_API_KEY or run `wandb login` to "
+            "log online, or wandb.mode=offline to log for `wandb sync` later)")
+
+
 def resolve_mode(cfg_mode) -> str:
-    """online | offline | disabled: the config, else $WANDB_MODE, else online iff WANDB_API_KEY is set. An empty
-    or unknown $WANDB_MODE counts as unset (`unusable_environment` says so)."""
+    """online | offline | disabled: the config, else $WANDB_MODE (`env_mode`), else online iff credentials are
+    found."""
     if cfg_mode is None:
-        env_mode = os.environ.get("WANDB_MODE", "").strip().lower()
-        cfg_mode = env_mode if env_mode in ENV_MODES else ("online" if os.environ.get("WANDB_API_KEY") else "disabled")
+        cfg_mode = env_mode() or ("online" if credentials_source() else "disabled")
     mode = option(cfg_mode)
     mode = {"dryrun": "offline", "run": "online"}.get(mode, mode)
     if mode not in ("online", "offline", "disabled"):
@@ -236,6 +273,7 @@ class WandbLogger(Callback):
         self.run_dir = Path(trainer.run_dir)
         self.total_steps = int(trainer.cfg.train.steps)
         self.plots_every = max(1, int(trainer.cfg.wandb.get("plots_every", 5)))
+        log.info("%s", mode_reason(trainer.cfg.wandb.mode))
         self.run, self._restore_env, self._lock = self.create(trainer.cfg, trainer)
         if self.run is not None and self.job_type == "train" and trainer.step > 0:
             self._load_history(trainer.step, trainer.cfg.eval.get("num_samples"))

@@ -184,6 +184,11 @@ class CheckpointManager:
             return paths
         return [named, *(p for p in paths if p != named)] if named in paths else paths
 
+    def latest_path(self) -> Path | None:
+        """The checkpoint `load_latest` tries first (the one `latest.json` names, else the newest); None if none."""
+        candidates = self._candidates()
+        return candidates[0] if candidates else None
+
     def load_latest(self) -> tuple[dict, Path] | None:
         """The newest checkpoint that verifies, falling back past corrupt ones with a warning. None if the
         directory holds no checkpoint; CheckpointError if it holds some and none verifies."""

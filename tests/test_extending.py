@@ -1,0 +1,86 @@
+"""docs/extending.md's weighting example, run as the page says: its files written from the page, composed with
+`-cd`, its weight checked in closed form, trained end to end, and its W(λ) plotted with diffrun-plot."""
+from __future__ import annotations
+
+import math
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from diffrun.cli import CONF_DIR
+from diffrun.config import build
+
+REPO = Path(__file__).resolve().parents[1]
+PAGE = REPO / "docs" / "extending.md"
+
+
+def example_files(folder: Path) -> dict[str, Path]:
+    """The page's code blocks whose first line is `# <path>` of the weighting example, written under `folder`."""
+    written = {}
+    for lang, body in re.findall(r"```(python|yaml)\n(.*?)```", PAGE.read_text(), flags=re.S):
+        first = body.splitlines()[0]
+        name = first[2:].strip()
+        if name in ("my_weightings.py", "my_conf/weighting/capped_snr.yaml"):
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_text(body)
+            written[name] = folder / name
+    assert len(written) == 2, written
+    return written
+
+
+def page_commands() -> list[str]:
+    """The lines of the page's plain ``` blocks (commands) that use the example."""
+    commands, fence = [], None
+    for line in PAGE.read_text().splitlines():
+        if line.startswith("```"):
+            fence = None if fence is not None else line[3:]
+        elif fence == "" and "capped_snr" in line:
+            commands.append(line)
+    return commands
+
+
+@pytest.fixture
+def example(tmp_path, monkeypatch):
+    example_files(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return tmp_path
+
+
+def test_the_weighting_composes_checks_and_weighs_as_written(example):
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            cfg = compose("config", overrides=["debug=fast", f"hydra.searchpath=[file://{example}/my_conf]",
+                                               "weighting=capped_snr", "device=cpu"])
+    finally:
+        GlobalHydra.instance().clear()
+    strategy = build(cfg.weighting)
+    logsnr = torch.tensor([-4.0, 0.0, math.log(5.0), 4.0], dtype=torch.float64)
+    snr = logsnr.exp()
+    expected = torch.minimum(snr, torch.tensor(5.0, dtype=torch.float64)) / torch.sqrt(1 + snr)   # w in x0 space
+    torch.testing.assert_close(strategy.log_weight(logsnr).exp(), expected)
+
+
+@pytest.mark.slow
+def test_the_page_commands_run(tmp_path):
+    example_files(tmp_path)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)]), "OMP_NUM_THREADS": "1"}
+    modules = {"diffrun": "diffrun.cli", "diffrun-plot": "diffrun.monitoring.plots"}
+    commands = page_commands()
+    assert len(commands) == 3, commands
+    for line in (commands[0], commands[2]):       # the run and the plot (the sweep's jobs are that run, 6 times)
+        words = shlex.split(line)
+        assert words[0] == "PYTHONPATH=."
+        proc = subprocess.run([sys.executable, "-m", modules[words[1]], *words[2:]], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (tmp_path / "capped.png").stat().st_size > 10_000
+    assert list((tmp_path / "outputs" / "debug" / "runs").glob("*capped_snr*/checkpoints/ckpt_*.pt"))
