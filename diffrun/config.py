@@ -38,6 +38,7 @@ class SamplerName(str, Enum):
 class DDPMVariance(str, Enum):
     fixed_large = "fixed_large"  # σ_t² = β_t (Ho et al. 2020 CIFAR-10, tqch/ddpm-torch)
     fixed_small = "fixed_small"  # σ_t² = β̃_t, the posterior variance
+    learned = "learned"          # IDDPM's learned range between β̃_t and β_t (needs model.learn_sigma)
 
 
 class SamplingPrecision(str, Enum):
@@ -76,7 +77,10 @@ class TrainConfig:
     nan_policy: NanPolicy = NanPolicy.skip
     max_skipped_fraction: float = 0.1  # halt anyway if more than this fraction of steps were non-finite
     progress: bool = True             # tqdm progress bar
-    label_dropout: float = 0.1        # class-conditional models: P(label → null label), for classifier-free guidance (DiT 0.1)
+    label_dropout: float = 0.0        # class-conditional models: P(label → null label), for classifier-free guidance; 0
+                                      # unless the recipe trains for guidance (DiT 0.1, Min-SNR 0.15; EDM 0)
+    tf32: Optional[bool] = None       # CUDA TF32: null keeps PyTorch's defaults (cuDNN convolutions on, matmuls off);
+                                      # false turns both off (EDM training_loop.py), true both on
 
 
 @dataclass

@@ -45,7 +45,7 @@ HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
 # `root: ???`). The schedule and weighting options are `_target_` nodes themselves.
 GROUP_KEYS = {
     "dataset": (("image_size", "channels", "loader"), ("name", "num_classes", "placement", "order", "workers")),
-    "model": (("net", "prediction"), ("name", "sigma_data", "init_from")),
+    "model": (("net", "prediction"), ("name", "sigma_data", "learn_sigma", "init_from")),
     "optimizer": (("optim",), ("name", "warmup_steps", "warmup_kimg", "decay", "min_lr_ratio",
                                "no_decay_norms_biases_embeddings")),
 }
@@ -358,6 +358,7 @@ def check_values(cfg: DictConfig) -> None:
     check_number("dataset.image_size", cfg.dataset.get("image_size"), POSITIVE, integer=True)
     check_choice("model.prediction", cfg.model.get("prediction"), _predictions())
     check_number("model.sigma_data", cfg.model.get("sigma_data", 0.5), POSITIVE)
+    check_learned_variance(cfg)
     check_dataset_values(cfg)
     check_conditioning(cfg)
     check_optimizer_values(cfg)
@@ -508,6 +509,22 @@ def model_num_classes(cfg: DictConfig) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
+def check_learned_variance(cfg: DictConfig) -> None:
+    """model.learn_sigma: a bool; IDDPM's variational bound lives on the discrete T-step grid; sampling with the
+    learned variance needs a model that learns it."""
+    learn_sigma = cfg.model.get("learn_sigma", False)
+    check_choice("model.learn_sigma", learn_sigma, (True, False))
+    if learn_sigma and cfg.schedule.get("timesteps") is None:
+        raise ConfigError(f"model.learn_sigma=true trains the variance with IDDPM's variational bound, defined on the "
+                          f"discrete T-step grid, but schedule.timesteps=null (continuous t); allowed "
+                          f"schedule.timesteps=1000 (DiT, SpeeD: schedule=linear) or model.learn_sigma=false")
+    for section in ("sample", "eval"):
+        if option(cfg[section].ddpm_variance) == "learned" and not learn_sigma:
+            raise ConfigError(f"{section}.ddpm_variance=learned needs a model that learns its variance, and "
+                              f"model.learn_sigma=false; allowed {section}.ddpm_variance=fixed_large|fixed_small "
+                              f"or model.learn_sigma=true")
+
+
 def check_conditioning(cfg: DictConfig) -> None:
     """Labels, model and guidance agree: a conditional model gets labels of its classes, and only a model that
     learned the null label (conditional, with label dropout) is guided."""
@@ -605,7 +622,8 @@ def build_schedule(spec: dict):
 
 
 @functools.lru_cache(maxsize=16)
-def check_model(spec_json: str, prediction: str, sigma_data: float, channels: int, image_size: int) -> None:
+def check_model(spec_json: str, prediction: str, sigma_data: float, channels: int, image_size: int,
+                learn_sigma: bool = False) -> None:
     """Build the denoiser on the meta device (no memory, no init cost) and run it on a 2-image meta batch, so
     shape errors show here; cached, since a sweep checks the same model for every job."""
     from diffrun.models.parameterization import Denoiser
@@ -613,7 +631,7 @@ def check_model(spec_json: str, prediction: str, sigma_data: float, channels: in
     spec = json.loads(spec_json)
     with torch.device("meta"):
         net = build_spec(spec, "model.net")
-        denoiser = Denoiser(net, prediction, sigma_data)
+        denoiser = Denoiser(net, prediction, sigma_data, learn_sigma)
         x = torch.empty(2, channels, image_size, image_size)
         try:
             out = denoiser(x, torch.zeros(2))
@@ -625,9 +643,16 @@ def check_model(spec_json: str, prediction: str, sigma_data: float, channels: in
             if "meta" in str(exc):   # a tensor the model made on a fixed device met the meta ones: not the config's fault
                 return
             raise _failure("model.net", spec, f"a {channels}x{image_size}x{image_size} image batch", exc) from None
-    if tuple(out.shape) != tuple(x.shape):
+    if learn_sigma and tuple(out.shape) != (2, 2 * channels, image_size, image_size):
+        raise ConfigError(f"model.learn_sigma=true needs a network with twice the input's channels out (the "
+                          f"prediction and the variance), but model.net ({spec_values(spec, 'model.net')}) returns "
+                          f"{tuple(out.shape)} for {tuple(x.shape)}; allowed model.net.learn_sigma=true (DiT, UNet) "
+                          f"or model.learn_sigma=false")
+    if not learn_sigma and tuple(out.shape) != tuple(x.shape):
         raise ConfigError(f"model.net ({spec_values(spec, 'model.net')}): returns {tuple(out.shape)} for a batch of "
-                          f"{tuple(x.shape)}; it must return the input's shape")
+                          f"{tuple(x.shape)}; it must return the input's shape"
+                          + (" (a net with learn_sigma=true needs model.learn_sigma=true)"
+                             if out.shape[1] == 2 * channels else ""))
 
 
 def check_groups(cfg: DictConfig) -> None:
@@ -638,7 +663,7 @@ def check_groups(cfg: DictConfig) -> None:
         schedule = build_schedule(_spec(cfg, "schedule"))
         prediction, sigma_data = cfg.model.prediction, cfg.model.get("sigma_data", 0.5)
         check_model(json.dumps(_spec(cfg, "model.net"), sort_keys=True), prediction, sigma_data,
-                    cfg.dataset.channels, cfg.dataset.image_size)
+                    cfg.dataset.channels, cfg.dataset.image_size, bool(cfg.model.get("learn_sigma", False)))
         weighting = _spec(cfg, "weighting", keep_meta=("name", "citation"))
         strategy = build_spec(weighting, "weighting")
         try:

@@ -80,8 +80,9 @@ def test_minsnr_vit_parameter_count_equals_official(size, num_classes, official)
 
 
 @pytest.mark.parametrize("option,channels,image_size,expected", [
-    ("dit_xl_2", 4, 32, 674_816_272), ("dit_b_2", 4, 32, 130_303_504), ("dit_s_2", 4, 32, 32_858_896),
-    ("dit", 4, 32, 32_858_896),  # the generic config's default variant is DiT-S/2
+    # DiT with learn_sigma, as DiT trains: the official learn_sigma=True count less its frozen positional table
+    ("dit_xl_2", 4, 32, 674_834_720), ("dit_b_2", 4, 32, 130_315_808), ("dit_s_2", 4, 32, 32_865_056),
+    ("dit", 4, 32, 32_865_056),  # the generic config's default variant is DiT-S/2
     ("minsnr_vit_b_2_latent32", 4, 32, 89_109_520), ("minsnr_vit_xl_2_latent32", 4, 32, 452_390_416),
     ("minsnr_vit_l_4_64", 3, 64, 269_983_792),
 ])
@@ -286,3 +287,18 @@ def test_bad_model_value_from_the_command_line():
     cfg = compose_config(["model=dit_s_2", "dataset=digits", "model.net.patch_size=3"])
     with pytest.raises(ConfigError, match="model.net.patch_size=3 does not divide model.net.image_size=16"):
         build(cfg.model.net)
+
+
+def test_minsnr_vit_step_lookup_picks_the_nearest_sigma_as_the_official_round_sigma():
+    """Between two levels, just on the noisy side of their λ midpoint, the nearest λ is the noisier step but the
+    nearest σ (the official `round_sigma`, scripts_vit/sampler_edm.py) is the less noisy one: σ of the λ midpoint
+    is the geometric mean of the two σ, below their arithmetic mean."""
+    net = ViT(depth=1, hidden_size=32, num_heads=2, noise_embedding="table", in_channels=1, image_size=8,
+              patch_size=2)
+    table = CosineSchedule().discrete_logsnr(1000)
+    k = torch.tensor([10, 200, 500, 800])
+    lam = (table[k] + table[k + 1]) / 2 - 1e-4 * (table[k] - table[k + 1])
+    by_sigma = (torch.exp(-table / 2)[None] - torch.exp(-lam / 2)[:, None]).abs().argmin(1)
+    by_logsnr = (table[None] - lam[:, None]).abs().argmin(1)
+    assert torch.equal(by_sigma, k) and torch.equal(by_logsnr, k + 1)       # the two rules disagree here
+    assert torch.equal(net.timestep((-lam / 8).float()), k)

@@ -5,13 +5,15 @@ import functools
 import json
 import math
 import os
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
 import bench_train  # noqa: E402
 
 from diffrun.training.trainer import Trainer  # noqa: E402
@@ -193,3 +195,14 @@ def test_compiled_step_matches_eager_graph_capture(make_cfg, tmp_path, monkeypat
 def test_compiled_step_matches_eager_inductor(make_cfg, tmp_path):
     torch._dynamo.reset()
     _assert_same_training(make_cfg, tmp_path)
+
+
+@pytest.mark.slow   # TF-Inception on the CPU: the full tier
+def test_inception_benchmark_times_both_networks_and_their_agreement():
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_inception.py"), "--images", "4", "--batch", "2",
+                          "--threads", "1"], capture_output=True, text=True, timeout=600, env={**os.environ})
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [line.split() for line in out.stdout.splitlines() if line.startswith(("torch-fidelity", "diffrun"))]
+    assert [row[0] for row in rows] == ["torch-fidelity", "diffrun"]
+    assert all(float(row[-2]) > 0 for row in rows)                         # images/s
+    assert float(rows[1][-1]) < 1e-5                                       # features agree to float32 round-off

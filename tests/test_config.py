@@ -28,6 +28,8 @@ def test_every_option_composes(group, option, tmp_path):
         overrides.append(f"dataset.root={write_image_folder(tmp_path, size=32)}")
     if option in ("imagenet64", "celeba64"):
         overrides.append(f"dataset.root={tmp_path}")
+    if option.startswith("dit"):   # DiT learns Σ (IDDPM's hybrid loss), which lives on its discrete grid
+        overrides += ["schedule=linear", "schedule.timesteps=1000"]
     if option == "imagenet256_latents":
         from latent_utils import latent_overrides, write_latents
 

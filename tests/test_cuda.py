@@ -154,5 +154,5 @@ def test_conditional_latent_run_on_gpu(make_cfg, tmp_path):
     summary = train(make_cfg([*GPU, *latent_overrides(paths), "model=minsnr_vit_b_2_latent32",
                               "model.net.hidden_size=64", "model.net.depth=2", "model.net.num_heads=2",
                               "precision=bf16", "dataset.placement=stream", "dataset.workers=2",
-                              "sample.cfg_scale=1.5", "train.batch_size=6"]), tmp_path / "run")
+                              "sample.cfg_scale=1.5", "train.label_dropout=0.1", "train.batch_size=6"]), tmp_path / "run")
     assert summary["step"] == 6 and json.loads((tmp_path / "run" / "status.json").read_text())["state"] == "finished"

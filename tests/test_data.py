@@ -168,6 +168,15 @@ def test_imagenet64_npz_release(tmp_path):
         load_imagenet64(str(tmp_path), image_size=64)
 
 
+def test_imagenet64_npz_release_warns_it_is_not_centre_cropped(tmp_path, caplog):
+    """Issue 24, item 3, refused with a reason: the npz images are already 64 px, resized whole by their publishers,
+    so no crop can be applied here; the user is told, and which source matches EDM's / ADM's statistics."""
+    write_imagenet64_npz(tmp_path / "Imagenet64_train_part1_npz")
+    with caplog.at_level("WARNING", logger="diffrun.data.loaders"):
+        load_imagenet64(str(tmp_path), image_size=8)
+    assert "resized each whole image (no crop)" in caplog.text and "dataset.root" in caplog.text
+
+
 def test_imagenet64_image_folder(tmp_path):
     root = write_class_folders(tmp_path / "in64", classes=2, per_class=2, size=16, odd_size=True)
     source = load_imagenet64(str(root), image_size=16)
@@ -359,7 +368,7 @@ def test_conditional_pixel_run_passes_labels(make_cfg, tmp_path, monkeypatch):
     seen = []
     original = step_module.drop_labels
     monkeypatch.setattr(step_module, "drop_labels", lambda l, p, n: seen.append(l.clone()) or original(l, p, n))
-    train(make_cfg(["dataset.num_classes=10", "sample.cfg_scale=2"]), tmp_path / "cond")
+    train(make_cfg(["dataset.num_classes=10", "sample.cfg_scale=2", "train.label_dropout=0.1"]), tmp_path / "cond")
     assert len(seen) == 6 and all(l.dtype == torch.long and 0 <= l.min() and l.max() < 10 for l in seen)
 
 

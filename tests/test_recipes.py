@@ -3,6 +3,7 @@ experiment presets that combine them (every preset composes and validates, and s
 from __future__ import annotations
 
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -211,16 +212,19 @@ RECIPES = {
     "edm_cifar10": {
         "model.name": "edm_ddpmpp_cifar10", "model.net.augment_dim": 9, "augment.p": 0.12, "precision": "fp32",
         "train.batch_size": 512, "train.steps": 390_625, "train.grad_clip": 0.0, "ema.halflife_kimg": 500,
-        "ema.rampup_ratio": 0.05, "optimizer.optim.lr": 1e-3, "optimizer.warmup_kimg": 10000,
+        "ema.rampup_ratio": 0.05, "optimizer.optim.lr": 1e-3, "optimizer.warmup_kimg": 10000, "train.tf32": False,
+        "train.label_dropout": 0.0,
         "optimizer.optim.eps": 1e-8 / 3072, "dataset.loader.random_flip": False,
         "eval.sampler": "heun", "eval.steps": 18, "eval.precision": "fp32", "eval.num_samples": 50000},
     "variance_aware_cifar10": {
         "model.name": "edm_ddpmpp_cifar10", "model.prediction": "edm", "precision": "fp32", "train.grad_clip": 0.0,
         "train.steps": 60_000, "train.batch_size": 128, "optimizer.optim.lr": 2e-4, "eval.sampler": "heun",
+        "optimizer.warmup_kimg": 0,   # the paper's flat Adam 2e-4, not EDM's 10-Mimg ramp on a 7.68-Mimg run
         "eval.steps": 18, "eval.precision": "fp32", "eval.num_samples": 50000, "augment.p": 0.12},
     "variance_aware_cifar100": {
         "dataset.name": "cifar100", "model.name": "edm_ddpmpp_cifar10", "precision": "fp32", "train.grad_clip": 0.0,
-        "train.steps": 60_000, "eval.sampler": "heun", "eval.steps": 18, "eval.precision": "fp32"},
+        "train.steps": 60_000, "eval.sampler": "heun", "eval.steps": 18, "eval.precision": "fp32",
+        "optimizer.warmup_kimg": 0},
     "adaptive_sampling_cifar10": {
         "schedule.name": "quad", "schedule.timesteps": 1000, "model.name": "ddpm_cifar10", "precision": "fp32",
         "weighting.model_variance": "fixed_large", "train.steps": 795_600, "train.batch_size": 128,
@@ -291,3 +295,161 @@ def test_short_run_with_edm_recipe_pieces(tmp_path):
     assert last["lr"] == pytest.approx(cfg.optimizer.optim.lr * min(6 * 8 / 32, 1.0))
     assert last["ema_decay"] == pytest.approx(0.5 ** (8 / min(500, 0.05 * 6 * 8)))
     assert math.isfinite(last["loss"])
+
+
+def test_tf32_setting_turns_both_kinds_off_and_null_leaves_them():
+    from diffrun.training.environment import apply_tf32
+
+    before = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    try:
+        apply_tf32(None)
+        assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == before
+        apply_tf32(False)
+        assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+        apply_tf32(True)
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def test_label_dropout_is_zero_unless_the_recipe_trains_for_guidance():
+    """EDM's conditional CIFAR-10 trains with label_dropout 0 (training/networks.py); the Min-SNR presets, which
+    sample with guidance, keep their 0.15."""
+    assert compose_config([], fast=False).train.label_dropout == 0.0
+    for preset in ("min_snr_imagenet256", "min_snr_imagenet64"):
+        assert compose_config([f"experiment={preset}", "dataset.root=/x"], fast=False).train.label_dropout == 0.15
+
+
+# ------------------------------------------------------------------------------------------------
+# Preset header tables that cannot go stale: every `key=value` in the diffrun column is the composed value
+# ------------------------------------------------------------------------------------------------
+SETTING = re.compile(r"(?<![\w.<])((?:[a-z_0-9]+\.)*[a-z_0-9]+)=([^\s|,;()]+)")
+# The rows a program can read, and the keys each must state as `key=value` in its diffrun column.
+READABLE_ROWS = {
+    "optimizer": ("optimizer.optim.lr",),
+    "batch": ("train.batch_size",),
+    "duration": ("train.steps",),
+    "EMA": ("ema.decay",),                    # or ema.halflife_kimg where the preset counts its EMA in images
+    "precision": ("precision",),
+    "sampler, NFE": ("eval.sampler", "eval.steps"),
+    "FID protocol": ("eval.num_samples", "eval.reference_stats", "eval.repeats"),
+}
+
+
+def header_rows(preset: str) -> dict[str, list[str]]:
+    """The preset's header table as {item: [paper, official code, diffrun]}, continuation lines joined."""
+    rows: dict[str, list[str]] = {}
+    last = None
+    for line in (REPO / "conf" / "experiment" / f"{preset}.yaml").read_text().split("\ndefaults:")[0].splitlines():
+        if not line.startswith("# |") or not line.replace("|", "").replace("#", "").strip("- "):
+            continue
+        cells = [c.strip() for c in line[2:].strip().strip("|").split("|")]
+        if cells[0]:
+            last = cells[0]
+            rows[last] = cells[1:]
+        elif last is not None:
+            rows[last] = [f"{a} {b}".strip() for a, b in zip(rows[last], cells[1:])]
+    rows.pop("item", None)
+    return rows
+
+
+def composed_value(cfg, key: str):
+    """The composed value of `key`; a config group (`model=...`) is its option's name. KeyError if no such key."""
+    if key in ("dataset", "schedule", "weighting", "model", "optimizer"):
+        return cfg[key].name
+    node, _, leaf = key.rpartition(".")
+    parent = OmegaConf.select(cfg, node) if node else cfg
+    if parent is None or not OmegaConf.is_dict(parent) or leaf not in parent:
+        raise KeyError(key)
+    value = parent[leaf]
+    return OmegaConf.to_container(value) if OmegaConf.is_config(value) else getattr(value, "value", value)
+
+
+def stated_matches(stated: str, value) -> bool:
+    stated = stated.rstrip(".:")
+    if value is None:
+        return stated == "null"
+    if isinstance(value, bool):
+        return stated == str(value).lower()
+    if isinstance(value, (int, float)):
+        try:
+            return math.isclose(float(stated.replace("_", "")), float(value), rel_tol=1e-9, abs_tol=1e-15)
+        except ValueError:
+            return False
+    return stated == str(value)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_preset_header_diffrun_column_states_the_composed_values(preset):
+    root = ["dataset.root=/data/somewhere"] if preset.startswith("min_snr_") and preset != "min_snr_cifar10" else []
+    cfg = compose_config([f"experiment={preset}", *root], fast=False)
+    rows = header_rows(preset)
+    wrong = []
+    for item, (_, _, ours) in rows.items():
+        for key, stated in SETTING.findall(ours):
+            try:
+                value = composed_value(cfg, key)
+            except KeyError:
+                wrong.append(f"{item}: {key}={stated} names no key of the composed config")
+                continue
+            if key == "weighting" and stated in sweep_weightings(preset):            # an arm of the preset's sweep
+                continue
+            if not stated.startswith("<") and not stated_matches(stated, value):  # <...>: a path the user gives
+                wrong.append(f"{item}: the header says {key}={stated}, the preset composes {value!r}")
+    for item, keys in READABLE_ROWS.items():
+        assert item in rows, f"{preset}: no '{item}' row in the header table"
+        stated = {key for key, _ in SETTING.findall(rows[item][2])}
+        for key in keys:
+            if key == "ema.decay" and composed_value(cfg, "ema.decay") is None:
+                key = "ema.halflife_kimg"
+            if key not in stated:
+                wrong.append(f"{item}: the diffrun column does not state {key}=... (composed: "
+                             f"{composed_value(cfg, key)!r})")
+    assert not wrong, f"{preset}:\n" + "\n".join(wrong)
+
+
+def test_header_parser_reads_a_wrapped_table():
+    """The parser joins continuation lines and finds settings; a stated value that differs is caught."""
+    rows = header_rows("edm_cifar10")
+    assert "eval.steps=18" in rows["sampler, NFE"][2] and rows["batch"][2].startswith("train.batch_size=512")
+    cfg = compose_config(["experiment=edm_cifar10"], fast=False)
+    assert stated_matches("1e-3", composed_value(cfg, "optimizer.optim.lr"))
+    assert not stated_matches("2e-4", composed_value(cfg, "optimizer.optim.lr"))
+    assert composed_value(cfg, "model") == "edm_ddpmpp_cifar10"
+    with pytest.raises(KeyError):
+        composed_value(cfg, "random_flip")
+
+
+# Text the audit of issue 24 found wrong; each phrase must not come back.
+STALE = {
+    "docs/reproduction.md": ["not in this branch", "needs another branch", "latent datasets of another branch",
+                             "with a fixed loss scale", "official default class"],
+    "conf/model/edm_ncsnpp_cifar10.yaml": ["no AugmentPipe", "once augment labels are fed"],
+    "conf/experiment/min_snr_cifar10.yaml": ["(autocast + GradScaler) = code"],
+    "docs/samplers.md": ["0 (bit-identical)", "Heun is bit-identical because"],
+}
+
+
+@pytest.mark.parametrize("path", list(STALE))
+def test_corrected_claims_stay_corrected(path):
+    text = (REPO / path).read_text()
+    for phrase in STALE[path]:
+        assert phrase not in text, f"{path}: '{phrase}' is back"
+
+
+def test_all_strategies_ema_row_names_ddpm_torch_not_ddpm():
+    """DDPM's EMA is a constant 0.9999; the (1 + n)/(10 + n) ramp the preset uses is ddpm-torch's."""
+    ema = header_rows("all_strategies_cifar10")["EMA"][2]
+    assert "ddpm-torch" in ema and "constant 0.9999" in ema
+    assert compose_config(["experiment=all_strategies_cifar10"], fast=False).ema.warmup is True
+
+
+def test_speed_k_and_lambda_are_named_as_the_configs_values():
+    """SpeeD's k = 5, λ = 0.6 are the MetFaces/ablation configs' values; the constructor defaults are k = 1, lam = 5
+    and FFHQ uses k = 2. The docs and the weighting config say so."""
+    doc = (REPO / "docs" / "reproduction.md").read_text()
+    assert "configs/comparison/metfaces/faster.yaml" in doc and "(k = 1, lam = 5)" in doc and "k = 2" in doc
+    conf = (REPO / "conf" / "weighting" / "speed.yaml").read_text()
+    assert "constructor default 1" in conf and "constructor default 5" in conf
+    speed = compose_config(["weighting=speed"], fast=False).weighting
+    assert (speed.k, speed.lam, speed.tau) == (5.0, 0.6, 700)

@@ -325,7 +325,7 @@ def test_precision_names_map_to_autocast_dtypes():
     (dict(steps=2.5), r"sample\.steps=2.5"),
     (dict(eta=1.5), r"sample\.eta=1.5 is not allowed: a number in \[0, 1\]"),
     (dict(eta=float("nan")), r"sample\.eta=nan"),
-    (dict(ddpm_variance="learned"), r"sample\.ddpm_variance='learned' is not allowed: one of fixed_large, fixed_small"),
+    (dict(ddpm_variance="small"), r"sample\.ddpm_variance='small' is not allowed: one of fixed_large, fixed_small, learned"),
     (dict(s_churn=-1.0), r"sample\.s_churn=-1.0 is not allowed: a finite number >= 0"),
     (dict(s_min=-0.1), r"sample\.s_min=-0.1"),
     (dict(s_min=2.0, s_max=1.0), r"sample\.s_max=1.0 is not allowed: a number >= s_min = 2.0"),

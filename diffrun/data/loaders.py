@@ -10,6 +10,8 @@ pixels waits for the placement where the format allows (image files are decoded 
 """
 from __future__ import annotations
 
+import logging
+
 import json
 import pickle
 import zipfile
@@ -311,6 +313,14 @@ class NpzImagesSource(ArraySource):
         return self.count * (int(np.prod(self.shape)) + 8)
 
 
+# The npz release cannot be centre-cropped after the fact: its publishers resized every whole image to 64 px.
+NPZ_NOT_CENTRE_CROPPED = (
+    "ImageNet-64 from the downsampled-ImageNet npz release: its publishers resized each whole image (no crop), "
+    "while EDM's dataset_tool and ADM centre-crop, so FID against their reference statistics compares different "
+    "data; for those, point dataset.root at the full-size ImageNet folder (centre-cropped here) or at EDM's "
+    "dataset_tool output")
+
+
 def load_imagenet64(root: str, split: str = "train", image_size: int = 64, random_flip: bool = True) -> Source:
     """ImageNet at 64×64, labels 0..999, from `root` holding either the npz release (`train_data_batch_*.npz`
     (Imagenet64_train_part1/2_npz) or `val_data.npz`) or an image folder: ImageNet's class sub-folders, or EDM's
@@ -324,6 +334,7 @@ def load_imagenet64(root: str, split: str = "train", image_size: int = 64, rando
     pattern = "train_data_batch_*.npz" if split == "train" else "val_data.npz"
     npz = sorted(root_path.rglob(pattern), key=lambda p: (len(p.name), p.name))
     if npz:
+        logging.getLogger(__name__).warning(NPZ_NOT_CENTRE_CROPPED)
         return NpzImagesSource(npz, f"imagenet{image_size}-{split}", image_size, random_flip)
     files = image_files(root_path)
     labels = "dataset_json" if (root_path / "dataset.json").exists() else "subfolder"

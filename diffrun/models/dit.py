@@ -6,10 +6,11 @@ regresses shift, scale and a residual gate from c, zero-initialised, so every bl
 identity and the zero-initialised final layer makes the untrained net output 0 (§3.2, "adaLN-Zero").
 
 Differences from the official code, all deliberate:
-* One output per pixel (C channels): the official `learn_sigma=True` doubles the output for the
-  variance Σ; diffrun's targets need one. Parameters (DiT-XL/2): ours 674,816,272; official
-  learn_sigma=False 675,111,184, learn_sigma=True 675,129,632 (675M in the paper), both counting the
-  frozen positional table (294,912 values) that we keep as a buffer. docs/networks.md has all sizes.
+* `learn_sigma` as in the official code: 2C output channels, the prediction and IDDPM's variance v
+  (diffrun/models/learned_variance.py); the model configs set it, as DiT trains. Parameters (DiT-XL/2):
+  ours 674,834,720 with learn_sigma (674,816,272 without); official learn_sigma=True 675,129,632 (675M in
+  the paper), which counts the frozen positional table (294,912 values) that we keep as a buffer.
+  docs/networks.md has all sizes.
 * The noise level: DiT embeds the integer DDPM step t ∈ [0, 1000) with GLIDE's sinusoid (periods up to
   10,000). We embed t' = noise_scale · c_noise with the same sinusoid, c_noise = ln(σ)/4 = −λ/8.
   With noise_scale = 1000, one unit of λ moves t' by 125 — between the ≈52 (linear schedule, averaged
@@ -86,6 +87,7 @@ class DiT(nn.Module):
         num_classes: int = 0,          # 0: unconditional; else labels in [0, num_classes], num_classes = NULL
         noise_scale: float = 1000.0,   # t' = noise_scale · c_noise is what the sinusoid sees (module docstring)
         frequency_dim: int = 256,      # sinusoidal features of t' before the MLP (DiT's frequency_embedding_size)
+        learn_sigma: bool = False,     # twice the output channels: the prediction and IDDPM's variance v (DiT: True)
     ):
         super().__init__()
         for key, value in (("in_channels", in_channels), ("image_size", image_size), ("patch_size", patch_size),
@@ -101,6 +103,7 @@ class DiT(nn.Module):
             raise ConfigError(f"model.net.hidden_size={hidden_size}: must be divisible by 4 (2-D sin-cos positions) "
                               f"and by model.net.num_heads={num_heads}")
         self.in_channels, self.image_size, self.patch_size = in_channels, image_size, patch_size
+        self.out_channels = 2 * in_channels if learn_sigma else in_channels
         self.num_classes, self.noise_scale, self.frequency_dim = num_classes, noise_scale, frequency_dim
 
         self.patch_embed = PatchEmbedding(in_channels, hidden_size, patch_size)
@@ -108,7 +111,7 @@ class DiT(nn.Module):
         self.noise_embed = nn.Sequential(nn.Linear(frequency_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
         self.label_embed = LabelEmbedding(num_classes, hidden_size) if num_classes else None
         self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
-        self.final = FinalLayer(hidden_size, patch_size, in_channels)
+        self.final = FinalLayer(hidden_size, patch_size, self.out_channels)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -141,7 +144,7 @@ class DiT(nn.Module):
             cond = cond + self.label_embed(class_labels, x.shape[0])
         for block in self.blocks:
             tokens = block(tokens, cond)
-        return unpatchify(self.final(tokens, cond), self.in_channels, self.patch_size, *x.shape[-2:])
+        return unpatchify(self.final(tokens, cond), self.out_channels, self.patch_size, *x.shape[-2:])
 
 
 def dit_variant(variant: str, **kwargs) -> DiT:

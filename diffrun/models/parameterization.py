@@ -11,6 +11,9 @@ x̂0 and ε̂ and says what F regresses onto for each target:
 Every loss is ‖F − F*‖². Relative to the x0-loss ‖x̂0 − x‖² its size is r(λ):
 x0: 1, eps: SNR, v: 1 + SNR, edm: SNR + 1/σ_data². A weight written in space a is used in
 space b as w_b = w_a · r_a / r_b (`convert_log_weight`).
+
+With `learn_sigma` the backbone returns twice the channels: F, then IDDPM's variance interpolation v
+(diffrun/models/learned_variance.py); `split` separates them, and only F enters the helpers below.
 """
 from __future__ import annotations
 
@@ -55,11 +58,18 @@ def convert_log_weight(log_weight: Tensor, logsnr: Tensor, src: str, dst: str, s
 class Denoiser(nn.Module):
     """Backbone + prediction target. `forward` returns the raw F output; helpers map it to x̂0, ε̂."""
 
-    def __init__(self, net: nn.Module, prediction: str = "eps", sigma_data: float = 0.5):
+    def __init__(self, net: nn.Module, prediction: str = "eps", sigma_data: float = 0.5, learn_sigma: bool = False):
         super().__init__()
         if prediction not in PREDICTIONS:
             raise ConfigError(f"model.prediction={prediction!r} is not one of {', '.join(PREDICTIONS)}")
-        self.net, self.prediction, self.sigma_data = net, prediction, sigma_data
+        self.net, self.prediction, self.sigma_data, self.learn_sigma = net, prediction, sigma_data, learn_sigma
+
+    def split(self, out: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(F, v) from the raw output: v, the learned-variance channels, is None without `learn_sigma`."""
+        if not self.learn_sigma:
+            return out, None
+        prediction, v = out.chunk(2, dim=1)
+        return prediction, v
 
     @staticmethod
     def _bcast(v: Tensor, like: Tensor) -> Tensor:
@@ -75,8 +85,9 @@ class Denoiser(nn.Module):
 
     def forward(self, z: Tensor, logsnr: Tensor, class_labels: Tensor | None = None,
                 augment_labels: Tensor | None = None) -> Tensor:
-        """F(z, c_noise[, class_labels][, augment_labels]); labels are passed on only when given, so a
-        backbone with the bare (x, c_noise) signature still works (contract: `conditioning`)."""
+        """F(z, c_noise[, class_labels][, augment_labels]), with `learn_sigma` F and v stacked on channels; labels
+        are passed on only when given, so a backbone with the bare (x, c_noise) signature still works (contract:
+        `conditioning`)."""
         c_noise = -logsnr / 8  # = ln(σ_ve)/4, EDM's c_noise, for every target
         if self.prediction == "edm":
             alpha, _ = alpha_sigma(logsnr)

@@ -87,6 +87,7 @@ class UNet(nn.Module):
         attention_resolutions: Sequence[int] = (16,),  # resolutions with self-attention
         dropout: float = 0.1,
         num_classes: int = 0,               # 0: unconditional; else labels in [0, num_classes], num_classes = NULL
+        learn_sigma: bool = False,          # twice the output channels: the prediction and IDDPM's variance v
     ):
         super().__init__()
         for key, value in (("in_channels", in_channels), ("image_size", image_size), ("channels", channels),
@@ -138,7 +139,7 @@ class UNet(nn.Module):
                 self.up.append(nn.ModuleList([nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(ch, ch, 3, padding=1)]))
                 res *= 2
 
-        self.out = nn.Sequential(_norm(ch), nn.SiLU(), nn.Conv2d(ch, in_channels, 3, padding=1))
+        self.out = nn.Sequential(_norm(ch), nn.SiLU(), nn.Conv2d(ch, 2 * in_channels if learn_sigma else in_channels, 3, padding=1))
         nn.init.zeros_(self.out[-1].weight)
         nn.init.zeros_(self.out[-1].bias)
         # built last: the other layers draw the same initial weights as the unconditional net's

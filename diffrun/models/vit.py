@@ -13,9 +13,10 @@ position embedding; no long skips, no adaLN. Its details, each as in the officia
 
 The noise token. The official net looks up the integer DDPM step t ∈ [0, 1000) of the cosine schedule in a
 table of `num_steps` = 4000 rows (rows ≥ 1000 are never used but counted). `noise_embedding="table"` keeps
-that table and turns c_noise back into a step: λ = −8·c_noise, t = the step whose cosine-schedule λ_t is
-nearest — what the official EDM sampler does with `round_sigma` (scripts_vit/sampler_edm.py). It quantises
-λ to the 1000 λ_t of the cosine schedule whatever schedule trains the net. `noise_embedding="sinusoidal"`
+that table and turns c_noise back into a step: σ = e^{4·c_noise} (EDM's σ = e^{−λ/2}), t = the step whose
+cosine-schedule σ_t is nearest — what the official EDM sampler does with `round_sigma` (scripts_vit/
+sampler_edm.py: argmin |σ − u_j|). It quantises σ to the 1000 σ_t of the cosine schedule whatever
+schedule trains the net. `noise_embedding="sinusoidal"`
 instead embeds t' = noise_scale · c_noise with DiT's sinusoid + MLP (continuous; not the official net).
 """
 from __future__ import annotations
@@ -129,11 +130,13 @@ class ViT(nn.Module):
             self.out.bias.mul_(init_scale)
 
     def timestep(self, c_noise: Tensor) -> Tensor:
-        """The DDPM step whose cosine-schedule λ_t is nearest to λ = −8·c_noise."""
+        """The DDPM step whose cosine-schedule σ_t = e^{−λ_t/2} is nearest to σ = e^{4·c_noise} (the official
+        `round_sigma` picks the nearest σ; the nearest λ differs for σ between two levels near their λ midpoint)."""
         if self.noise_embedding != "table":
             raise ValueError("ViT.timestep is the step lookup of noise_embedding='table'")
-        logsnr = -8 * c_noise.float()
-        return (self.timestep_logsnr[None] - logsnr[:, None]).abs().argmin(dim=1)
+        dtype = torch.float32 if c_noise.device.type == "mps" else torch.float64   # float32 ties levels far off the grid
+        sigma = torch.exp(4 * c_noise.to(dtype))
+        return (torch.exp(-self.timestep_logsnr.to(dtype) / 2)[None] - sigma[:, None]).abs().argmin(dim=1)
 
     def _noise_token(self, c_noise: Tensor) -> Tensor:
         if self.noise_embedding == "table":

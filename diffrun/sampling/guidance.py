@@ -55,27 +55,33 @@ class GuidedDenoiser:
             out = self.denoiser(z, logsnr) if labels is None else self.denoiser(z, logsnr, class_labels=labels)
         return out.float()
 
-    def output(self, z: Tensor, logsnr: Tensor, sigma: float) -> Tensor:
-        """The (guided) raw output F at one noise level; one network evaluation."""
+    def output(self, z: Tensor, logsnr: Tensor, sigma: float) -> tuple[Tensor, Tensor | None]:
+        """The (guided) prediction F at one noise level and, for a model with a learned variance, its v (the
+        conditional one under guidance, as DiT's `forward_with_cfg`); one network evaluation."""
         self.evaluations += 1
         scale = self.options.cfg_scale
         if self.labels is None or scale == 1 or not self.options.guided_at(sigma):
-            return self._network(z, logsnr, self.labels)
+            return self.denoiser.split(self._network(z, logsnr, self.labels))
         if scale == 0:
-            return self._network(z, logsnr, self.null_labels)
-        both = self._network(torch.cat([z, z]), torch.cat([logsnr, logsnr]),
-                             torch.cat([self.labels, self.null_labels]))
+            return self.denoiser.split(self._network(z, logsnr, self.null_labels))
+        both, v = self.denoiser.split(self._network(torch.cat([z, z]), torch.cat([logsnr, logsnr]),
+                                                    torch.cat([self.labels, self.null_labels])))
         cond, uncond = both.chunk(2)
-        return uncond + scale * (cond - uncond)
+        return uncond + scale * (cond - uncond), None if v is None else v.chunk(2)[0]
 
     def __call__(self, z: Tensor, logsnr: float) -> tuple[Tensor, Tensor]:
         """(x̂0, ε̂) at λ = `logsnr` for the batch z (float32); x̂0 clipped to [−1, 1] and ε̂ re-derived from it
         when the options clip (improved-diffusion `p_mean_variance(clip_denoised=True)`)."""
+        x0, eps, _ = self.with_variance(z, logsnr)
+        return x0, eps
+
+    def with_variance(self, z: Tensor, logsnr: float) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(x̂0, ε̂, v): as calling it, plus the learned-variance output v (None when the model has none)."""
         lam = torch.full((z.shape[0],), logsnr, dtype=torch.float32, device=z.device)
-        out = self.output(z, lam, math.exp(-logsnr / 2))
+        out, v = self.output(z, lam, math.exp(-logsnr / 2))
         x0, eps = self.denoiser.predict_x0_eps(z, lam, out)
         if self.options.clips:
             x0 = x0.clamp(-1, 1)
             alpha, sigma = (c.view(-1, *[1] * (z.ndim - 1)) for c in alpha_sigma(lam))
             eps = (z - alpha * x0) / sigma  # keep ε̂ consistent with the clipped x̂0
-        return x0, eps
+        return x0, eps, v

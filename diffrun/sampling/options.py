@@ -11,7 +11,7 @@ from diffrun.config import option
 from diffrun.errors import ConfigError
 
 SAMPLERS = ("ddim", "ddpm", "ddpm_continuous", "heun")
-DDPM_VARIANCES = ("fixed_large", "fixed_small")
+DDPM_VARIANCES = ("fixed_large", "fixed_small", "learned")
 PRECISIONS = ("fp32", "bf16", "fp16", "train")
 
 
@@ -27,7 +27,7 @@ class SamplerOptions:
     steps: int = 50                     # denoising steps (ddpm: respaced subset of the T-step grid; T = all of it)
     eta: float = 0.0                    # ddim: 0 deterministic, 1 = DDPM posterior variance (Song et al. 2021, Eq. 16)
     clip_x0: bool | None = None         # clip x̂0 to [−1, 1]; None: ddim/ddpm clip (improved-diffusion), heun not (EDM)
-    ddpm_variance: str = "fixed_large"  # ddpm: β_t (fixed_large) or posterior β̃_t (fixed_small)
+    ddpm_variance: str = "fixed_large"  # ddpm: β_t (fixed_large), posterior β̃_t (fixed_small), or the model's (learned)
     rho: float = 7.0                    # heun: EDM's ρ (Karras et al. 2022, Eq. 5)
     sigma_min: float = 0.002            # heun: σ range, clipped to the schedule's (EDM's net.sigma_min/max)
     sigma_max: float = 80.0

@@ -5,7 +5,8 @@
                    the schedule is discrete (`schedule.timesteps`), as improved-diffusion `ddim_sample_loop`.
   ddpm             DDPM ancestral (Ho et al. 2020, arXiv:2006.11239, Alg. 2) on the schedule's discrete T-step grid
                    (respaced to `steps` as improved-diffusion's `space_timesteps`): z_s ~ N(μ̃(z_t, x̂0), v),
-                   v = β_t (fixed_large) or β̃_t (fixed_small) (improved-diffusion `p_sample`, tqch/ddpm-torch).
+                   v = β_t (fixed_large) or β̃_t (fixed_small) (improved-diffusion `p_sample`, tqch/ddpm-torch), or the
+                   model's learned range exp(v' log β_t + (1 − v') log β̃_t) (learned; Nichol & Dhariwal 2021, Eq. 15).
   ddpm_continuous  the same step on the uniform continuous-t grid (diffrun's earlier `ddpm`, with fixed_small).
   heun             EDM's 2nd-order sampler (Karras et al. 2022, arXiv:2206.00364, Algorithm 2; NVlabs/edm
                    `edm_sampler`) in EDM's σ (z/α = x + σ n, λ = −2 ln σ), deterministic when S_churn = 0.
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from diffrun.errors import ConfigError
 from diffrun.sampling.grids import (continuous_logsnr_grid, discrete_logsnr_grid, edm_sigma_grid, round_sigma,
                                    schedule_sigmas)
 from diffrun.sampling.guidance import GuidedDenoiser
@@ -59,7 +61,7 @@ def ddim(predict: GuidedDenoiser, logsnrs: list[float], eta: float, z: Tensor, g
 
 def ancestral(predict: GuidedDenoiser, logsnrs: list[float], variance: str, z: Tensor, generator) -> Tensor:
     for i, lam_t in enumerate(logsnrs):
-        x0, _ = predict(z, lam_t)
+        x0, _, v = predict.with_variance(z, lam_t)
         if i == len(logsnrs) - 1:
             return x0  # the posterior mean at ᾱ_prev = 1 is x̂0 itself, and no noise is added
         lam_s = logsnrs[i + 1]
@@ -70,8 +72,13 @@ def ancestral(predict: GuidedDenoiser, logsnrs: list[float], variance: str, z: T
         coef_x0 = math.exp(0.5 * log_abar_s) * beta / one_minus_t
         coef_z = math.sqrt(1 - beta) * one_minus_s / one_minus_t
         mean = coef_x0 * x0 + coef_z * z
-        var = beta if variance == "fixed_large" else beta * one_minus_s / one_minus_t
-        z = mean + math.sqrt(var) * torch.randn(z.shape, generator=generator, device=z.device)
+        posterior_var = beta * one_minus_s / one_minus_t
+        if variance == "learned":   # β and β̃ of this (respaced) grid, as improved-diffusion's respaced betas
+            frac = (v + 1) / 2
+            std = torch.exp(0.5 * (frac * math.log(beta) + (1 - frac) * math.log(posterior_var)))
+        else:
+            std = math.sqrt(beta if variance == "fixed_large" else posterior_var)
+        z = mean + std * torch.randn(z.shape, generator=generator, device=z.device)
     return z
 
 
@@ -114,6 +121,9 @@ def run_sampler(denoiser: nn.Module, schedule: NoiseSchedule, shape: tuple[int, 
 
     `class_labels` (LongTensor (N,), on `device`) conditions the model; with `options.cfg_scale != 1` the null
     label is `num_classes` (default: the model's)."""
+    if options.ddpm_variance == "learned" and not getattr(denoiser, "learn_sigma", False):
+        raise ConfigError(f"{options.key}.ddpm_variance=learned needs a model that learns its variance "
+                          f"(model.learn_sigma=true); allowed fixed_large or fixed_small")
     predict = GuidedDenoiser(denoiser, options, class_labels, num_classes, autocast_dtype, device)
     latents = torch.randn(shape, generator=generator, device=device)
     if options.sampler == "heun":

@@ -202,7 +202,7 @@ class AdaptiveTimestep(Strategy):
             lam = self.logsnr_table[idx]
             alpha, sigma = (c.view(-1, *[1] * (x.ndim - 1)) for c in alpha_sigma(lam))
             z = alpha * x + sigma * eps
-            x0_hat, _ = model.predict_x0_eps(z, lam, model(z, lam))
+            x0_hat, _ = model.predict_x0_eps(z, lam, model.split(model(z, lam))[0])
             err = (x.float() - x0_hat.float()).pow(2).flatten(1).mean(1)
             out.append((self.kl_var_term[idx] + self.kl_mean_coef[idx] * err) / math.log(2.0))
         # x̂0 is undefined at ᾱ = 0 (zero terminal SNR, e.g. the linear schedule at small T): no signal there

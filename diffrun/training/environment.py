@@ -128,6 +128,15 @@ def set_cpu_threads(sharing: int = 1, sharers: str = "") -> int:
     return threads
 
 
+def apply_tf32(setting: bool | None) -> None:
+    """`train.tf32`: None leaves PyTorch's defaults; False/True set TF32 for cuDNN convolutions and matmuls alike
+    (EDM's training_loop.py sets both False)."""
+    if setting is None:
+        return
+    torch.backends.cudnn.allow_tf32 = bool(setting)
+    torch.backends.cuda.matmul.allow_tf32 = bool(setting)
+
+
 def seed_everything(seed: int, deterministic: bool = False) -> None:
     """One seed drives Python, NumPy and torch (CPU and CUDA) RNGs."""
     random.seed(seed)

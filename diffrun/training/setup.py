@@ -15,11 +15,12 @@ from diffrun.data import InMemoryImages, StreamingData, place
 from diffrun.data.augment import AugmentPipe
 from diffrun.errors import ConfigError
 from diffrun.launching import distributed
+from diffrun.models.learned_variance import DiscretePosterior
 from diffrun.models.parameterization import Denoiser
 from diffrun.schedules import NoiseSchedule
 from diffrun.strategies import Strategy
 from diffrun.training.ema import EMA
-from diffrun.training.environment import resolve_device, resolve_precision, seed_everything
+from diffrun.training.environment import apply_tf32, resolve_device, resolve_precision, seed_everything
 from diffrun.training.optim import build_lr_schedule, build_optimizer
 
 
@@ -36,6 +37,7 @@ class Components:
     label_dropout: float                   # probability that a label is replaced by the null label
     schedule: NoiseSchedule
     denoiser: Denoiser                     # the bare model (checkpoints, EMA, sampling)
+    posterior: DiscretePosterior | None    # model.learn_sigma: q(x_{t−1}|x_t, x0) on the grid, for the hybrid loss
     parameters: list[nn.Parameter]         # the denoiser's, listed once (walking its modules costs ~0.2 ms a step)
     model: nn.Module                       # what the step calls: the denoiser, maybe in DDP and torch.compile
     ema: EMA
@@ -56,6 +58,7 @@ def build_components(cfg: DictConfig, ranks: distributed.DistInfo) -> Components
     device = distributed.rank_device(resolve_device(cfg.device), ranks)
     autocast_dtype, use_scaler = resolve_precision(cfg.precision, device)
     seed_everything(cfg.seed, cfg.deterministic)          # the same model init on every rank
+    apply_tf32(cfg.train.tf32)
     if device.type == "cuda" and not cfg.deterministic:
         torch.backends.cudnn.benchmark = True             # fixed shapes: cuDNN times its conv algorithms once
 
@@ -70,7 +73,9 @@ def build_components(cfg: DictConfig, ranks: distributed.DistInfo) -> Components
 
     # --- schedule, model (+ DDP, compile), EMA ------------------------------------------------------
     schedule = build(cfg.schedule)
-    denoiser = Denoiser(build(cfg.model.net), cfg.model.prediction, cfg.model.sigma_data).to(device)
+    learn_sigma = bool(cfg.model.get("learn_sigma", False))
+    denoiser = Denoiser(build(cfg.model.net), cfg.model.prediction, cfg.model.sigma_data, learn_sigma).to(device)
+    posterior = DiscretePosterior(schedule.timestep_table()).to(device) if learn_sigma else None
     if cfg.train.channels_last:
         denoiser = denoiser.to(memory_format=torch.channels_last)
     ema = EMA(denoiser, cfg.ema.decay, cfg.ema.warmup, cfg.ema.halflife_kimg, cfg.ema.rampup_ratio, cfg.train.batch_size)
@@ -96,7 +101,7 @@ def build_components(cfg: DictConfig, ranks: distributed.DistInfo) -> Components
         device=device, autocast_dtype=autocast_dtype, data=data, augment=augment,
         local_batch_size=cfg.train.batch_size // ranks.world_size, num_classes=data.num_classes,
         label_dropout=float(cfg.train.label_dropout), schedule=schedule, denoiser=denoiser,
-        parameters=list(denoiser.parameters()),
+        posterior=posterior,        parameters=list(denoiser.parameters()),
         model=model, ema=ema, strategy=strategy, comm=comm, optimizer=optimizer,
         lr_schedule=build_lr_schedule(cfg.optimizer, optimizer, cfg.train.steps, cfg.train.batch_size),
         scaler=torch.amp.GradScaler(device.type, enabled=use_scaler),

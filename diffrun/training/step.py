@@ -2,6 +2,11 @@
 
     λ ~ strategy            z = α x + σ ε           loss_i = ‖F(z, λ) − F*‖²       total = mean(w_i · loss_i)
 
+With a learned variance (model.learn_sigma) the total is IDDPM's L_hybrid, mean(w_i · loss_i + c_i · λ T L_t,i)
+(diffrun/models/learned_variance.py): the strategy's weight w_i acts on L_simple only, as in the Min-SNR, P2 and
+SpeeD code, and the VB term carries only the proposal correction c_i (importance sampling's 1/(T p_t), which
+improved-diffusion applies to its whole loss; 1 for every other strategy), so the bound stays unbiased.
+
 One mask decides what a step may change: `good` = the loss and the gradient norm are finite. A step
 that is not good changes nothing — no optimizer update (skipped on the device where the optimizer is
 fused), no EMA update, no strategy feedback, no statistics, no loss sums — and is counted. With fp16
@@ -14,6 +19,7 @@ import torch
 from torch import Tensor
 
 from diffrun.data.labels import drop_labels
+from diffrun.models.learned_variance import hybrid_vb_term
 from diffrun.monitoring.logsnr_stats import LogSNRStats
 from diffrun.schedules import alpha_sigma
 from diffrun.strategies import NoiseDraw
@@ -70,11 +76,16 @@ def train_step(c: Components, x0: Tensor, step: int | Tensor, counters: StepCoun
 
     with torch.autocast(c.device.type, dtype=c.autocast_dtype or torch.float32, enabled=c.autocast_dtype is not None):
         out = c.model(z, draw.logsnr, class_labels=labels, augment_labels=augment_labels)
+    prediction, variance = c.denoiser.split(out.float())
     target = c.denoiser.target(x0, eps, z, draw.logsnr)
-    loss = (out.float() - target).square().mean(dim=(1, 2, 3))          # (B,) unweighted, target space
+    loss = (prediction - target).square().mean(dim=(1, 2, 3))           # (B,) unweighted, target space
     seen = loss.detach()                                                 # what the strategy and statistics see
     weight = c.strategy.loss_weights(draw, seen)
     total = (weight * loss).mean()
+    if variance is not None:                                             # L_hybrid: + λ L_vlb on a stopped mean
+        x0_hat, _ = c.denoiser.predict_x0_eps(z, draw.logsnr, prediction.detach())
+        vb = hybrid_vb_term(c.posterior, c.schedule.timesteps, draw.index, x0, z, x0_hat, variance)
+        total = total + (draw.proposal_weight * vb).mean()
 
     c.optimizer.zero_grad(set_to_none=True)
     c.strategy.on_before_update(c.denoiser, x0, step)
