@@ -132,8 +132,11 @@ def shown(path) -> str:
 def main() -> None:
     """The `diffrun` command: Hydra's command line, plus `--dry-run` (diffrun/launching/dry_run.py)."""
     from diffrun.launching import dry_run
-    from diffrun.launching.preflight import ValidateBeforeRun
+    from diffrun.launching.preflight import ValidateBeforeRun, override_character_errors, refuse
 
+    errors = override_character_errors(sys.argv[1:])     # characters Hydra's grammar cannot read: one line each
+    if errors:
+        refuse(errors)
     ValidateBeforeRun.dry_run = dry_run.take_flag(sys.argv)
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")   # Hydra's errors reach `say_override_error`, not its printer
     try:

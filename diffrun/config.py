@@ -144,6 +144,8 @@ class CheckpointConfig:
     every_steps: int = 500
     keep: int = 3                     # keep the last K checkpoints
     allow_unverified: bool = False    # load checkpoint files that carry no SHA-256 (other programs, old diffrun)
+    allow_pickle: bool = False        # load checkpoints of pickled objects (diffrun's earlier format): they can run
+    #                                   code, so only your own files; `diffrun-convert` rewrites them as data
 
 
 @dataclass

@@ -45,7 +45,7 @@ HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
 # `root: ???`). The schedule and weighting options are `_target_` nodes themselves.
 GROUP_KEYS = {
     "dataset": (("image_size", "channels", "loader"), ("name", "num_classes", "placement", "order", "workers")),
-    "model": (("net", "prediction"), ("name", "sigma_data", "learn_sigma")),
+    "model": (("net", "prediction"), ("name", "sigma_data", "learn_sigma", "init_from")),
     "optimizer": (("optim",), ("name", "warmup_steps", "warmup_kimg", "decay", "min_lr_ratio",
                                "no_decay_norms_biases_embeddings")),
 }
@@ -727,9 +727,12 @@ def check_environment(cfg: DictConfig) -> None:
         if cfg.train.batch_size % world:
             raise ConfigError(f"train.batch_size={cfg.train.batch_size} is the global batch and must be divisible by "
                               f"the {world} ranks (each draws batch_size / world_size)")
-    if cfg.resume not in ("auto", "never", "force") and not Path(cfg.resume).expanduser().is_file():
-        raise ConfigError(f"resume={show(cfg.resume)}: no such checkpoint; "
-                          f"allowed auto, never, or an existing .pt file")
+    if cfg.resume not in ("auto", "never", "force"):
+        check_resume_file(cfg)
+    if cfg.model.get("init_from"):
+        from diffrun.training.export import read
+
+        read(cfg.model.init_from, "model.init_from")          # ConfigError naming model.init_from
     if cfg.eval.enabled and cfg.eval.inception_weights is not None:
         path = Path(cfg.eval.inception_weights).expanduser()
         if not path.is_file():
@@ -740,6 +743,25 @@ def check_environment(cfg: DictConfig) -> None:
 
         read_reference_statistics(cfg.eval.reference_stats)   # ConfigError naming eval.reference_stats
     check_dataset_files(cfg)
+
+
+def check_resume_file(cfg: DictConfig) -> None:
+    """`resume=<path>` is a checkpoint diffrun wrote: read and verified here, before any folder is made."""
+    from diffrun.errors import CheckpointError
+    from diffrun.training import checkpoint
+
+    allowed = "allowed auto, never, force, or a checkpoint written by diffrun (<run>/checkpoints/ckpt_<step>.pt)"
+    path = Path(cfg.resume).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"resume={show(cfg.resume)}: no such checkpoint; {allowed}")
+    try:
+        state = checkpoint.load(path, bool(cfg.checkpoint.get("allow_unverified", False)),
+                                bool(cfg.checkpoint.get("allow_pickle", False)))
+    except CheckpointError as exc:
+        raise ConfigError(f"resume={show(cfg.resume)}: {exc}") from None
+    if not isinstance(state, dict) or not {"model", "optimizer", "step"} <= set(state):
+        raise ConfigError(f"resume={show(cfg.resume)}: not a diffrun training checkpoint (it holds no model, optimizer "
+                          f"and step); {allowed}")
 
 
 def check_dataset_files(cfg: DictConfig) -> None:

@@ -291,3 +291,20 @@ def test_multirun_over_two_checkpoints_reaches_the_report(run, tmp_path):
     assert f"FID protocol: {label}." in text
     jobs = text.split("## All jobs", 1)[1]
     assert f"| {added[1]['fid']:.2f} | {min(r['fid'] for r in added):.2f} |" in jobs and label in jobs
+
+
+@pytest.mark.slow   # two evaluations: ~30 s on 2 busy cores even with the tiny extractor
+def test_a_safetensors_export_evaluates_to_the_fid_of_its_checkpoint(run, fid_features):
+    """diffrun-export's file holds the EMA weights the checkpoint's evaluation samples from: the same FID, and the
+    export records the FID measured at its step with its protocol."""
+    from diffrun.training import export
+
+    _, run_dir, _ = run
+    ckpt = ckpt_of(run_dir, 6)
+    from_checkpoint = run_eval(ckpt, *FEW)
+    exported = export.export(ckpt)
+    _, meta = export.read(exported)
+    assert float(meta["fid"]) == from_checkpoint["fid"] and meta["fid_protocol"] == from_checkpoint["fid_protocol"]
+    from_export = run_eval(exported, *FEW)
+    assert from_export["fid"] == from_checkpoint["fid"] and from_export["step"] == 6
+    assert from_export["fid_protocol"] == from_checkpoint["fid_protocol"]

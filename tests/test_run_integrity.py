@@ -12,7 +12,7 @@ import torch
 from omegaconf import OmegaConf
 
 from diffrun.cli import train
-from diffrun.errors import CheckpointError
+from diffrun.errors import CheckpointError, ConfigError
 from diffrun.monitoring.metrics import read_jsonl
 from diffrun.training import checkpoint as ckpt
 from diffrun.training.callbacks import Callback
@@ -319,8 +319,9 @@ def test_checkpoint_of_another_program_is_refused_without_allow_unverified(make_
     path = CheckpointManager(tmp_path / "a" / "checkpoints").list()[-1]
     bare = tmp_path / "bare.pt"
     bare.write_bytes(path.read_bytes()[:-ckpt.TRAILER])                        # a plain torch.save file
-    with pytest.raises(CheckpointError, match="allow_unverified"):
+    with pytest.raises(ConfigError, match="resume=.*checkpoint.allow_unverified=true"):   # at the door: no folder
         train(make_cfg(["train.steps=6", f"resume={bare}", *QUIET]), tmp_path / "b")
+    assert not (tmp_path / "b").exists()
     summary = train(make_cfg(["train.steps=6", f"resume={bare}", "checkpoint.allow_unverified=true", *QUIET]),
                     tmp_path / "c")
     assert summary["step"] == 6

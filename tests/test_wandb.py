@@ -606,3 +606,53 @@ def test_evaluation_job_appends_after_the_training_steps():
     logger.on_eval(evaluator, {"step": 8, "images_seen": 64, "fid": 4.0, "fid_num_samples": 1234})
     assert run.logged == [(None, {STEP_METRIC: 64, "kimg": 0.064, "eval_50k/fid": 3.0, "eval_50k/fid_num_samples": 50000.0}),
                           (None, {STEP_METRIC: 64, "kimg": 0.064, "eval_1234/fid": 4.0, "eval_1234/fid_num_samples": 1234.0})]
+
+
+@pytest.mark.parametrize("env_mode, config", [("", "wandb.mode=offline"), ("", None), ("sometimes", None)])
+def test_empty_or_unknown_wandb_mode_is_unset_and_the_run_logs_offline(wandb_env, monkeypatch, tmp_path, caplog,
+                                                                        env_mode, config):
+    """`export WANDB_MODE=` (W&B itself refuses it, even offline): treated as unset with a warning, and the run
+    logs offline; with a key and no wandb.mode the default is online, which falls back to offline here."""
+    import wandb
+
+    real_init, modes = wandb.init, []
+
+    def init(*args, mode=None, **kwargs):
+        modes.append(mode)
+        if mode == "online":
+            raise wandb.errors.CommError("no network here")
+        return real_init(*args, mode=mode, **kwargs)
+
+    monkeypatch.setattr(wandb, "init", init)
+    monkeypatch.setenv("WANDB_MODE", env_mode)
+    if config is None:
+        monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    cfg = compose_config([*STATS, *([config] if config else [])])
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    run, restore, lock = WandbLogger.create(cfg, fake_trainer(cfg, run_dir))
+    assert run is not None and modes[-1] == "offline"
+    run.finish()
+    WandbLogger._restore(restore)
+    lock.release()
+    assert f"$WANDB_MODE={env_mode!r} is" in caplog.text and "treated as unset" in caplog.text
+    assert os.environ["WANDB_MODE"] == env_mode                       # the environment given back as it was
+    (offline,) = offline_runs(run_dir)
+    assert holds(offline, (run_dir / ID_FILE).read_text().strip())
+
+
+def test_a_setting_wandb_refuses_still_leaves_an_offline_run(wandb_env, monkeypatch, tmp_path, caplog):
+    """Whatever W&B refuses in the environment, the run logs offline under W&B's defaults."""
+    monkeypatch.setenv("WANDB_INIT_TIMEOUT", "soon")                 # not a number: W&B's settings refuse it
+    cfg = compose_config([*STATS, "wandb.mode=offline"])
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    run, restore, lock = WandbLogger.create(cfg, fake_trainer(cfg, run_dir))
+    assert run is not None
+    run.finish()
+    WandbLogger._restore(restore)
+    lock.release()
+    assert "without the W&B environment variables" in caplog.text and "WANDB_INIT_TIMEOUT" in caplog.text
+    assert os.environ["WANDB_INIT_TIMEOUT"] == "soon"
+    (offline,) = offline_runs(run_dir)
+    assert holds(offline, (run_dir / ID_FILE).read_text().strip())

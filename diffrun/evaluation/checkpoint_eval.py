@@ -1,11 +1,12 @@
 """Evaluate a checkpoint: its own config as the base, the command line on top, records into its run.
 
-    config      the config embedded in the checkpoint, typed by the schema (diffrun/config.py); each
-                command-line override replaces its key, a group choice (`dataset=cifar100`) replaces the
-                whole group node; `callbacks` come from the eval app (conf/callbacks/eval.yaml), not from
-                the training run; then every check of diffrun/validation.py
+    config      the config embedded in the checkpoint, its `_target_`s limited to diffrun's (diffrun/targets.py),
+                typed by the schema (diffrun/config.py); each command-line override replaces its key, a group
+                choice (`dataset=cifar100`) replaces the whole group node; `callbacks` come from the eval app
+                (conf/callbacks/eval.yaml), not from the training run; then every check of diffrun/validation.py
     model       `diffrun.training.checkpoint.load` (SHA-256 checked; `checkpoint.allow_unverified=true`
-                for files without it) into a Trainer that never trains: no run lock, no file written
+                for files without it; data only: `checkpoint.allow_pickle=true` for one's own older files)
+                into a Trainer that never trains: no run lock, no file written
     records     the evaluation record (protocol.py, `source: diffrun-eval`, `checkpoint: <path>`) goes to
                 the callbacks as the trainer's would: `on_start(evaluation)`, `on_eval(evaluation, record)`,
                 `close()`. The metrics file appends it to `<run>/metrics.jsonl`; W&B resumes the run's id.
@@ -62,38 +63,46 @@ def run_dir_of_checkpoint(ckpt: Path) -> Path:
 
 
 @functools.lru_cache(maxsize=1)
-def _load(path: str, size: int, mtime_ns: int, allow_unverified: bool) -> dict:
+def _load(path: str, size: int, mtime_ns: int, allow_unverified: bool, allow_pickle: bool) -> dict:
     from diffrun.training import checkpoint
 
-    return checkpoint.load(path, allow_unverified)
+    return checkpoint.load(path, allow_unverified, allow_pickle)
 
 
-def load_checkpoint(ckpt: str | Path, allow_unverified: bool = False) -> dict:
+def load_checkpoint(ckpt: str | Path, allow_unverified: bool = False, allow_pickle: bool = False) -> dict:
     """The verified state of `ckpt` (read once per process: the pre-run checks and the job share it)."""
     path = Path(str(ckpt)).expanduser().absolute()
     if not path.is_file():
         raise ConfigError(f"ckpt={show(str(ckpt))}: no such file; allowed a checkpoint written by diffrun, "
-                          f"e.g. <run>/checkpoints/ckpt_00001000.pt")
+                          f"e.g. <run>/checkpoints/ckpt_00001000.pt, or its diffrun-export (.safetensors)")
+    if path.suffix == ".safetensors":                # diffrun-export's EMA weights (diffrun/training/export.py)
+        from diffrun.training import export
+
+        return export.as_state(path, "ckpt")
     stat = path.stat()
-    state = _load(str(path), stat.st_size, stat.st_mtime_ns, bool(allow_unverified))
+    state = _load(str(path), stat.st_size, stat.st_mtime_ns, bool(allow_unverified), bool(allow_pickle))
     if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
         raise ConfigError(f"ckpt={show(str(ckpt))} has no embedded config: allowed a checkpoint written by diffrun")
     return state
 
 
-def checkpoint_config(state_config: dict, app: DictConfig, overrides: Sequence[str]) -> DictConfig:
+def checkpoint_config(state_config: dict, app: DictConfig, overrides: Sequence[str],
+                      source: str = "the checkpoint's config") -> DictConfig:
     """The checkpoint's config with `overrides` (the eval app's command line, values read from its composed
-    config `app`) on top, as the module docstring says. Raises ConfigError for a value the schema refuses."""
+    config `app`) on top, as the module docstring says. Raises ConfigError for a value the schema refuses, and
+    UntrustedTargetError for a `_target_` of the file that the command line does not replace (diffrun/targets.py)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
+    from diffrun.targets import check_targets
     from diffrun.validation import GROUPS
 
+    parsed = [o for o in OverridesParser.create().parse_overrides(list(overrides)) if not o.is_hydra_override()]
+    check_targets(state_config, source, ["callbacks", *(o.key_or_group for o in parsed)])
     try:
         cfg = OmegaConf.merge(OmegaConf.structured(RunConfig), state_config)
     except OmegaConfBaseException as exc:
         raise ConfigError(f"the checkpoint's config does not fit this diffrun's schema: "
                           f"{str(exc).splitlines()[0]}") from None
-    parsed = [o for o in OverridesParser.create().parse_overrides(list(overrides)) if not o.is_hydra_override()]
     for override in parsed:                          # group choices first: `dataset=cifar100 dataset.loader.root=...`
         if override.key_or_group in GROUPS and not override.is_delete():
             cfg[override.key_or_group] = app[override.key_or_group]
@@ -129,8 +138,9 @@ def evaluation_config(app: DictConfig, overrides: Sequence[str],
         raise ConfigError("ckpt=??? is required: diffrun-eval ckpt=<run>/checkpoints/ckpt_<step>.pt [key=value ...]")
     ckpt = Path(str(app.ckpt)).expanduser().absolute()
     allow_unverified = OmegaConf.select(app, "checkpoint.allow_unverified", default=False)
-    state = load_checkpoint(ckpt, bool(allow_unverified))
-    cfg = checkpoint_config(state["config"], app, overrides)
+    allow_pickle = OmegaConf.select(app, "checkpoint.allow_pickle", default=False)
+    state = load_checkpoint(ckpt, bool(allow_unverified), bool(allow_pickle))
+    cfg = checkpoint_config(state["config"], app, overrides, f"the config embedded in {ckpt}")
     validate(cfg, environment=environment)
     return cfg, state, ckpt
 
@@ -146,7 +156,11 @@ def evaluate_checkpoint(app: DictConfig, overrides: Sequence[str]) -> dict:
     events = Events(build_callbacks(cfg))            # built first: a bad callback stops us before any sampling
     trainer = Trainer(cfg, run_dir, callbacks=[], lock=False)
     try:
-        trainer.state.load_state_dict(state)
+        if "export" in state:                        # EMA weights only: what evaluation samples from
+            trainer.ema.model.load_state_dict(state["ema"]["model"])
+            trainer.state.step, trainer.state.images_seen = state["step"], state["images_seen"]
+        else:
+            trainer.state.load_state_dict(state)
     except (RuntimeError, KeyError, ValueError) as exc:
         reason = " ".join(str(exc).split())[:300]
         raise ConfigError(f"the weights in {ckpt} do not fit model={cfg.model.get('name')} "

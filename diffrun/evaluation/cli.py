@@ -33,7 +33,7 @@ from diffrun.config import RunConfig
 from diffrun.errors import DiffrunError
 from diffrun.evaluation.checkpoint_eval import (checkpoints_in, evaluate_checkpoint, evaluation_config,
                                                run_dir_of_checkpoint)
-from diffrun.launching.preflight import BASIC_LAUNCHER, refuse, sweep_jobs
+from diffrun.launching.preflight import BASIC_LAUNCHER, override_character_errors, refuse, sweep_jobs
 from diffrun.validation import GROUPS, check_writable_dir
 
 log = logging.getLogger("diffrun.eval")
@@ -161,6 +161,9 @@ def main() -> None:
     if {"-h", "--help"} & set(sys.argv[1:]):
         print(USAGE)
         return
+    errors = override_character_errors(sys.argv[1:])
+    if errors:
+        refuse(errors)
     folders = [a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("images=")]
     if folders:
         score_images_command(folders[0], [a for a in sys.argv[1:] if not a.startswith("images=")])

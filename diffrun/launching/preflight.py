@@ -268,3 +268,44 @@ def remove_hydra_leftovers(run_dir: Path, job_name: str) -> bool:
         log.warning("could not remove %s after the failed checks: %s", run_dir, exc)
         return False
     return True
+
+
+def override_character_errors(args: list[str]) -> list[str]:
+    """One line for each command-line override Hydra's grammar refuses for a character outside printable
+    ASCII (an emoji, a right-to-left mark, a bell, Arabic-Indic digits, full-width letters): which key, which
+    character, and what is allowed. Hydra's own message points at the character without saying what to do."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    parser = OverridesParser.create()
+    errors = []
+    for arg in args:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        bad = next((c for c in arg if not " " <= c <= "~"), None)
+        if bad is None:
+            continue
+        try:
+            parser.parse_overrides([arg])
+        except OverrideParseException:
+            errors.append(_character_error(arg, bad))
+    return errors
+
+
+def _character_error(arg: str, bad: str) -> str:
+    import unicodedata
+
+    key, value = arg.split("=", 1)
+    category = unicodedata.category(bad)
+    name = unicodedata.name(bad, "a control character" if category == "Cc" else "unnamed")
+    fixed = "".join(str(unicodedata.digit(c)) if unicodedata.category(c) == "Nd" else
+                    "" if unicodedata.category(c) in ("Cc", "Cf") else unicodedata.normalize("NFKC", c) for c in value)
+    if category == "Nd":
+        hint = f"numbers take ASCII digits 0-9: {key}={fixed}"
+    elif category in ("Cc", "Cf"):
+        hint = f"it is an invisible control or formatting character; type the value without it: {key}={fixed}"
+    elif fixed.isascii() and fixed != value:
+        hint = f"write it in ASCII: {key}={fixed}"
+    else:
+        hint = f"unquoted values take ASCII only; quote a value (a name) that needs other characters: {key}='{value}'"
+    return f"{key.lstrip('+~')}: U+{ord(bad):04X} ({name}) is not allowed here; {hint}"

@@ -9,6 +9,9 @@ W&B is optional: results never depend on it, and it never stops or blocks a run.
   netrc); without them the run logs offline. The online attempt is bounded by `wandb.init_timeout`
   seconds; after it fails the run logs offline, into a fresh `<run>/wandb/offline-run-*` with the
   same W&B id, which `wandb sync <run>/wandb/offline-run-*` uploads later into the same W&B run.
+* An empty or unknown W&B environment variable (`export WANDB_MODE=`) counts as unset, with a warning; if
+  W&B still refuses to start (any mode but disabled), the run logs offline without W&B's environment
+  variables, so no W&B data is lost.
 * One W&B run per diffrun run: its id is kept in `<run>/wandb_id.txt` (`resume="allow"`), so a
   requeued job and an evaluation job (`diffrun-eval`, `job_type = "eval"`) continue it. One writer at a
   time: the process writing to that id holds `<run>/wandb/writer.lock`; an evaluation job that finds it
@@ -57,6 +60,16 @@ LINE_PLOTS = (("loss_mean", "mean loss E[ℓ | λ]"), ("loss_var", "loss varianc
               ("weight_mean", "effective weight E[w | λ]"))
 
 
+ENV_MODES = ("online", "offline", "disabled", "dryrun", "run")   # $WANDB_MODE values diffrun reads
+
+
+def env_mode() -> str | None:
+    """$WANDB_MODE when it is one of ENV_MODES; an empty or unknown value counts as unset (`unusable_environment`
+    says so)."""
+    mode = os.environ.get("WANDB_MODE", "").strip().lower()
+    return mode if mode in ENV_MODES else None
+
+
 def credentials_source() -> str | None:
     """Where W&B will find an API key without asking: `WANDB_API_KEY`, else the netrc entry `wandb login` writes
     for `$WANDB_BASE_URL` (read with W&B's own reader, no network); None when neither has one."""
@@ -78,7 +91,7 @@ def mode_reason(cfg_mode) -> str:
     """Why `resolve_mode` picks its mode, for the run's log: 'W&B online (credentials from ~/.netrc ...)'."""
     if cfg_mode is not None:
         return f"W&B {resolve_mode(cfg_mode)} (wandb.mode={option(cfg_mode)})"
-    if os.environ.get("WANDB_MODE"):
+    if env_mode():
         return f"W&B {resolve_mode(None)} ($WANDB_MODE={os.environ['WANDB_MODE']})"
     source = credentials_source()
     if source:
@@ -88,14 +101,25 @@ def mode_reason(cfg_mode) -> str:
 
 
 def resolve_mode(cfg_mode) -> str:
-    """online | offline | disabled: the config, else $WANDB_MODE, else online iff credentials are found."""
+    """online | offline | disabled: the config, else $WANDB_MODE (`env_mode`), else online iff credentials are
+    found."""
     if cfg_mode is None:
-        cfg_mode = os.environ.get("WANDB_MODE") or ("online" if credentials_source() else "disabled")
+        cfg_mode = env_mode() or ("online" if credentials_source() else "disabled")
     mode = option(cfg_mode)
     mode = {"dryrun": "offline", "run": "online"}.get(mode, mode)
     if mode not in ("online", "offline", "disabled"):
         raise ConfigError(f"wandb.mode={mode!r} (or $WANDB_MODE): allowed online, offline, disabled")
     return mode
+
+
+def unusable_environment() -> dict[str, str]:
+    """W&B's environment variables that W&B would refuse, stopping even an offline run: empty ones
+    (`export WANDB_MODE=`), and a $WANDB_MODE it does not know. diffrun treats them as unset."""
+    bad = {key: value for key, value in os.environ.items() if key.startswith("WANDB_") and not value.strip()}
+    mode = os.environ.get("WANDB_MODE", "")
+    if mode.strip() and mode.strip().lower() not in ENV_MODES:
+        bad["WANDB_MODE"] = mode
+    return bad
 
 
 def run_id(run_dir: Path, name: str, fresh: bool = False) -> str:
@@ -303,6 +327,10 @@ class WandbLogger(Callback):
                 mode = "offline"
         # Artifacts (tables) are staged before upload; keep them with the run instead of ~/.local/share.
         restore = {key: os.environ.get(key) for key in ("WANDB_DIR", "WANDB_DATA_DIR")}
+        for key, value in unusable_environment().items():
+            why = "empty" if not value.strip() else f"not a W&B mode (allowed {', '.join(ENV_MODES)})"
+            log.warning("$%s=%r is %s; treated as unset", key, value, why)
+            restore.setdefault(key, os.environ.pop(key))
         os.environ["WANDB_DIR"] = str(wandb_dir.parent)
         os.environ["WANDB_DATA_DIR"] = str(wandb_dir / "data")
         if mode == "online" and not cls._has_credentials(wandb):
@@ -312,7 +340,7 @@ class WandbLogger(Callback):
             mode = "offline"
         timeout = float(cfg.wandb.get("init_timeout", 10.0))
         run = error = None
-        before = set(wandb_dir.glob("run-*"))
+        before = set(wandb_dir.glob("*run-*"))          # earlier pieces' folders (offline-run-* too) stay
         try:
             run = cls._init(wandb, mode, kwargs, timeout)
         except Exception as exc:  # noqa: BLE001 - W&B must never stop training
@@ -322,6 +350,18 @@ class WandbLogger(Callback):
                         "upload later with `wandb sync %s/offline-run-*`", type(error).__name__,
                         (str(error).splitlines() or [""])[0], timeout, wandb_dir, wandb_dir)
             cls._abandon_online_attempt(wandb, set(wandb_dir.glob("run-*")) - before)
+            try:
+                run = cls._init(wandb, "offline", kwargs, timeout)
+            except Exception as exc:  # noqa: BLE001
+                error = exc
+        others = [key for key in os.environ if key.startswith("WANDB_") and key not in ("WANDB_DIR", "WANDB_DATA_DIR")]
+        if run is None and others:   # no W&B data lost to a setting W&B refuses: offline, under its defaults
+            log.warning("W&B could not start (%s: %s); logging offline to %s without the W&B environment variables "
+                        "%s — upload later with `wandb sync %s/offline-run-*`", type(error).__name__,
+                        (str(error).splitlines() or [""])[0], wandb_dir, ", ".join(sorted(others)), wandb_dir)
+            for key in others:
+                restore.setdefault(key, os.environ.pop(key))
+            cls._abandon_online_attempt(wandb, set(wandb_dir.glob("*run-*")) - before)
             try:
                 run = cls._init(wandb, "offline", kwargs, timeout)
             except Exception as exc:  # noqa: BLE001

@@ -157,16 +157,33 @@ def set_deterministic(on: bool, device: torch.device) -> None:
 
 
 def rng_state() -> dict:
+    """Every random stream's state as data a checkpoint can hold (`rng_as_data`)."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+    return rng_as_data(state)
+
+
+def rng_as_data(state: dict) -> dict:
+    """Python's and NumPy's RNG states (tuples holding an int tuple and an ndarray) as tensors and plain numbers,
+    which `torch.load(weights_only=True)` reads; a state already in this form is returned as it is."""
+    python, numpy = state["python"], state["numpy"]
+    if isinstance(python, tuple):
+        version, internal, gauss_next = python
+        python = {"version": version, "internal": torch.tensor(internal, dtype=torch.int64), "gauss_next": gauss_next}
+    if isinstance(numpy, tuple):
+        _, key, pos, has_gauss, gauss = numpy        # np.random.get_state(): ("MT19937", key, pos, has_gauss, gauss)
+        numpy = {"key": torch.from_numpy(np.asarray(key).astype(np.int64)), "pos": int(pos),
+                 "has_gauss": int(has_gauss), "gauss": float(gauss)}
+    return {**state, "python": python, "numpy": numpy}
 
 
 def set_rng_state(state: dict) -> None:
     """Restore `rng_state()`'s dict; its tensors may come from a checkpoint loaded to the CPU."""
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    python, numpy = state["python"], state["numpy"]
+    random.setstate((python["version"], tuple(python["internal"].tolist()), python["gauss_next"]))
+    np.random.set_state({"bit_generator": "MT19937", "has_gauss": numpy["has_gauss"], "gauss": numpy["gauss"],
+                         "state": {"key": numpy["key"].numpy().astype(np.uint32), "pos": numpy["pos"]}})
     torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
         cuda = [s.cpu() for s in state["cuda"]]

@@ -33,7 +33,8 @@ class RunState:
         self.cfg, self.parts, self.stats = cfg, parts, stats
         self.rank, self.world_size, self.interrupt = rank, world_size, interrupt
         self.checkpoints = ckpt.CheckpointManager(Path(run_dir) / "checkpoints", cfg.checkpoint.keep,
-                                                  bool(cfg.checkpoint.get("allow_unverified", False)))
+                                                  bool(cfg.checkpoint.get("allow_unverified", False)),
+                                                  bool(cfg.checkpoint.get("allow_pickle", False)))
         self.step = 0
         self.images_seen = 0
         self.nonfinite_total = 0             # steps skipped as non-finite (loss or gradient)
@@ -86,6 +87,13 @@ class RunState:
         else:  # world size changed since the checkpoint: fresh, distinct streams per rank
             seed_everything(self.cfg.seed + self.rank + 1_000_003 * self.step)
 
+    def init_from(self, path: str) -> None:
+        """Start from the weights of a diffrun-export file (`model.init_from`): the model and its EMA."""
+        from diffrun.training.export import load_into
+
+        load_into(self.parts.denoiser, path)
+        self.parts.ema.model.load_state_dict(self.parts.denoiser.state_dict())
+
     def weights_finite(self) -> bool:
         """Model and EMA weights are finite (a host sync: called at flushes and before saving)."""
         tensors = [t for m in (self.parts.denoiser, self.parts.ema.model) for t in m.parameters()]
@@ -125,7 +133,7 @@ class RunState:
             state, path = found
         else:
             path = Path(resume).expanduser()
-            state = ckpt.load(path, self.checkpoints.allow_unverified)
+            state = ckpt.load(path, self.checkpoints.allow_unverified, self.checkpoints.allow_pickle)
         check_checkpoint(state, path, self.cfg, force=resume == "force")
         self.load_state_dict(state)
         if path.parent == self.checkpoints.directory:

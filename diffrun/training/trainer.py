@@ -182,9 +182,13 @@ class Trainer:
             atomic_write(self.run_dir / "config.yaml", OmegaConf.to_yaml(self.cfg, resolve=True))
             atomic_write_json(self.run_dir / "provenance.json", provenance())
         resumed = self.state.resume()
+        init_from = None if resumed else self.cfg.model.get("init_from")
+        if init_from:
+            self.state.init_from(init_from)
         log.info("run %s: %s on %s, %s, %d params, strategy %s, %s", self.cfg.name, self.cfg.dataset.name, self.device,
                  self.autocast_dtype or "fp32", sum(p.numel() for p in self.denoiser.parameters()),
-                 self.strategy.describe(), f"resumed at step {self.step}" if resumed else "from scratch")
+                 self.strategy.describe(), f"resumed at step {self.step}" if resumed else
+                 f"from the weights of {init_from}" if init_from else "from scratch")
         self.write_status("running")
         self.events.start(self)
 
