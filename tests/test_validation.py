@@ -84,7 +84,7 @@ CASES = [
     (["eval.batch_size=0"], ["eval.batch_size=0"]),
     (["eval.kid_subset_size=0"], ["eval.kid_subset_size=0"]),
     (["eval.repeats=0"], ["eval.repeats=0"]),
-    (["eval.enabled=true", "eval.reference_stats=/nope/ref.npz"], ["eval.reference_stats='/nope/ref.npz'", "no such file"]),
+    (["eval.enabled=true", "eval.reference_stats=/nope/ref.npz", "eval.num_reference=null"], ["eval.reference_stats='/nope/ref.npz'", "no such file"]),
     (["eval.reference_stats=/nope/ref.npz", "eval.num_reference=10"], ["eval.num_reference=10", "set one of them"]),
     (["eval.seed=-3"], ["eval.seed=-3"]),
     (["eval.every_steps=-1"], ["eval.every_steps=-1"]),
