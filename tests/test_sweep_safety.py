@@ -105,7 +105,8 @@ def test_every_paper_command_names_the_gpu_slurm_preset():
     `-m` and `hydra/launcher=slurm_gpu`."""
     texts = [REPO / "README.md", *(REPO / "docs").glob("*.md"), *(REPO / "conf" / "experiment").glob("*.yaml")]
     commands = [line for path in texts for line in re.findall(r"diffrun (?:-m )?experiment=[^`\n]*", path.read_text())]
-    paper = [c for c in commands if not c.split("experiment=")[1].startswith(("smoke", "<"))]
+    on_this_machine = ("smoke", "calibration", "digits_study", "<")    # digits presets, run locally by design
+    paper = [c for c in commands if not c.split("experiment=")[1].startswith(on_this_machine)]
     assert len(paper) >= 8, paper
     wrong = [c for c in paper if not c.startswith("diffrun -m ") or "hydra/launcher=slurm_gpu" not in c]
     assert not wrong, wrong
