@@ -36,7 +36,7 @@ if [ "$MODE" = gpu ]; then
 else
   BUDGET_S=${BUDGET_S:-3000}         # a shared 2-core CPU; the sizes below are what makes it short
   SCALE=20                           # each stage's limit: twenty times the GPU's (a busy shared CPU)
-  XDIST=(-p no:xdist)
+  XDIST=(-n 0)                       # one process here (pyproject sets -n 2 for the fast tier)
   DEVICE=cpu
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 fi
