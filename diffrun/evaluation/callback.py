@@ -39,14 +39,18 @@ class FIDCallback(Callback):
         try:
             weights = resolve_inception_weights(settings.inception_weights, cache_dir=settings.cache_dir)
         except InceptionWeightsUnavailable as exc:
-            if option(settings.on_unavailable) == "fail":
-                raise
-            self.skipped_reason = str(exc).splitlines()[0]
-            if trainer.rank == 0:
-                log.warning("FID will be skipped (eval.on_unavailable=skip; =fail stops instead): %s", exc)
+            self._skip_or_raise(exc, trainer, "FID will be skipped (eval.on_unavailable=skip; =fail stops instead)")
             return
         if trainer.rank == 0:
             log.info("Inception weights for FID: %s (%s)", weights.path, weights.source)
+
+    def _skip_or_raise(self, exc: InceptionWeightsUnavailable, trainer, what: str) -> None:
+        """`eval.on_unavailable`: fail raises `exc`; skip remembers why, for the summary, and says so once."""
+        if option(trainer.cfg.eval.on_unavailable) == "fail":
+            raise exc
+        self.skipped_reason = str(exc).splitlines()[0]
+        if trainer.rank == 0:
+            log.warning("%s: %s", what, exc)
 
     def every_steps(self, trainer) -> int:
         return trainer.cfg.eval.every_steps if trainer.cfg.eval.enabled else 0
@@ -58,11 +62,7 @@ class FIDCallback(Callback):
         try:
             record = evaluate(trainer, settings)
         except InceptionWeightsUnavailable as exc:
-            if option(settings.on_unavailable) == "fail":
-                raise
-            self.skipped_reason = str(exc).splitlines()[0]
-            if trainer.rank == 0:
-                log.warning("FID skipped (eval.on_unavailable=skip): %s", exc)
+            self._skip_or_raise(exc, trainer, "FID skipped (eval.on_unavailable=skip)")
             return {}
         if record is None:   # a rank other than 0: its share is sampled, rank 0 reports
             self.last_step = trainer.step
