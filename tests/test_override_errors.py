@@ -80,3 +80,16 @@ def test_cli_says_the_typos_in_one_line(tmp_path):
         lines = (proc.stdout + proc.stderr).strip().splitlines()
         assert proc.returncode == 1 and len(lines) == 1 and expected in lines[0], lines
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("override, allowed", [
+    ("eval.sampler=dim", "expected one of [ddim, ddpm, ddpm_continuous, heun]"),
+    ("eval.ddpm_variance=learnt", "expected one of [fixed_large, fixed_small, learned]"),
+    ("train.tf32=maybe", "Value 'maybe' is not a valid bool"),
+    ("checkpoint.allow_pickle=maybe", "Value 'maybe' is not a valid bool"),
+])
+def test_a_wrong_value_names_what_is_allowed_in_one_line(override, allowed):
+    """Hydra's "Error merging override K=V" keeps OmegaConf's reason: the key, the value and what is allowed."""
+    message = override_error(hydra_failure([override]), [override])
+    assert message == f"Error merging override {override}: {message.split(': ', 1)[1]}" and "\n" not in message
+    assert allowed in message

@@ -119,4 +119,7 @@ def override_error(exc: BaseException, overrides: list[str], config_dirs: list[s
         return (f"_target_={target} does not import ({text.splitlines()[-1].strip()}): its module must be on "
                 f"PYTHONPATH (PYTHONPATH=. diffrun ... from the folder that holds it) or in the package of a "
                 f"-cd config folder")
-    return " ".join(text.split("\n")[0].split())
+    first = " ".join(text.split("\n")[0].split())
+    if isinstance(exc.__cause__, OmegaConfBaseException):   # "Error merging override K=V": OmegaConf says why
+        return f"{first}: {' '.join(str(exc.__cause__).splitlines()[0].split())}"
+    return first
