@@ -134,6 +134,27 @@ def test_disk_full_keeps_previous_checkpoint(make_cfg, tmp_path, monkeypatch):
     assert manager.load_latest()[0]["step"] == 3
 
 
+def test_a_kill_between_pointer_and_file_resumes_from_the_newest_complete_file(make_cfg, tmp_path, monkeypatch):
+    """save() writes latest.json first: a process killed before the new file lands leaves the pointer naming
+    a file that is not there, and resume takes the newest complete file (no finished step is lost)."""
+    train(make_cfg(["train.steps=3", "checkpoint.every_steps=0"]), tmp_path)
+    manager = CheckpointManager(tmp_path / "checkpoints")
+    real_write = ckpt_module.atomic_write
+
+    def killed(path, data):
+        if path.suffix == ".pt":
+            raise KeyboardInterrupt  # stands in for SIGKILL between the two writes
+        return real_write(path, data)
+
+    monkeypatch.setattr(ckpt_module, "atomic_write", killed)
+    with pytest.raises(KeyboardInterrupt):
+        manager.save({"step": 99}, 99)
+    monkeypatch.setattr(ckpt_module, "atomic_write", real_write)
+    assert json.loads((manager.directory / "latest.json").read_text())["step"] == 99
+    state, path = manager.load_latest()
+    assert state["step"] == 3 and path == manager.list()[-1]
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     """A real 4 MiB tmpfs (root only): room for one unet_tiny checkpoint (2.8 MB), not two."""

@@ -3,10 +3,10 @@
 A checkpoint file is `torch.save(state)` followed by a 72-byte trailer, `DRSHA256` + the hex SHA-256 of
 everything before it, so its integrity travels inside the file (no side file to lose). Files are
 written atomically (`diffrun.files`); `latest.json` points at the newest one (k-diffusion's
-`{name}_state.json`) and resume reads it first. A file that fails its check is skipped with a warning
-for the previous one; when none verifies, loading stops and says so. Files are always loaded to the
-CPU (the caller moves tensors), so RNG states stay CPU tensors and a checkpoint written on one GPU
-loads on another or on none.
+`{name}_state.json`) and resume reads it first when the file it names exists. A file that fails its check
+is skipped with a warning for the previous one; when none verifies, loading stops and says so. Files are
+always loaded to the CPU (the caller moves tensors), so RNG states stay CPU tensors and a checkpoint
+written on one GPU loads on another or on none.
 
 A checkpoint is data, never code: tensors, numbers, strings, lists and dicts (RNG states as tensors), read
 with `torch.load(weights_only=True)`, whose unpickler builds no other object and calls no function. A file
@@ -159,8 +159,11 @@ class CheckpointManager:
         path = self.path_for(step)
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            atomic_write(path, encode(state))
+            # The pointer goes first: a kill between the two writes then leaves it naming a file that is not
+            # there, and resume takes the newest file, which is complete (atomic). The other order would send
+            # resume back to the previous checkpoint and lose the steps since.
             atomic_write_json(self.directory / POINTER, {"path": path.name, "step": step})
+            atomic_write(path, encode(state))
         except OSError as exc:
             why = "the disk is full" if is_no_space(exc) else (exc.strerror or str(exc))
             raise CheckpointError(
