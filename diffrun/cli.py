@@ -19,15 +19,14 @@ from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, OmegaConf
 
 from diffrun import conf_dir
-from diffrun.config import DistConfig, register_configs, validate
+from diffrun.config import DistConfig
 from diffrun.errors import DiffrunError
-from diffrun.launching.hydra_node import register_resolvers
+from diffrun.launching.hydra_node import register_app
 
 log = logging.getLogger("diffrun")
 CONF_DIR = str(conf_dir())
 
-register_configs()
-register_resolvers()   # ${diffrun.app:...} and the --help text in conf/config.yaml's hydra node
+register_app()
 
 
 class JobFailed(DiffrunError, CompactHydraException):
@@ -50,7 +49,7 @@ def read_status(run_dir: Path) -> dict:
 def train(cfg: DictConfig, run_dir: Path | None = None) -> dict:
     """Train one run in `run_dir`. A run that finished is skipped (idempotent sweeps), a run with checkpoints
     resumes; a directory that holds another run, or is being trained by another process, stops before any work."""
-    from diffrun.launching import distributed
+    from diffrun import distributed
     from diffrun.training.environment import resolve_device
 
     run_dir = Path(run_dir or run_dir_of(cfg))
@@ -67,15 +66,13 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict:
 
 
 def _train_rank(cfg: DictConfig, run_dir: Path, is_main: bool) -> dict:
-    from diffrun.config import validate
-    from diffrun.launching import distributed
+    from diffrun import distributed
     from diffrun.launching.sweep import concurrent_jobs
     from diffrun.training.environment import set_cpu_threads
     from diffrun.training.identity import RunMismatchError
     from diffrun.training.run_directory import RunDirectory
     from diffrun.training.trainer import Trainer
 
-    validate(cfg)
     jobs, launcher = concurrent_jobs()   # the jobs and ranks that share this machine's CPUs with this process
     set_cpu_threads(jobs * distributed.local_processes(), launcher if jobs > 1 else "")
     directory = RunDirectory(run_dir)
@@ -169,19 +166,19 @@ def hydra_args():
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def hydra_main(cfg: DictConfig) -> float | None:
-    from diffrun.launching import distributed
-    from diffrun.launching.preflight import remove_hydra_leftovers, shorten_warmup
+    from diffrun import distributed
+    from diffrun.launching.preflight import checked_in_this_process, remove_hydra_leftovers
+    from diffrun.validation import validate
     from diffrun.launching.sweep import pin_sweep_name, record_job_start
 
     pin_sweep_name(cfg)
     hydra_cfg = HydraConfig.get()
     try:
-        # A single run was checked before Hydra made its folder (launching/preflight.py); a multirun job is
-        # checked here too, on the machine it runs on (a SLURM node's devices and paths).
-        note = shorten_warmup(cfg)
-        if note:
-            log.info("%s", note)
-        validate(cfg)
+        # Once per process: a single run and the jobs of a local multirun were checked before Hydra made their
+        # folders (launching/preflight.py); a job that starts in a process of its own (a SLURM job on its node,
+        # a torchrun rank) is checked here, with that machine's devices and paths.
+        if not checked_in_this_process(None if hydra_cfg.mode.name == "RUN" else hydra_cfg.job.num):
+            validate(cfg)
     except DiffrunError as exc:
         log.error("%s", exc)
         remove_hydra_leftovers(Path(hydra_cfg.runtime.output_dir), hydra_cfg.job.name)

@@ -57,7 +57,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:                      # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(ROOT))
 
-from diffrun.config import build, validate         # noqa: E402
+from diffrun.building import build         # noqa: E402
+from diffrun.validation import validate         # noqa: E402
 from diffrun.data import ArraySource               # noqa: E402
 
 # Dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, from the vendors' data sheets. Matched as substrings

@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from diffrun.data.latents import DTYPES, POSTERIORS, encode_images, load_vae  # noqa: E402
-from diffrun.data.loaders import LABELS, load_cifar, load_image_folder, load_imagenet64  # noqa: E402
+from diffrun.data.cifar import load_cifar  # noqa: E402
+from diffrun.data.loaders import LABELS, load_image_folder, load_imagenet64  # noqa: E402
 from diffrun.errors import DiffrunError  # noqa: E402
 
 

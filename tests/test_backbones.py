@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffrun.config import build
+from diffrun.building import build
 from diffrun.errors import ConfigError
 from diffrun.models.dit import DiT, dit_variant
 from diffrun.models.parameterization import Denoiser

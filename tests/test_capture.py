@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from diffrun.config import build, validate
+from diffrun.building import build
+from diffrun.validation import validate
 from diffrun.errors import ConfigError
 from diffrun.training.capture import CapturedStep, DeviceDecayEMA, host_hooks
 from diffrun.training.ema import EMA, lerp_on_device_

@@ -8,7 +8,8 @@ from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from diffrun.cli import CONF_DIR
-from diffrun.config import build, validate
+from diffrun.building import build
+from diffrun.validation import validate
 from diffrun.errors import ConfigError
 from diffrun.models.parameterization import Denoiser
 

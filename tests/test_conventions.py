@@ -16,9 +16,9 @@ import pytest
 from omegaconf import OmegaConf
 
 from diffrun.cli import closing_summary
-from diffrun.config import validate
+from diffrun.validation import validate
 from diffrun.errors import ConfigError
-from diffrun.launching import distributed
+from diffrun import distributed
 from diffrun.launching.hydra_node import header_line, option_lines
 from diffrun.launching.preflight import shorten_warmup
 from diffrun.launching.sweep import planned_jobs

@@ -7,7 +7,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from diffrun.config import validate
+from diffrun.validation import validate
 from diffrun.data import (EpochOrder, InMemoryImages, StreamingData, load_celeba, load_cifar, load_digits,
                           load_image_folder, load_imagenet64, load_latents, place)
 from diffrun.data import placement as placement_module
@@ -421,7 +421,7 @@ def test_ddp_ranks_stream_their_own_shards(tmp_path):
     """Two gloo ranks streaming: one model, and the checkpoint's stream position counts each rank's items."""
     import torch.multiprocessing as mp
 
-    from diffrun.launching import distributed
+    from diffrun import distributed
     from diffrun.training.checkpoint import CheckpointManager
     from test_distributed import BATCH, STEPS, _rank_main
 

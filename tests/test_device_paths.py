@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from diffrun.data.augment import PAD_STEP, AugmentPipe
 from diffrun.errors import ConfigError
 from diffrun.evaluation import protocol
-from diffrun.launching import distributed
-from diffrun.launching.distributed import DistInfo
+from diffrun import distributed
+from diffrun.distributed import DistInfo
 from diffrun.strategies.adaptive_timestep import AveragePoolTo
 from diffrun.training.ema import lerp_on_device_
 from diffrun.training.environment import resolve_precision

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from diffrun.launching import distributed
+from diffrun import distributed
 from diffrun.monitoring.metrics import read_jsonl
 from diffrun.training.checkpoint import CheckpointManager
 

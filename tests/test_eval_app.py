@@ -20,12 +20,12 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from diffrun.cli import CONF_DIR, train
-from diffrun.config import validate
+from diffrun.validation import validate
 from diffrun.errors import ConfigError
 from diffrun.evaluation.checkpoint_eval import checkpoint_config, evaluate_checkpoint, load_checkpoint
 from diffrun.evaluation.cli import ValidateBeforeEvaluation, with_group_keys_added
 from diffrun.evaluation.fid import reference_cache_name
-from diffrun.data.loaders import load_cifar
+from diffrun.data.cifar import load_cifar
 from diffrun.evaluation.inception import default_cache_dir, fid_helper_source
 from diffrun.evaluation.reference import (FEATURE_DIM, check_reference_count, read_reference_statistics,
                                           reference_images)

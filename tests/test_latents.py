@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from diffrun.cli import train
-from diffrun.config import validate
+from diffrun.validation import validate
 from diffrun.data import LatentSource, balanced_labels, drop_labels, load_latents
 from diffrun.data.latents import read_meta
 from diffrun.errors import ConfigError, DataError

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from diffrun.config import validate
+from diffrun.validation import validate
 from diffrun.errors import ConfigError
 from diffrun.models.learned_variance import (DiscretePosterior, discretized_gaussian_log_likelihood,
                                              hybrid_vb_term)

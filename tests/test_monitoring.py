@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from diffrun.cli import train
-from diffrun.monitoring.logsnr_stats import LogSNRStats
+from diffrun.training.logsnr_stats import LogSNRStats
 from diffrun.monitoring.metrics import read_jsonl
 from diffrun.monitoring.plots import DPI, main as plot_main
 from diffrun.files import atomic_write

@@ -11,7 +11,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
 from diffrun.cli import CONF_DIR
-from diffrun.config import validate
+from diffrun.validation import validate
 from diffrun.errors import ConfigError
 from diffrun.launching.overrides import override_error
 

@@ -21,7 +21,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from diffrun.cli import CONF_DIR
-from diffrun.config import validate
+from diffrun.validation import validate
 from diffrun.launching.preflight import shorten_warmup
 
 from conftest import compose_config

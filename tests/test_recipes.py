@@ -12,7 +12,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from diffrun.config import kimg_to_steps, validate
+from diffrun.config import kimg_to_steps
+from diffrun.validation import validate
 from diffrun.data.augment import AugmentDraw, AugmentPipe, translation
 from diffrun.errors import ConfigError
 from diffrun.training.ema import EMA

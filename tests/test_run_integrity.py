@@ -17,7 +17,8 @@ from diffrun.monitoring.metrics import read_jsonl
 from diffrun.training import checkpoint as ckpt
 from diffrun.training.callbacks import Callback
 from diffrun.training.checkpoint import CheckpointManager
-from diffrun.training.identity import RunMismatchError, fingerprint, fingerprint_of, trained_config
+from diffrun.fingerprint import fingerprint, fingerprint_of, trained_config
+from diffrun.training.identity import RunMismatchError
 from diffrun.training.run_directory import RunDirectory, RunLockedError
 from diffrun.training.trainer import NonFiniteLossError, Trainer
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from diffrun.config import build
+from diffrun.building import build
 from diffrun.errors import ConfigError
 from diffrun.schedules import (CosineSchedule, EDMSchedule, LinearSchedule, QuadSchedule, ShiftedCosineSchedule,
                                alpha_sigma)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffrun.config import build
+from diffrun.building import build
 from diffrun.errors import ConfigError
 from diffrun.models.parameterization import Denoiser
 from diffrun.models.song_unet import OUTPUT_INIT_GAIN, SongUNet

@@ -14,7 +14,7 @@ from torch import nn
 import diffrun.strategies as S
 
 GOOD = torch.tensor(True)   # the step the strategy is told about was applied
-from diffrun.config import build
+from diffrun.building import build
 from diffrun.models.parameterization import PREDICTIONS, Denoiser
 from diffrun.errors import ConfigError
 from diffrun.schedules import (CosineSchedule, EDMSchedule, LinearSchedule, QuadSchedule, ShiftedCosineSchedule,

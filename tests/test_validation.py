@@ -16,9 +16,13 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
 from diffrun.cli import CONF_DIR
-from diffrun.config import RunConfig, validate
+from diffrun.config import RunConfig
+from diffrun.validation import validate
 from diffrun.launching.preflight import ValidateBeforeRun, remove_hydra_leftovers
-from diffrun.validation import GROUP_KEYS, RANGES, SAMPLER_OPTION_KEYS, target_parameters
+from diffrun.building import target_parameters
+from diffrun.config import GROUP_NODES
+from diffrun.sampling import SamplerOptions
+from diffrun.validation import declared_ranges
 
 from conftest import FAST, write_image_folder
 
@@ -212,17 +216,18 @@ def compose_run(overrides, tmp):
 def no_data_reads(monkeypatch):
     """Any loader call fails the test: the checks must not read the dataset."""
     import diffrun.data
+    import diffrun.data.cifar as cifar
     import diffrun.data.loaders as loaders
 
     def forbidden(original):
-        @functools.wraps(original)  # the same signature, which the key checks read
+        @functools.wraps(original)  # the same signature and checks, which validation reads
         def loader(*args, **kwargs):
             raise AssertionError(f"validation called {original.__name__}")
         return loader
 
-    for name in ("load_digits", "load_cifar", "load_image_folder"):
-        monkeypatch.setattr(loaders, name, forbidden(getattr(loaders, name)))
-        monkeypatch.setattr(diffrun.data, name, getattr(loaders, name))
+    for module, name in ((loaders, "load_digits"), (cifar, "load_cifar"), (loaders, "load_image_folder")):
+        monkeypatch.setattr(module, name, forbidden(getattr(module, name)))
+        monkeypatch.setattr(diffrun.data, name, getattr(module, name))
 
 
 def test_the_table_is_large():
@@ -288,8 +293,12 @@ def test_every_number_of_the_schema_has_a_range():
             elif any(t in str(f.type) for t in ("int", "float")):
                 yield f"{prefix}{f.name}"
 
-    sampler_keys = {f"{section}.{key}" for section in ("sample", "eval") for key in SAMPLER_OPTION_KEYS}
-    assert sorted(numbers(RunConfig)) == sorted({*RANGES, *sampler_keys})
+    # the sampler's numbers are checked by their owner, SamplerOptions (one statement of their ranges)
+    sampler_keys = {f"{section}.{f.name}" for section in ("sample", "eval") for f in fields(SamplerOptions)
+                    if f.name != "steps"}
+    ranged = {key for key, _, _ in declared_ranges() if key.split(".")[0] not in GROUP_NODES}
+    assert sorted(numbers(RunConfig)) == sorted(ranged | (sampler_keys & set(numbers(RunConfig))))
+    assert not ranged & sampler_keys                       # each range stated once
 
 
 def test_leftovers_of_a_refused_job_go_and_an_earlier_run_stays(tmp_path):
@@ -356,7 +365,7 @@ def existing_keys() -> frozenset[str]:
             keys |= set(walk(compose(config_name="config", overrides=overrides, return_hydra_config=True), ""))
     GlobalHydra.instance().clear()
     # a group's optional keys, which no shipped option may set (+model.init_from=...)
-    keys |= {f"{group}.{key}" for group, (required, optional) in GROUP_KEYS.items() for key in (*required, *optional)}
+    keys |= {f"{group}.{f.name}" for group, node in GROUP_NODES.items() for f in fields(node)}
     return frozenset(keys)
 
 

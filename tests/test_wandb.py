@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffrun.monitoring.logsnr_stats import LogSNRStats
+from diffrun.training.logsnr_stats import LogSNRStats
 from diffrun.monitoring.wandb_logger import (
     ID_FILE, STEP_METRIC, WandbLogger, WriterLock, band_scalars, group_name, resolve_mode, run_id)
 

@@ -4,7 +4,8 @@ from diffrun.data.base import ArraySource, Source
 from diffrun.data.device import InMemoryImages
 from diffrun.data.labels import balanced_labels, drop_labels
 from diffrun.data.latents import LatentSource, encode_images, load_latents
-from diffrun.data.loaders import load_celeba, load_cifar, load_digits, load_image_folder, load_imagenet64
+from diffrun.data.cifar import load_cifar
+from diffrun.data.loaders import load_celeba, load_digits, load_image_folder, load_imagenet64
 from diffrun.data.order import EpochOrder
 from diffrun.data.placement import place
 from diffrun.data.streaming import StreamingData

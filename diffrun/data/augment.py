@@ -237,3 +237,22 @@ def _downsample2x(images: Tensor) -> Tensor:
     taps, pad = _filter(images, reverse=False), (len(SYM6) - 1) // 2
     images = F.conv2d(images, taps.unsqueeze(2), groups=c, stride=(1, 2), padding=(0, pad))   # along x
     return F.conv2d(images, taps.unsqueeze(3), groups=c, stride=(2, 1), padding=(pad, 0))      # along y
+
+
+def check_settings(augment: dict, net: dict, model_name: str) -> None:
+    """With augmentation on, the network must take its labels, exactly as many as the enabled transforms give."""
+    if augment['p'] == 0:
+        if (net.get("augment_dim") or 0) > 0:
+            raise ConfigError(f"model.net.augment_dim={net['augment_dim']} but augment.p=0: the network would "
+                              f"never be given augmentation labels; set augment.p>0 (EDM: 0.12) or "
+                              f"model.net.augment_dim=0")
+        return
+    pipe = AugmentPipe(**augment)
+    if "augment_dim" not in net:
+        raise ConfigError(f"augment.p={augment['p']} needs a network that takes augmentation labels "
+                          f"(model.net.augment_dim, EDM's SongUNet: model=edm_ddpmpp_cifar10); model={model_name} "
+                          f"has none; set augment.p=0")
+    if net['augment_dim'] != pipe.label_dim:
+        raise ConfigError(f"model.net.augment_dim={net['augment_dim']} but the enabled augmentations "
+                          f"({', '.join(pipe.enabled)}) give {pipe.label_dim} labels: set "
+                          f"model.net.augment_dim={pipe.label_dim}")

@@ -20,13 +20,18 @@ import contextlib
 import json
 import math
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from diffrun.checks import POSITIVE, Interval, check_number, show
+from diffrun.config import NOT_TRAINED
 from diffrun.data.base import LATENTS, Source, pixels_to_input
-from diffrun.errors import DataError
+from diffrun.data.loader_checks import LoaderChecks, Needs, checked_by
+from diffrun.data.loaders import ImageFileSource, image_files
+from diffrun.errors import ConfigError, DataError
 from diffrun.files import atomic_path, atomic_write_json
 
 FORMAT, VERSION = "diffrun-latents", 1
@@ -195,8 +200,6 @@ class LatentSource(Source):
             raise DataError(f"dataset {self.name} holds latents, and FID compares pixels: set "
                             f"dataset.loader.reference_root=<folder of the original images> or "
                             f"eval.reference_stats=<precomputed Inception statistics>")
-        from diffrun.data.loaders import ImageFileSource, image_files
-
         root = Path(self.reference_root).expanduser()
         files = image_files(root, "dataset.loader.reference_root")
         size, channels = self.meta["image_size"], self.meta["image_channels"]
@@ -204,8 +207,35 @@ class LatentSource(Source):
         return images.reference_images(count, seed)
 
 
-def load_latents(root: str, random_flip: bool = False, scale_factor: float | None = None, vae: str | None = None,
-                 reference_root: str | None = None) -> LatentSource:
+def _values(spec: dict, dataset: dict) -> None:
+    check_number("dataset.channels", dataset["channels"], POSITIVE, integer=True)
+    check_number("dataset.loader.scale_factor", spec.get("scale_factor"),
+                 Interval(0, low_open=True, note="or null: the latent folder's own"))
+
+
+def _files(spec: dict, dataset: dict, key: str, needs: Needs) -> None:
+    """meta.json agrees with the config (shape, scale factor, classes); the VAE that decodes samples is on this
+    machine when images are made; FID has a pixel reference (the original images, or statistics)."""
+    meta = read_meta(spec["root"], key)
+    check_meta(meta, spec["root"], dataset["channels"], dataset["image_size"], spec.get("scale_factor"),
+               dataset.get("num_classes", 0))
+    vae = spec.get("vae") or meta["vae"]
+    if needs.decoded and vae_location(vae) is None:
+        raise DataError(missing_vae_message(vae, "dataset.loader.vae"))
+    reference = spec.get("reference_root")
+    if needs.fid_reference and reference is None:
+        raise ConfigError("eval.enabled=true on latents: FID compares pixels, so it needs "
+                          "dataset.loader.reference_root=<folder of the original images> or "
+                          "eval.reference_stats=<precomputed statistics>; or set eval.enabled=false")
+    if needs.fid and reference is not None and not Path(reference).expanduser().is_dir():
+        raise DataError(f"dataset.loader.reference_root={show(reference)} is not a directory; allowed the folder "
+                        f"of the original images the latents were encoded from")
+
+
+@checked_by(LoaderChecks(values=_values, files=_files))
+def load_latents(root: Annotated[str, NOT_TRAINED], random_flip: bool = False, scale_factor: float | None = None,
+                 vae: Annotated[str | None, NOT_TRAINED] = None,
+                 reference_root: Annotated[str | None, NOT_TRAINED] = None) -> LatentSource:
     """A latent folder written by scripts/encode_latents.py. `random_flip`: each draw takes the latent of the
     image or of its mirror at random; `scale_factor` must equal the folder's; `vae`: the decoder (None: the
     one that encoded them); `reference_root`: the original images, the FID reference."""

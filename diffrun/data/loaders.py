@@ -2,7 +2,7 @@
 pixels waits for the placement where the format allows (image files are decoded when they are needed).
 
     load_digits        scikit-learn's bundled digits (no download)
-    load_cifar         CIFAR-10/100, the official python-pickle release (torchvision downloads and verifies it)
+    load_cifar         CIFAR-10/100, the official python-pickle release (diffrun/data/cifar.py)
     load_image_folder  any folder of PNG/JPEG images, optionally labelled by sub-folder or EDM's dataset.json
     load_imagenet64    downsampled ImageNet 64×64: the `Imagenet64_train_npz` release, or an image folder
     load_celeba        CelebA aligned images with ScoreSDE's 140-px centre crop
@@ -10,18 +10,19 @@ pixels waits for the placement where the format allows (image files are decoded 
 """
 from __future__ import annotations
 
-import logging
-
 import json
-import pickle
+import logging
 import zipfile
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
 
+from diffrun.checks import POSITIVE, check_choice, check_number, show
+from diffrun.config import NOT_TRAINED
 from diffrun.data.base import ArraySource, Source, seeded_subset
-from diffrun.data.latents import load_latents
+from diffrun.data.loader_checks import LoaderChecks, Needs, checked_by
 from diffrun.data.transforms import center_crop_arr, central_crop_resize, resize_uint8
 from diffrun.errors import ConfigError, DataError
 
@@ -29,6 +30,28 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 LABELS = ("none", "subfolder", "dataset_json")   # dataset.loader.labels of image folders
 
 
+def _digits_values(spec: dict, dataset: dict) -> None:
+    check_choice("dataset.channels", dataset["channels"], (1, 3))
+    if dataset["channels"] != 1:
+        raise ConfigError(f"dataset.channels={dataset['channels']}: the digits are grayscale; allowed 1")
+
+
+def _rgb(name: str):
+    def check(spec: dict, dataset: dict) -> None:
+        check_choice("dataset.channels", dataset["channels"], (1, 3))
+        if dataset["channels"] != 3:
+            raise ConfigError(f"dataset.channels={dataset['channels']}: {name} is RGB; allowed 3")
+    return check
+
+
+def _folder_exists(what: str):
+    def check(spec: dict, dataset: dict, key: str, needs: Needs) -> None:
+        if not Path(spec["root"]).expanduser().is_dir():
+            raise DataError(f"{key}={show(spec['root'])} is not a directory; allowed {what}")
+    return check
+
+
+@checked_by(LoaderChecks(values=_digits_values, labels=True))
 def load_digits(image_size: int = 16, random_flip: bool = False) -> ArraySource:
     """scikit-learn's bundled 8×8 handwritten digits (1,797 images, labels 0-9, no download), resized to `image_size`."""
     from sklearn.datasets import load_digits as sk_load_digits
@@ -36,91 +59,6 @@ def load_digits(image_size: int = 16, random_flip: bool = False) -> ArraySource:
     digits = sk_load_digits()
     images = torch.from_numpy(digits.images).float().mul(255.0 / 16.0).round().to(torch.uint8)[:, None]
     return ArraySource(resize_uint8(images, image_size), "digits", random_flip, labels=digits.target)
-
-
-# --- CIFAR -----------------------------------------------------------------------------------------
-CIFAR_RELEASES = ("cifar10", "cifar100")
-CIFAR_SPLITS = ("train", "test")
-CIFAR_SHAPE = (3, 32)   # (channels, image size) of every CIFAR image; the loader does not resize
-
-
-def _cifar_release(release: str):
-    """torchvision's class for the release: its archive URL, md5 and batch file names."""
-    from torchvision.datasets import CIFAR10, CIFAR100
-
-    if release not in CIFAR_RELEASES:
-        raise ConfigError(f"dataset.loader.release={release!r}: allowed {', '.join(CIFAR_RELEASES)}")
-    return {"cifar10": CIFAR10, "cifar100": CIFAR100}[release]
-
-
-def cifar_folder(release: str) -> str:
-    return _cifar_release(release).base_folder
-
-
-def cifar_archive(release: str) -> tuple[str, str]:
-    """(archive file name, URL) of the official release."""
-    kind = _cifar_release(release)
-    return kind.filename, kind.url
-
-
-def cifar_paths(release: str, root: str, split: str = "train") -> list[Path]:
-    """The batch files `load_cifar` reads: `<root>/<folder in the archive>/<file>`."""
-    kind = _cifar_release(release)
-    files = kind.train_list if split == "train" else kind.test_list
-    return [Path(root).expanduser() / kind.base_folder / name for name, _md5 in files]
-
-
-def load_cifar(release: str, root: str, split: str = "train", download: bool = True,
-               random_flip: bool = True, limit: int | None = None) -> ArraySource:
-    """The official python-pickle release of CIFAR-10/100, read from `root/<folder>/`; with `download`, a missing
-    release is fetched by torchvision, which verifies the archive's md5 before extracting it."""
-    kind = _cifar_release(release)
-    if split not in CIFAR_SPLITS:
-        raise ConfigError(f"dataset.loader.split={split!r}: allowed {', '.join(CIFAR_SPLITS)}")
-    root_path = Path(root).expanduser()
-    paths = cifar_paths(release, root, split)
-    archive, url = cifar_archive(release)
-    if not all(p.exists() for p in paths) and download:
-        from torchvision.datasets.utils import download_and_extract_archive
-
-        try:
-            download_and_extract_archive(kind.url, str(root_path), filename=kind.filename, md5=kind.tgz_md5)
-        except Exception as exc:  # offline machines and compute nodes: say exactly what to provide
-            missing = [str(p) for p in paths if not p.exists()]
-            raise DataError(
-                f"{release} not found and could not be downloaded ({type(exc).__name__}: {exc}).\n"
-                f"Missing: {', '.join(missing)}\n"
-                f"Fix: download {url} on a machine with internet and extract it so that "
-                f"{root_path / kind.base_folder}/ holds {', '.join(p.name for p in paths)}, e.g.\n"
-                f"    tar -xzf {archive} -C {root_path}\n"
-                f"or point dataset.loader.root=/path/containing/{kind.base_folder}"
-            ) from exc
-    missing = [str(p) for p in paths if not p.exists()]
-    if missing:
-        raise DataError(
-            f"{release} not found: missing {', '.join(missing)}. Extract {archive} ({url}) into "
-            f"{root_path}, or set dataset.loader.root to the folder that contains {kind.base_folder}/ "
-            f"(or dataset.loader.download=true to fetch it when online)"
-        )
-    label_key = b"labels" if release == "cifar10" else b"fine_labels"
-    chunks, labels = [], []
-    for path in paths:
-        try:
-            with open(path, "rb") as fh:
-                entry = pickle.load(fh, encoding="bytes")
-            data = np.asarray(entry[b"data"], dtype=np.uint8)
-            chunks.append(data.reshape(-1, CIFAR_SHAPE[0], CIFAR_SHAPE[1], CIFAR_SHAPE[1]))
-            labels.append(np.asarray(entry[label_key]))
-        except Exception as exc:
-            raise DataError(
-                f"{path} is not a readable CIFAR python batch ({type(exc).__name__}: {exc}); "
-                f"the file may be truncated: re-extract {archive}"
-            ) from exc
-    images = torch.from_numpy(np.concatenate(chunks))
-    targets = np.concatenate(labels)
-    if limit:
-        images, targets = images[:limit], targets[:limit]
-    return ArraySource(images, f"{release}-{split}", random_flip, labels=targets)
 
 
 # --- image files -----------------------------------------------------------------------------------
@@ -243,7 +181,25 @@ def folder_labels(root: Path, files: list[Path], labels: str) -> np.ndarray | No
     return np.array([table[p.relative_to(root).as_posix()] for p in files], dtype=np.int64)
 
 
-def load_image_folder(root: str, image_size: int, channels: int = 3, random_flip: bool = True,
+def _image_folder_values(spec: dict, dataset: dict) -> None:
+    check_choice("dataset.channels", dataset["channels"], (1, 3))
+    check_choice("dataset.loader.labels", spec.get("labels", "none"), LABELS)
+    if spec.get("resize") and spec.get("center_crop"):
+        raise ConfigError("dataset.loader.resize=true and dataset.loader.center_crop=true: allowed one of them")
+
+
+def _image_folder_files(spec: dict, dataset: dict, key: str, needs: Needs) -> None:
+    root, kinds = Path(spec["root"]).expanduser(), "/".join(s.lstrip(".") for s in IMAGE_SUFFIXES)
+    if not root.is_dir():
+        raise DataError(f"{key}={show(spec['root'])} is not a directory; allowed a folder of {kinds} images")
+    if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in root.rglob("*")):
+        raise DataError(f"{key}={show(spec['root'])} holds no images; allowed a folder of {kinds} images "
+                        f"(searched recursively)")
+
+
+@checked_by(LoaderChecks(values=_image_folder_values, files=_image_folder_files,
+                         labels=lambda spec: spec.get("labels", "none") != "none"))
+def load_image_folder(root: Annotated[str, NOT_TRAINED], image_size: int, channels: int = 3, random_flip: bool = True,
                       resize: bool = False, center_crop: bool = False, labels: str = "none") -> ImageFileSource:
     """Every PNG/JPEG under `root` (recursively). Images must already be `image_size` square, unless
     `resize=true` (resized without a crop) or `center_crop=true` (ADM's centre crop)."""
@@ -321,7 +277,14 @@ NPZ_NOT_CENTRE_CROPPED = (
     "dataset_tool output")
 
 
-def load_imagenet64(root: str, split: str = "train", image_size: int = 64, random_flip: bool = True) -> Source:
+def _imagenet64_values(spec: dict, dataset: dict) -> None:
+    check_choice("dataset.loader.split", spec.get("split", "train"), ("train", "val"))
+    _rgb("ImageNet")(spec, dataset)
+
+
+@checked_by(LoaderChecks(values=_imagenet64_values, labels=True,
+                         files=_folder_exists("the folder docs/data.md describes for dataset=imagenet64")))
+def load_imagenet64(root: Annotated[str, NOT_TRAINED], split: str = "train", image_size: int = 64, random_flip: bool = True) -> Source:
     """ImageNet at 64×64, labels 0..999, from `root` holding either the npz release (`train_data_batch_*.npz`
     (Imagenet64_train_part1/2_npz) or `val_data.npz`) or an image folder: ImageNet's class sub-folders, or EDM's
     dataset_tool output with dataset.json (Min-SNR's 'imagenet-64x64'), centre-cropped as ADM when not 64 px."""
@@ -343,7 +306,15 @@ def load_imagenet64(root: str, split: str = "train", image_size: int = 64, rando
 
 
 # --- CelebA ----------------------------------------------------------------------------------------
-def load_celeba(root: str, split: str = "train", image_size: int = 64, crop: int = 140,
+def _celeba_values(spec: dict, dataset: dict) -> None:
+    check_choice("dataset.loader.split", spec.get("split", "train"), ("train", "validation", "test"))
+    check_number("dataset.loader.crop", spec.get("crop", 140), POSITIVE, integer=True)
+    _rgb("CelebA")(spec, dataset)
+
+
+@checked_by(LoaderChecks(values=_celeba_values, labels=False,
+                         files=_folder_exists("the folder docs/data.md describes for dataset=celeba64")))
+def load_celeba(root: Annotated[str, NOT_TRAINED], split: str = "train", image_size: int = 64, crop: int = 140,
                 random_flip: bool = True) -> ImageFileSource:
     """CelebA's aligned images (`img_align_celeba/*.jpg`, 178×218) of one split of `list_eval_partition.txt`
     (0 train, 1 validation, 2 test), preprocessed as ScoreSDE: a `crop`-px centre square resized to `image_size`."""
@@ -364,5 +335,3 @@ def load_celeba(root: str, split: str = "train", image_size: int = 64, crop: int
     return ImageFileSource(files, f"celeba{image_size}-{split}", image_size, 3, random_flip, central_crop=crop)
 
 
-__all__ = ["load_digits", "load_cifar", "load_image_folder", "load_imagenet64", "load_celeba", "load_latents",
-           "ImageFileSource", "NpzImagesSource", "IMAGE_SUFFIXES", "CIFAR_RELEASES", "CIFAR_SHAPE", "CIFAR_SPLITS", "cifar_paths"]

@@ -21,7 +21,8 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from diffrun.config import RunConfig, show
+from diffrun.checks import show
+from diffrun.config import RunConfig
 from diffrun.errors import ConfigError
 
 SOURCE = "diffrun-eval"                              # `source` of the records this module writes
@@ -94,7 +95,7 @@ def checkpoint_config(state_config: dict, app: DictConfig, overrides: Sequence[s
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     from diffrun.targets import check_targets
-    from diffrun.validation import GROUPS
+    from diffrun.config import GROUPS
 
     parsed = [o for o in OverridesParser.create().parse_overrides(list(overrides)) if not o.is_hydra_override()]
     check_targets(state_config, source, ["callbacks", *(o.key_or_group for o in parsed)])
@@ -132,7 +133,7 @@ def evaluation_config(app: DictConfig, overrides: Sequence[str],
     """(run config, checkpoint state, checkpoint path) for the eval app's composed config, checked by
     diffrun/validation.py (`environment=False`: not this machine's devices and paths). Raises DiffrunError
     (one line) for anything wrong."""
-    from diffrun.config import validate
+    from diffrun.validation import validate
 
     if OmegaConf.is_missing(app, "ckpt"):
         raise ConfigError("ckpt=??? is required: diffrun-eval ckpt=<run>/checkpoints/ckpt_<step>.pt [key=value ...]")

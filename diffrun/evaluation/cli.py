@@ -29,12 +29,12 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from diffrun.cli import CONF_DIR, JobFailed
-from diffrun.config import RunConfig
+from diffrun.config import GROUPS, RunConfig
 from diffrun.errors import DiffrunError
+from diffrun.files import check_writable_dir
 from diffrun.evaluation.checkpoint_eval import (checkpoints_in, evaluate_checkpoint, evaluation_config,
                                                run_dir_of_checkpoint)
 from diffrun.launching.preflight import BASIC_LAUNCHER, override_character_errors, refuse, sweep_jobs
-from diffrun.validation import GROUPS, check_writable_dir
 
 log = logging.getLogger("diffrun.eval")
 

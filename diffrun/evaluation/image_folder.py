@@ -17,11 +17,11 @@ def score_folder(folder: str, overrides: list[str]) -> dict:
     from hydra.core.global_hydra import GlobalHydra
 
     from diffrun import conf_dir
-    from diffrun.config import build
+    from diffrun.building import build
     from diffrun.data.loaders import load_image_folder
     from diffrun.evaluation.protocol import evaluate_images
     from diffrun.training.environment import resolve_device
-    from diffrun.validation import check_dataset_files, validate_run
+    from diffrun.validation import check_dataset_files, validate
 
     if not Path(folder).expanduser().is_dir():
         raise ConfigError(f"images={folder!r}: not a folder; allowed a folder of PNG/JPEG images (EDM's fid.py calc)")
@@ -31,7 +31,7 @@ def score_folder(folder: str, overrides: list[str]) -> dict:
             cfg = compose("config", overrides=overrides)
     finally:
         GlobalHydra.instance().clear()
-    validate_run(cfg, environment=False)
+    validate(cfg, environment=False)
     check_dataset_files(cfg)
     images = load_image_folder(folder, cfg.dataset.image_size, cfg.dataset.channels, random_flip=False,
                                resize=False).materialize()

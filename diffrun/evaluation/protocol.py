@@ -35,7 +35,7 @@ from diffrun.evaluation.fid import (SampledImages, compute_fid_against_statistic
 from diffrun.evaluation.inception import InceptionWeights, InceptionWeightsUnavailable, resolve_inception_weights
 from diffrun.evaluation.reference import (SUBSET_SEED, check_reference_count, dataset_size,
                                           read_reference_statistics, reference_images)
-from diffrun.launching import distributed
+from diffrun import distributed
 from diffrun.sampling import SamplerOptions, autocast_dtype
 
 log = logging.getLogger(__name__)

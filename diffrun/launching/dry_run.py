@@ -66,10 +66,10 @@ def fid_plan(cfg: DictConfig) -> str:
 def data_status(cfg: DictConfig) -> str:
     """Where the job's training data is, and whether it is there (the checks that refuse a missing folder ran
     already: what is left to say is a CIFAR release the first job will download)."""
-    from diffrun.data.loaders import cifar_paths
-    from diffrun.validation import _loader
+    from diffrun.data.cifar import cifar_paths
+    from diffrun.validation import loader_of
 
-    _target, spec = _loader(cfg)
+    _target, spec = loader_of(cfg.dataset)
     root = spec.get("root")
     if root is None:
         return f"{cfg.dataset.name}: built in, nothing to read"

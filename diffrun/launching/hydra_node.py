@@ -1,4 +1,9 @@
-"""The resolvers conf/config.yaml's `hydra:` node uses.
+"""What a diffrun Hydra app registers (`register_app`): the schema (diffrun/config.py) and the resolvers
+conf/ uses: `${diffrun.kimg_to_steps:...}`, `${diffrun.seed_parity:...}` and `${diffrun.run_name:...}` in
+the run's keys, and these in the `hydra:` node:
+
+`${diffrun.hydra_output_subdir:}`: `.hydra` on rank 0, None (Hydra writes nothing) on the other torchrun/srun
+ranks, which would otherwise all write the same files into the same run directory at once.
 
 `${diffrun.app:KEY}`: an app key (`name`, `sweep_name`, `seed`, ...) inside a Hydra setting, such as the run
 directory. A plain `${name}` works while running, but `diffrun --cfg hydra --resolve` prints the hydra node
@@ -14,9 +19,13 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from diffrun import conf_dir
+from diffrun.config import RunConfig, kimg_to_steps, seed_parity
+from diffrun.distributed import env_info
+from diffrun.fingerprint import name_suffix
 
 # Launchers that come with Hydra and its submitit plugin rather than with conf/hydra/launcher/.
 BUILT_IN = {"hydra/launcher": {"basic": "Hydra's default: the jobs of a sweep one after another, in this process"}}
@@ -35,9 +44,22 @@ def app_value(key: str, *, _root_: DictConfig):
     return OmegaConf.select(HydraConfig.get(), f"..{key}")
 
 
-def register_resolvers() -> None:
-    OmegaConf.register_new_resolver("diffrun.app", app_value, replace=True)
-    OmegaConf.register_new_resolver("diffrun.help_options", help_options, replace=True)
+def hydra_output_subdir() -> str | None:
+    return ".hydra" if env_info().rank == 0 else None
+
+
+def run_name(base: str, *, _root_: DictConfig) -> str:
+    """`name`'s default: `base`, plus `_<6 hex>` of the run fingerprint when the command line changed something
+    `base` does not say (diffrun.fingerprint.name_suffix), so that different runs get different directories."""
+    return base + name_suffix(_root_)
+
+
+def register_app() -> None:
+    ConfigStore.instance().store(name="run_schema", node=RunConfig)
+    for name, resolver in (("kimg_to_steps", kimg_to_steps), ("seed_parity", seed_parity), ("run_name", run_name),
+                           ("hydra_output_subdir", hydra_output_subdir), ("app", app_value),
+                           ("help_options", help_options)):
+        OmegaConf.register_new_resolver(f"diffrun.{name}", resolver, replace=True)
 
 
 def header_line(path: Path) -> str:

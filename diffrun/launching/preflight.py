@@ -36,11 +36,16 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from diffrun.config import option, show, validate
+from diffrun.checks import show
+from diffrun.config import option
+from diffrun.distributed import check_batch
 from diffrun.errors import ConfigError, DiffrunError
+from diffrun.files import check_writable_dir
 from diffrun.launching import dry_run
 from diffrun.training.environment import cpu_threads
-from diffrun.validation import check_dataset_files, check_writable_dir
+from diffrun.validation import check_dataset_files, validate
+
+_CHECKED: set[int | None] = set()   # jobs this process validated, environment included (None: the single run)
 
 log = logging.getLogger("diffrun")
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
@@ -64,8 +69,8 @@ class ValidateBeforeRun(Callback):
         checked = copy.deepcopy(config)
         try:
             check_single_run(config)
-            shorten_warmup(checked)     # diffrun.cli.main shortens the run's own config, and says so
             validate(checked)
+            _CHECKED.add(None)
             cpu_threads()               # a malformed OMP_NUM_THREADS / SLURM_CPUS_PER_TASK
             check_writable_dir(config.hydra.run.dir, "hydra.run.dir")
         except DiffrunError as exc:
@@ -91,8 +96,9 @@ class ValidateBeforeRun(Callback):
         failures, labels = {}, {}   # job number → its message; → "job 1 (weighting=min_snr)"
         for num, (overrides, job) in enumerate(jobs):
             try:
-                shorten_warmup(job)
                 validate(job, environment=local)
+                if local:
+                    _CHECKED.add(num)
                 if slurm:
                     check_launcher_resources(job, config.hydra.launcher, launcher_name(config))
             except DiffrunError as exc:
@@ -192,9 +198,7 @@ def check_launcher_resources(job: DictConfig, launcher: DictConfig, name: str) -
     if gpus and job.dist.devices > gpus and not device.startswith("cpu"):
         raise ConfigError(f"dist.devices={job.dist.devices}: one GPU per rank, and hydra/launcher={name} asks for "
                           f"hydra.launcher.gpus_per_node={gpus}; allowed dist.devices <= {gpus}")
-    if job.train.batch_size % world:
-        raise ConfigError(f"train.batch_size={job.train.batch_size} is the global batch and must be divisible by the "
-                          f"{world} ranks hydra/launcher={name} starts ({nodes} node(s) × {tasks} task(s))")
+    check_batch(job.train.batch_size, world, f"hydra/launcher={name} ({nodes} node(s) × {tasks} task(s))")
     for key in ("eval.inception_weights", "eval.reference_stats"):
         value = OmegaConf.select(job, key)
         if job.eval.enabled and value is not None and not Path(str(value)).expanduser().exists():
@@ -212,18 +216,10 @@ def check_slurm_commands(name: str) -> None:
                           f"hydra/launcher=local to run the jobs here")
 
 
-def shorten_warmup(cfg: DictConfig) -> str | None:
-    """A learning-rate warm-up that is not shorter than the run (`optimizer.warmup_steps >= train.steps`, e.g. a
-    quick `train.steps=60` with the default warm-up of 100) becomes a tenth of the run. Changes `cfg` in place
-    (its run name stays the one Hydra's folder has) and returns the line to log; None when nothing changed."""
-    warmup, steps = OmegaConf.select(cfg, "optimizer.warmup_steps"), OmegaConf.select(cfg, "train.steps")
-    if not (isinstance(warmup, int) and isinstance(steps, int) and 0 < steps <= warmup):
-        return None    # in range, or a value validation refuses with its own message
-    if "name" in cfg:
-        cfg.name = cfg.name        # resolved before the change: the name's fingerprint suffix must not move
-    cfg.optimizer.warmup_steps = steps // 10
-    return (f"optimizer.warmup_steps={warmup} is not shorter than train.steps={steps}: the learning rate warms up "
-            f"over {steps // 10} steps (a tenth of the run) instead; set optimizer.warmup_steps to choose another")
+def checked_in_this_process(job: int | None) -> bool:
+    """Whether this process validated job number `job` (None: the single run) before Hydra started it, with this
+    machine's environment: then diffrun.cli does not check it again."""
+    return job in _CHECKED
 
 
 def sweep_jobs(config: DictConfig) -> list[tuple[list[str], DictConfig]]:

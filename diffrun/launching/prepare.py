@@ -34,12 +34,10 @@ def sweep_configs(overrides: list[str]) -> list[DictConfig]:
     from hydra.types import RunMode
 
     from diffrun import conf_dir
-    from diffrun.config import register_configs
-    from diffrun.launching.hydra_node import register_resolvers
+    from diffrun.launching.hydra_node import register_app
     from diffrun.launching.preflight import sweep_jobs
 
-    register_configs()
-    register_resolvers()
+    register_app()
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
@@ -50,10 +48,10 @@ def sweep_configs(overrides: list[str]) -> list[DictConfig]:
 
 
 def prepare_dataset(cfg: DictConfig) -> str:
-    from diffrun.data.loaders import cifar_paths, load_cifar
-    from diffrun.validation import _loader, check_dataset_files
+    from diffrun.data.cifar import cifar_paths, load_cifar
+    from diffrun.validation import check_dataset_files, loader_of
 
-    target, spec = _loader(cfg)
+    target, spec = loader_of(cfg.dataset)
     if target is load_cifar:
         present = all(p.exists() for p in cifar_paths(spec["release"], spec["root"], spec.get("split", "train")))
         load_cifar(spec["release"], spec["root"], spec.get("split", "train"), download=True)   # DataError offline

@@ -321,7 +321,7 @@ def effective_weighting(spec: str, logsnr):
     from omegaconf import OmegaConf
 
     from diffrun import conf_dir
-    from diffrun.config import build
+    from diffrun.building import build
     from diffrun.schedules import CosineSchedule
 
     path = Path(spec) if spec.endswith((".yaml", ".yml")) else conf_dir() / "weighting" / f"{spec}.yaml"

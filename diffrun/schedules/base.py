@@ -6,6 +6,7 @@ import math
 import torch
 from torch import Tensor
 
+from diffrun.building import build_failure, build_spec, spec_values
 from diffrun.errors import ConfigError
 
 
@@ -85,3 +86,21 @@ class NoiseSchedule:
     def __repr__(self) -> str:
         grid = f", T = {self.timesteps}" if self.timesteps is not None else ""
         return f"{type(self).__name__}(λ ∈ [{self.logsnr_min:.2f}, {self.logsnr_max:.2f}]{grid})"
+
+
+def build_schedule(spec: dict):
+    """The schedule, with λ(t) probed on [0, 1]: no NaN, and decreasing from λ(0) to λ(1)."""
+    schedule = build_spec(spec, "schedule")
+    t = torch.linspace(0.0, 1.0, 257, dtype=torch.float64)
+    try:
+        logsnr = schedule.logsnr(t)
+    except Exception as exc:
+        raise build_failure("schedule", spec, "λ(t) on t ∈ [0, 1]", exc) from None
+    bad = torch.isnan(logsnr)
+    rises = logsnr[1:] > logsnr[:-1]
+    if bad.any() or rises.any() or not logsnr[0] > logsnr[-1]:
+        where = f"is NaN at t={float(t[bad][0]):.3g}" if bad.any() else (
+            f"rises at t={float(t[1:][rises][0]):.3g}" if rises.any() else "is constant")
+        raise ConfigError(f"schedule ({spec_values(spec, 'schedule')}): its log-SNR λ(t) {where}; allowed values "
+                          f"give a λ(t) that decreases from t=0 to t=1 without NaN")
+    return schedule

@@ -46,7 +46,7 @@ def uniform_t_log_density(schedule: NoiseSchedule, logsnr: Tensor, h: float = 1e
 
 
 class Communication(Protocol):
-    """Collectives over the data-parallel ranks (diffrun.launching.distributed.ProcessGroupCommunication);
+    """Collectives over the data-parallel ranks (diffrun.distributed.ProcessGroupCommunication);
     `SingleProcess` on one process."""
 
     world_size: int

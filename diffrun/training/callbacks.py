@@ -107,7 +107,7 @@ class Events:
 
 def build_callbacks(cfg: DictConfig, rank: int = 0) -> list[Callback]:
     """Instantiate `cfg.callbacks` (name → {_target_: ...}; a null entry is dropped), in config order."""
-    from diffrun.config import build
+    from diffrun.building import build
 
     callbacks = []
     for name, spec in (cfg.get("callbacks") or {}).items():

@@ -68,7 +68,7 @@ def refusal(strategy: Strategy, fp16: bool, compiled_network: bool, world_size: 
 
 
 class DeviceDecayEMA:
-    """`EMA.update` inside the captured step: the decay (EMA.current_decay's formulas) from a device count n of
+    """`EMA.update` inside the captured step: the decay (EMA.decay_at) from a device count n of
     updates (a host float would be a constant of the graph), the move toward the model kept on the device."""
 
     def __init__(self, ema: EMA, device: torch.device):
@@ -89,13 +89,7 @@ class DeviceDecayEMA:
 
     def update(self, model: nn.Module, good: Tensor) -> None:
         n, ema = self.updates, self.ema
-        if ema.halflife_images is None:          # per step, with or without the (1 + n)/(10 + n) ramp
-            decay = torch.clamp((1 + n) / (10 + n), max=ema.decay) if ema.warmup else torch.full_like(n, ema.decay)
-        else:                                    # a half-life in images, ramped (EDM; EMA.current_decay)
-            halflife = torch.full_like(n, ema.halflife_images)
-            if ema.rampup_ratio is not None:
-                halflife = torch.minimum(halflife, n * (ema.batch_size * ema.rampup_ratio))
-            decay = 0.5 ** (ema.batch_size / halflife.clamp(min=1e-8))
+        decay = ema.decay_at(n)
         ema_params, params, ema_buffers, buffers = ema.tensors(model)
         with torch.no_grad():
             lerp_on_device_(ema_params, params, (1 - decay).float() * good)

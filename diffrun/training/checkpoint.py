@@ -29,7 +29,8 @@ from pathlib import Path
 
 import torch
 
-from diffrun.errors import CheckpointError
+from diffrun.checks import show
+from diffrun.errors import CheckpointError, ConfigError
 from diffrun.files import atomic_write, atomic_write_json, is_no_space
 
 log = logging.getLogger(__name__)
@@ -210,6 +211,21 @@ class CheckpointManager:
         raise CheckpointError(
             f"none of the {len(problems)} checkpoint(s) in {self.directory} can be used:\n  " + "\n  ".join(problems)
             + "\nRestore a good copy, or start the run over with resume=never (this replaces them).")
+
+
+def check_resume_file(resume: str, allow_unverified: bool, allow_pickle: bool) -> None:
+    """`resume=<path>` is a checkpoint diffrun wrote: read and verified here, before any folder is made."""
+    allowed = "allowed auto, never, force, or a checkpoint written by diffrun (<run>/checkpoints/ckpt_<step>.pt)"
+    path = Path(resume).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"resume={show(resume)}: no such checkpoint; {allowed}")
+    try:
+        state = load(path, allow_unverified, allow_pickle)
+    except CheckpointError as exc:
+        raise ConfigError(f"resume={show(resume)}: {exc}") from None
+    if not isinstance(state, dict) or not {"model", "optimizer", "step"} <= set(state):
+        raise ConfigError(f"resume={show(resume)}: not a diffrun training checkpoint (it holds no model, optimizer "
+                          f"and step); {allowed}")
 
 
 # ---------------------------------------------------------------------------------------------------

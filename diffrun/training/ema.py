@@ -54,16 +54,25 @@ def _buffer_slots(module: nn.Module) -> list[tuple[nn.Module, str]]:
             for name, _ in module.named_buffers()]
 
 
+def check_settings(decay: float | None, warmup: bool, halflife_kimg: float | None, rampup_ratio: float | None) -> None:
+    """A decay per step or a half-life in images, not both; each with its own ramp-up."""
+    if (decay is None) == (halflife_kimg is None):
+        raise ConfigError(f"ema.decay={decay} and ema.halflife_kimg={halflife_kimg}: give exactly one, a decay "
+                          f"per step (DDPM: 0.9999) or a half-life in thousands of images (EDM: 500) with ema.decay=null")
+    if halflife_kimg is not None and warmup:
+        raise ConfigError(f"ema.warmup=true is the ramp of the per-step decay; with ema.halflife_kimg={halflife_kimg} "
+                          f"set ema.warmup=false and ramp the half-life with ema.rampup_ratio (EDM: 0.05)")
+    if rampup_ratio is not None and halflife_kimg is None:
+        raise ConfigError(f"ema.rampup_ratio={rampup_ratio} ramps a half-life; it needs ema.halflife_kimg "
+                          f"(or ema.rampup_ratio=null with ema.decay)")
+
+
 class EMA:
     def __init__(self, model: nn.Module, decay: float | None = 0.999, warmup: bool = True,
                  halflife_kimg: float | None = None, rampup_ratio: float | None = None, batch_size: int | None = None):
-        if (decay is None) == (halflife_kimg is None):
-            raise ConfigError(f"ema.decay={decay} and ema.halflife_kimg={halflife_kimg}: give exactly one "
-                              f"(a decay per step, or a half-life in thousands of images with ema.decay=null)")
+        check_settings(decay, warmup, halflife_kimg, rampup_ratio)
         if halflife_kimg is not None and (batch_size is None or batch_size <= 0):
             raise ConfigError("ema.halflife_kimg needs the global batch size (train.batch_size) to count images")
-        if rampup_ratio is not None and halflife_kimg is None:
-            raise ConfigError(f"ema.rampup_ratio={rampup_ratio} ramps a half-life; it needs ema.halflife_kimg")
         self.decay, self.warmup = decay, warmup
         self.halflife_images = None if halflife_kimg is None else halflife_kimg * 1000
         self.rampup_ratio, self.batch_size = rampup_ratio, batch_size
@@ -71,15 +80,19 @@ class EMA:
         self.num_updates = 0
         self._tracked: tuple | None = None    # (model, its parameters, EMA parameters, buffer slots of both)
 
-    def current_decay(self) -> float:
-        """β of the next update (see the module docstring)."""
-        n = self.num_updates
+    def decay_at(self, n: Tensor) -> Tensor:
+        """β of update `n` (the module docstring's formulas), for a count on the host (float64, as the eager
+        step reads it) or on the device (the captured step, diffrun/training/capture.py)."""
         if self.halflife_images is None:
-            return min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
-        halflife = self.halflife_images
+            return torch.clamp((1 + n) / (10 + n), max=self.decay) if self.warmup else torch.full_like(n, self.decay)
+        halflife = torch.full_like(n, self.halflife_images)
         if self.rampup_ratio is not None:
-            halflife = min(halflife, n * self.batch_size * self.rampup_ratio)
-        return 0.5 ** (self.batch_size / max(halflife, 1e-8))
+            halflife = torch.minimum(halflife, n * self.batch_size * self.rampup_ratio)
+        return 0.5 ** (self.batch_size / halflife.clamp(min=1e-8))
+
+    def current_decay(self) -> float:
+        """β of the next update."""
+        return float(self.decay_at(torch.tensor(self.num_updates, dtype=torch.float64)))
 
     def tensors(self, model: nn.Module) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
         """(EMA parameters, `model`'s parameters, EMA buffers, `model`'s buffers), paired in order."""

@@ -41,6 +41,15 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def check_device(name: str, precision: str) -> torch.device:
+    """The device exists here, and the precision runs on it."""
+    device = resolve_device(name)
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError(f"precision=fp16 on device={device.type} needs CUDA (GradScaler); allowed here auto, fp32, "
+                          f"bf16")
+    return device
+
+
 def resolve_precision(name: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
     """(autocast dtype or None, use GradScaler). `auto`: bf16 on a GPU with bf16 tensor cores (compute capability
     8.0 and up: A100, H100, RTX 30xx), fp32 elsewhere (older GPUs emulate bf16 slowly; fp16 needs a GradScaler,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 
 import torch
@@ -9,8 +10,11 @@ from omegaconf import DictConfig
 from torch import nn
 from torch.optim.lr_scheduler import ConstantLR, CosineAnnealingLR, LambdaLR, LinearLR, SequentialLR
 
-from diffrun.config import build
+from diffrun.building import build
+from diffrun.checks import NON_NEGATIVE, POSITIVE, Interval, check_number, resolved, show
 from diffrun.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 def decays(module: nn.Module, name: str, param: nn.Parameter) -> bool:
@@ -75,12 +79,24 @@ def build_optimizer(cfg: DictConfig, params, device: torch.device) -> torch.opti
     return factory(params.parameters() if isinstance(params, nn.Module) else params, **kwargs)
 
 
+def warmup_steps(requested: int, total_steps: int) -> int:
+    """The steps of the linear warm-up: as requested, unless that is not shorter than the run (a quick
+    `train.steps=60` with a preset's 100): the learning rate would never reach its peak, so it warms up over a
+    tenth of the run instead, and the log says so."""
+    if 0 < total_steps <= requested:
+        log.info("optimizer.warmup_steps=%d is not shorter than train.steps=%d: the learning rate warms up over %d "
+                 "steps (a tenth of the run) instead; set optimizer.warmup_steps to choose another",
+                 requested, total_steps, total_steps // 10)
+        return total_steps // 10
+    return requested
+
+
 def build_lr_schedule(cfg: DictConfig, optimizer: torch.optim.Optimizer, total_steps: int, batch_size: int | None = None):
     """Linear warm-up followed by constant or cosine decay. The warm-up is counted in steps (`warmup_steps`, DDPM:
     5k steps) or in images (`warmup_kimg`, EDM: lr · min(images seen / (warmup_kimg·1000), 1), the images seen before
     the step, so EDM's first step has lr 0; NVlabs/edm `training/training_loop.py`). EDM's ramp may outlast a short
     run, as in EDM's own code; a step warm-up may not."""
-    warmup = int(cfg.get("warmup_steps", 0) or 0)
+    warmup = warmup_steps(int(cfg.get("warmup_steps", 0) or 0), total_steps)
     warmup_images = float(cfg.get("warmup_kimg", 0) or 0) * 1000
     decay = cfg.get("decay", "constant")
     if decay not in ("constant", "cosine"):
@@ -117,3 +133,25 @@ def _image_ramp(warmup_images: float, batch_size: int, decay: str, total_steps: 
         return ramp * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
     return factor
+
+
+def check_settings(node: DictConfig) -> None:
+    """The optimizer option's own values (torch checks the rest when the optimizer is built)."""
+    optim = node.get("optim")
+    if not isinstance(optim, DictConfig) or "_target_" not in optim:
+        raise ConfigError(f"optimizer.optim={show(resolved(optim))}: allowed a node with _target_ "
+                          f"(e.g. torch.optim.AdamW)")
+    check_number("optimizer.optim.lr", optim.get("lr", 1e-3), POSITIVE)
+    check_number("optimizer.optim.eps", optim.get("eps"), NON_NEGATIVE)
+    check_number("optimizer.optim.weight_decay", optim.get("weight_decay"), NON_NEGATIVE)
+    betas = resolved(optim.get("betas"))
+    if betas is not None:
+        if not isinstance(betas, list) or len(betas) != 2:
+            raise ConfigError(f"optimizer.optim.betas={show(betas)}: allowed two numbers in [0, 1), e.g. [0.9, 0.999]")
+        for i, beta in enumerate(betas):
+            check_number(f"optimizer.optim.betas[{i}]", beta, Interval(0, 1, high_open=True))
+    warmup = node.get("warmup_steps")
+    warmup_kimg = node.get("warmup_kimg")
+    if (warmup_kimg or 0) > 0 and (warmup or 0) > 0:
+        raise ConfigError(f"optimizer.warmup_steps={warmup} and optimizer.warmup_kimg={warmup_kimg}: give one warm-up, "
+                          f"in steps or in images (set the other to 0)")

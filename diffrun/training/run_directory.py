@@ -22,8 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from diffrun.errors import DiffrunError
 from diffrun.files import atomic_write, json_text, overwrite_in_place, remove_stale_temporaries
-from diffrun.training.identity import (mismatch_without_config, check_same_run, fingerprint, fingerprint_of,
-                                       trained_config)
+from diffrun.fingerprint import fingerprint, fingerprint_of, trained_config
+from diffrun.training.identity import check_same_run, mismatch_without_config
 
 log = logging.getLogger(__name__)
 STATUS_PADDING = 2048                                  # bytes status.json is padded to (see overwrite_in_place)

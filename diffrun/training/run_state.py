@@ -12,11 +12,12 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from diffrun.launching import distributed
-from diffrun.monitoring.logsnr_stats import LogSNRStats
+from diffrun import distributed
+from diffrun.training.logsnr_stats import LogSNRStats
 from diffrun.training import checkpoint as ckpt
 from diffrun.training.environment import rng_state, seed_everything, set_rng_state
-from diffrun.training.identity import check_checkpoint, fingerprint, trained_config
+from diffrun.fingerprint import fingerprint, trained_config
+from diffrun.training.identity import check_checkpoint
 from diffrun.training.interrupt import GracefulInterrupt
 from diffrun.training.setup import Components
 

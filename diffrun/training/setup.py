@@ -10,11 +10,11 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from diffrun.config import build
+from diffrun.building import build
 from diffrun.data import InMemoryImages, StreamingData, place
 from diffrun.data.augment import AugmentPipe
 from diffrun.errors import ConfigError
-from diffrun.launching import distributed
+from diffrun import distributed
 from diffrun.models.learned_variance import DiscretePosterior
 from diffrun.models.parameterization import Denoiser
 from diffrun.schedules import NoiseSchedule
@@ -53,9 +53,7 @@ class Components:
 
 def build_components(cfg: DictConfig, ranks: distributed.DistInfo) -> Components:
     # --- device, precision, seeds ------------------------------------------------------------------
-    if cfg.train.batch_size % ranks.world_size:
-        raise ConfigError(f"train.batch_size={cfg.train.batch_size} is the global batch and must be divisible by the "
-                          f"{ranks.world_size} ranks (each draws batch_size / world_size)")
+    distributed.check_batch(cfg.train.batch_size, ranks.world_size, "this run")
     device = distributed.rank_device(resolve_device(cfg.device), ranks)
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)                     # cuda:N is also the current device (RNG restore, NCCL)

@@ -17,17 +17,17 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from diffrun.config import option, validate
+from diffrun.config import option
 from diffrun.data import balanced_labels
 from diffrun.errors import DiffrunError
 from diffrun.files import atomic_write, atomic_write_json
-from diffrun.launching import distributed
-from diffrun.monitoring.logsnr_stats import LogSNRStats
+from diffrun import distributed
+from diffrun.training.logsnr_stats import LogSNRStats
 from diffrun.sampling import PerImageGenerator, SamplerOptions, autocast_dtype, run_sampler, to_uint8
 from diffrun.training.callbacks import Callback, Events, build_callbacks
 from diffrun.training.capture import step_function
 from diffrun.training.environment import provenance
-from diffrun.training.identity import fingerprint
+from diffrun.fingerprint import fingerprint
 from diffrun.training.interrupt import GracefulInterrupt, StopRequested
 from diffrun.training.nonfinite import nonfinite_hint
 from diffrun.training.run_directory import RunDirectory
@@ -48,7 +48,6 @@ class Trainer:
         """`callbacks`: None builds the config's (`callbacks` group); `directory`: a RunDirectory the caller
         has already locked (rank 0), else the Trainer locks `run_dir` itself (`lock=False`: a read-only user
         of a run, such as diffrun-eval, which never trains it)."""
-        validate(cfg)
         self.cfg, self.run_dir = cfg, Path(run_dir)
         ranks = distributed.info()   # DDP: set up by diffrun.cli.train; one rank otherwise
         self.rank, self.world_size = ranks.rank, ranks.world_size

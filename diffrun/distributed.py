@@ -310,3 +310,30 @@ def local_ranks(world_size: int, target: str, args: tuple, join_timeout_s: float
     failed = [f"{p.name} (exit code {p.exitcode})" for p in procs if p.exitcode != 0]
     if failed:
         raise RuntimeError(f"distributed training failed on {', '.join(failed)}; see the messages above")
+
+
+def check_batch(batch_size: int, world_size: int, ranks: str) -> None:
+    """`train.batch_size` is the global batch: each of the `world_size` ranks (`ranks` says whose) draws
+    batch_size / world_size."""
+    if world_size > 1 and batch_size % world_size:
+        raise ConfigError(f"train.batch_size={batch_size} is the global batch and must be divisible by the "
+                          f"{world_size} ranks of {ranks}: each draws batch_size / {world_size}")
+
+
+def check_backend(name: str, device: torch.device, devices: int) -> None:
+    """The process-group backend `dist.backend` names exists here for `device`, with a GPU per rank for nccl.
+    Nothing to check for a single process."""
+    launched = env_info()
+    if (launched.world_size if launched.enabled else devices) <= 1:
+        return
+    backend = backend_for(name, device)
+    available = {"gloo": dist.is_available() and dist.is_gloo_available(),
+                 "nccl": dist.is_available() and dist.is_nccl_available() and device.type == "cuda",
+                 "mpi": dist.is_available() and dist.is_mpi_available()}
+    if not available[backend]:
+        usable = ", ".join(["auto", *(b for b, ok in available.items() if ok)])
+        raise ConfigError(f"dist.backend={option(name)!r} ({backend}) is not available with device={device} here; "
+                          f"allowed {usable}")
+    if backend == "nccl" and not launched.enabled and devices > torch.cuda.device_count():
+        raise ConfigError(f"dist.devices={devices} with nccl needs one GPU per rank, and this machine has "
+                          f"{torch.cuda.device_count()}; allowed at most {torch.cuda.device_count()}")

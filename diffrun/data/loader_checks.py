@@ -1,0 +1,51 @@
+"""What a dataset loader checks of its own node before any work. diffrun/validation.py asks the loader that
+the dataset option names (`dataset.loader._target_`) through the `checks` its `@checked_by` attached, so a
+new dataset brings its checks with its loader and nothing else changes:
+
+    values(spec, dataset)              its arguments (`spec`: the resolved loader node) against the dataset
+                                       node's keys (`dataset`: channels, image_size, num_classes, ...)
+    files(spec, dataset, key, needs)   the data it will read is on this machine (`key`: the config key that names
+                                       the folder; `needs`: what the run will do with the data)
+    labels                             whether it gives class labels: True, False, a function of `spec`, or
+                                       None (only its files can tell)
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What the run does with the data beyond training on it."""
+
+    decoded: bool          # images are made (sample grids or FID), so latents must be decodable
+    fid: bool              # FID is computed
+    fid_reference: bool    # ... against the dataset's own images (no eval.reference_stats)
+
+
+def _nothing(*_args) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class LoaderChecks:
+    values: Callable[[dict, dict], None] = _nothing
+    files: Callable[[dict, dict, str, Needs], None] = _nothing
+    labels: bool | Callable[[dict], bool] | None = None
+
+    def has_labels(self, spec: dict) -> bool | None:
+        return self.labels(spec) if callable(self.labels) else self.labels
+
+
+def checked_by(checks: LoaderChecks):
+    """Attach a loader's checks to it (a plain function attribute: Hydra still calls the loader itself)."""
+    def attach(loader):
+        loader.checks = checks
+        return loader
+    return attach
+
+
+def checks_of(loader) -> LoaderChecks:
+    """The checks a loader declares; none for a loader without them (a user's own, until it adds some)."""
+    return getattr(loader, "checks", LoaderChecks())
