@@ -22,6 +22,8 @@ from diffrun import conf_dir
 from diffrun.config import DistConfig
 from diffrun.errors import DiffrunError
 from diffrun.launching.hydra_node import register_app
+from diffrun.run_folder import CHECKPOINTS, METRICS, STATUS
+from diffrun.run_folder import status as run_status
 
 log = logging.getLogger("diffrun")
 CONF_DIR = str(conf_dir())
@@ -38,12 +40,6 @@ def run_dir_of(cfg: DictConfig) -> Path:
         return Path(HydraConfig.get().runtime.output_dir)
     except ValueError:  # called outside Hydra (tests, submitit pickles)
         return Path("outputs/runs") / cfg.name
-
-
-def read_status(run_dir: Path) -> dict:
-    from diffrun.training.run_directory import RunDirectory
-
-    return RunDirectory(run_dir).read_status()
 
 
 def train(cfg: DictConfig, run_dir: Path | None = None) -> dict:
@@ -80,16 +76,18 @@ def _train_rank(cfg: DictConfig, run_dir: Path, is_main: bool) -> dict:
         directory.lock()   # a second process on this run stops here, naming the holder
     try:
         status = directory.check_identity(cfg, force=str(cfg.resume) == "force")
-        if status.get("state") == "finished" and cfg.resume != "never" and status.get("total_steps") == cfg.train.steps:
-            log.info("run %s already finished (%s/status.json); skipping. Use resume=never to train it again.",
-                     cfg.name, run_dir)
+        finished = status.get("state") == run_status.FINISHED and status.get("total_steps") == cfg.train.steps
+        if finished and cfg.resume != "never":
+            log.info("run %s already finished (%s/%s); skipping. Use resume=never to train it again.",
+                     cfg.name, run_dir, STATUS)
             directory.unlock()
             return status
         trainer = Trainer(cfg, run_dir, directory=directory if is_main else None)
     except BaseException as exc:
         if is_main and not isinstance(exc, RunMismatchError):  # a sweep job that cannot start still says why
-            directory.write_status("failed", int(directory.read_status().get("step", 0)), cfg.train.steps,
-                                   error=f"{type(exc).__name__}: {exc}")
+            previous = run_status.read_status(run_dir) or {}
+            run_status.write_status(run_dir, run_status.FAILED, int(previous.get("step", 0)), cfg.train.steps,
+                                    error=f"{type(exc).__name__}: {exc}")
         directory.unlock()
         raise
     return trainer.fit()
@@ -111,7 +109,7 @@ def closing_summary(cfg: DictConfig, run_dir: Path, summary: dict) -> str:
         head += f"; FID skipped: {summary['fid_skipped']}"
     elif not cfg.eval.enabled and not stopped:
         head += "; no FID (eval.enabled=false)"
-    files = [("run directory", run_dir), ("metrics", run_dir / "metrics.jsonl"), ("checkpoints", run_dir / "checkpoints")]
+    files = [("run directory", run_dir), ("metrics", run_dir / METRICS), ("checkpoints", run_dir / CHECKPOINTS)]
     if summary.get("samples"):
         files.insert(1, ("samples", summary["samples"]))
     return "\n".join([head] + [f"  {what:<14} {shown(where)}" for what, where in files])
@@ -186,7 +184,8 @@ def hydra_main(cfg: DictConfig) -> float | None:
             sys.exit(1)
         raise JobFailed(str(exc)) from exc
     if distributed.env_info().rank == 0:
-        record_job_start(cfg, previous_state=read_status(run_dir_of(cfg)).get("state"))  # multirun: <sweep>/index.jsonl
+        previous = (run_status.read_status(run_dir_of(cfg)) or {}).get("state")
+        record_job_start(cfg, previous_state=previous)  # multirun: <sweep>/index.jsonl
     else:  # torchrun / srun ranks > 0: warnings only, and not into rank 0's log file
         root = logging.getLogger()
         for handler in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:

@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:                      # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(ROOT))
 
-from diffrun.monitoring.metrics import read_jsonl                 # noqa: E402
+from diffrun.run_folder.metrics import read_metrics               # noqa: E402
+from diffrun.run_folder.status import INTERRUPTED, read_status     # noqa: E402
 from diffrun.training.checkpoint import CheckpointManager          # noqa: E402
 
 
@@ -37,7 +38,7 @@ def _command(name: str, overrides: list[str]) -> list[str]:
 
 
 def _losses(run: Path) -> dict[int, dict]:
-    return {r["step"]: r for r in read_jsonl(run / "metrics.jsonl") if "loss" in r}
+    return {r["step"]: r for r in read_metrics(run) if "loss" in r}
 
 
 def main(argv=None) -> dict:
@@ -58,14 +59,14 @@ def main(argv=None) -> dict:
     process = subprocess.Popen(_command("resumed", args.overrides), cwd=work, env=env)
     deadline = time.monotonic() + args.timeout
     while time.monotonic() < deadline and process.poll() is None:
-        logged = len(_losses(runs / "resumed")) if (runs / "resumed" / "metrics.jsonl").exists() else 0
+        logged = len(_losses(runs / "resumed"))
         if logged >= steps // 2:
             process.send_signal(signal.SIGTERM)
             break
         time.sleep(0.05)
     process.wait(timeout=max(1.0, deadline - time.monotonic()))
-    status = json.loads((runs / "resumed" / "status.json").read_text())
-    stopped_at = status.get("checkpoint_step") if status["state"] == "interrupted" else None
+    status = read_status(runs / "resumed") or {}
+    stopped_at = status.get("checkpoint_step") if status.get("state") == INTERRUPTED else None
     subprocess.run(_command("resumed", args.overrides), cwd=work, env=env, check=True, timeout=args.timeout)
 
     straight, resumed = _losses(runs / "straight"), _losses(runs / "resumed")

@@ -1,4 +1,4 @@
-"""scripts/bench_train.py: output format on CPU (never timings), strategies that learn while benchmarked, the\n--overhead operator counts, and train.compile giving the eager result."""
+"""scripts/bench_train.py (and scripts/bench/): output format on CPU (never timings), strategies that learn while benchmarked, the\n--overhead operator counts, and train.compile giving the eager result."""
 from __future__ import annotations
 
 import functools
@@ -15,6 +15,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 import bench_train  # noqa: E402
+from bench import measure, report  # noqa: E402
 
 from diffrun.training.trainer import Trainer  # noqa: E402
 
@@ -72,9 +73,9 @@ def test_numbers_are_positive_and_finite(bench):
 
 def test_table_columns(bench):
     result, _ = bench
-    text = bench_train.format_report(result)
+    text = report.format_report(result)
     lines = text.splitlines()
-    for columns in (bench_train.TRAIN_COLUMNS, bench_train.STRATEGY_COLUMNS, bench_train.FID_COLUMNS):
+    for columns in (report.TRAIN_COLUMNS, report.STRATEGY_COLUMNS, report.FID_COLUMNS):
         header = next(line for line in lines if line.startswith(columns[0] + " ") and all(c in line for c in columns))
         assert header.split()[0] == columns[0]
     assert "not a performance claim" in text
@@ -87,7 +88,7 @@ def test_broken_strategy_is_reported_not_raised(tmp_path):
     broken = result["strategies"][1]
     assert broken["name"] == "no_such_weighting" and broken["status"] == "error" and broken["error"]
     assert result["train"]["peer"] is None and result["fid"] is None
-    assert "no_such_weighting" in bench_train.format_report(result)
+    assert "no_such_weighting" in report.format_report(result)
 
 
 # --- the strategies as in training ------------------------------------------------------------------
@@ -106,7 +107,7 @@ def test_swapped_in_adaptive_strategies_learn_during_the_benchmark():
     assert {"filled", "loss_history"} <= set(rows["importance"]["state_changed"])
     assert {"bin_count", "bin_value"} <= set(rows["adaptive_histogram"]["state_changed"])
     assert {"policy_updates", "buffer_rows", "policy.head.bias"} <= set(rows["adaptive_timestep"]["state_changed"])
-    assert "policy.*" in bench_train.format_report(result)
+    assert "policy.*" in report.format_report(result)
 
 
 def test_weighting_override_needs_a_name_and_a_value():
@@ -145,27 +146,27 @@ def test_overhead_splits_the_network_from_the_rest(overhead):
 
 def test_overhead_table(overhead):
     result, _ = overhead
-    text = bench_train.format_overhead_report(result)
+    text = report.format_overhead_report(result)
     header = next(line for line in text.splitlines() if line.startswith("loop "))
-    assert all(column in header for column in bench_train.OVERHEAD_COLUMNS)
+    assert all(column in header for column in report.OVERHEAD_COLUMNS)
     assert "by the line that issued them: uniform" in text and "bare + clip + EMA" in text
 
 
 def test_peak_table_prefers_the_specific_name():
     cuda = torch.device("cuda")
-    assert bench_train.peak_bf16_tflops("NVIDIA H100 PCIe", cuda) == 756
-    assert bench_train.peak_bf16_tflops("NVIDIA H100 80GB HBM3", cuda) == 989
-    assert bench_train.peak_bf16_tflops("NVIDIA A100-SXM4-80GB", cuda) == 312
-    assert bench_train.peak_bf16_tflops("NVIDIA L4", cuda) == 121
-    assert bench_train.peak_bf16_tflops("Some New GPU", cuda) is None
-    assert bench_train.peak_bf16_tflops("NVIDIA H100 80GB HBM3", torch.device("cpu")) is None
+    assert measure.peak_bf16_tflops("NVIDIA H100 PCIe", cuda) == 756
+    assert measure.peak_bf16_tflops("NVIDIA H100 80GB HBM3", cuda) == 989
+    assert measure.peak_bf16_tflops("NVIDIA A100-SXM4-80GB", cuda) == 312
+    assert measure.peak_bf16_tflops("NVIDIA L4", cuda) == 121
+    assert measure.peak_bf16_tflops("Some New GPU", cuda) is None
+    assert measure.peak_bf16_tflops("NVIDIA H100 80GB HBM3", torch.device("cpu")) is None
 
 
 # --- train.compile ---------------------------------------------------------------------------------
 def _three_steps(make_cfg, tmp_path, compile: bool):
     cfg = make_cfg([f"train.compile={str(compile).lower()}", "train.batch_size=4"])
     trainer = Trainer(cfg, tmp_path / ("compiled" if compile else "eager"), callbacks=[])
-    bench_train.run_steps(trainer, 3)
+    measure.run_steps(trainer, 3)
     return trainer
 
 

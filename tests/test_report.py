@@ -18,9 +18,10 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from diffrun.launching.sweep import append_entry
+from diffrun.run_folder.index import append_entry
 from diffrun.reporting.cli import main as report_main
-from diffrun.reporting.collect import ReportError, collect_wandb
+from diffrun.reporting.collect import ReportError
+from diffrun.reporting.wandb_runs import collect_wandb
 
 STRATEGIES = {"uniform": 32.0, "min_snr": 20.0, "lognormal": 26.0}   # strategy → FID floor
 SEEDS = (0, 1, 2)
@@ -429,7 +430,7 @@ class OfflineApi:
 
 
 def test_paired_test_edge_cases():
-    from diffrun.reporting.stats import paired
+    from diffrun.reporting.significance import paired
 
     t, p, n = paired({0: 1.0, 1: 2.0, 2: 3.5}, {0: 0.0, 1: 1.0, 2: 2.5})      # every pair differs by exactly 1
     assert n == 3 and math.isnan(t) and math.isnan(p)

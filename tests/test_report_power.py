@@ -14,8 +14,8 @@ import pytest
 from scipy import stats
 
 from diffrun.reporting.cli import main as report_main
-from diffrun.reporting.stats import (compare, min_detectable_difference, relabel_false_positive_rate, seeds_needed,
-                                     welch_power)
+from diffrun.reporting.significance import min_detectable_difference, relabel_false_positive_rate, seeds_needed, welch_power
+from diffrun.reporting.stats import compare
 
 
 def with_mean_and_sd(mean: float, sd: float, n: int) -> list[float]:

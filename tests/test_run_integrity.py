@@ -289,16 +289,15 @@ def test_second_interrupt_while_checkpointing_finishes_the_write(make_cfg, tmp_p
 
 
 def test_status_is_rewritten_in_place_when_the_disk_is_full(tmp_path, monkeypatch):
-    from diffrun.training import run_directory
+    from diffrun.run_folder import status as run_status
 
-    directory = RunDirectory(tmp_path)
-    directory.write_status("running", 3, 10)
+    run_status.write_status(tmp_path, "running", 3, 10)
 
     def no_space(path, data):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(run_directory, "atomic_write", no_space)
-    directory.write_status("failed", 5, 10, error="CheckpointError: the disk is full")
+    monkeypatch.setattr(run_status, "atomic_write", no_space)
+    run_status.write_status(tmp_path, "failed", 5, 10, error="CheckpointError: the disk is full")
     status = json.loads((tmp_path / "status.json").read_text())
     assert status == {"state": "failed", "step": 5, "total_steps": 10, "error": "CheckpointError: the disk is full"}
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from diffrun.launching.status import sweep_status
-from diffrun.launching.sweep import INDEX_NAME
+from diffrun.run_folder import INDEX
 from diffrun.monitoring.metrics import read_jsonl
 from diffrun.reporting.collect import collect_sweep
 from diffrun.training.checkpoint import CheckpointManager
@@ -78,7 +78,7 @@ def wait_until(predicate, timeout: float, proc: subprocess.Popen, what: str) -> 
 
 
 def index_lines(sweep: Path) -> list[dict]:
-    return [json.loads(line) for line in (sweep / INDEX_NAME).read_text().splitlines()]
+    return [json.loads(line) for line in (sweep / INDEX).read_text().splitlines()]
 
 
 def status(job_dir: Path) -> dict:

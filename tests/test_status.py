@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from diffrun.launching.status import JobStatus, main as status_main, sweep_status, table, tail_records
+from diffrun.launching.status import JobStatus, main as status_main, sweep_status, table
+from diffrun.run_folder.metrics import tail_metrics
 
 from conftest import FAST
 
@@ -114,14 +115,14 @@ def test_restarted_job_not_yet_training_and_a_lost_one(sweep):
     assert "rerun the sweep's command" in table([row])
 
 
-def test_tail_records_reads_backwards_like_a_full_read(tmp_path):
+def test_tail_metrics_reads_backwards_like_a_full_read(tmp_path):
     path = tmp_path / "metrics.jsonl"
     records = [{"step": s, "loss": s / 7, "images_per_sec": s} for s in range(1, 400)]
     records.insert(120, {"step": 120, "fid": 12.5})
     path.write_text("".join(json.dumps(r) + "\n" for r in records) + '{"step": 400, "lo')
-    train, evaluation = tail_records(path, train=3, block=97)       # blocks split lines everywhere
+    train, evaluation = tail_metrics(tmp_path, train=3, block=97)       # blocks split lines everywhere
     assert [r["step"] for r in train] == [397, 398, 399] and evaluation == {"step": 120, "fid": 12.5}
-    assert tail_records(tmp_path / "absent.jsonl") == ([], None)
+    assert tail_metrics(tmp_path / "absent") == ([], None)
 
 
 def test_single_run_directory(tmp_path):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from diffrun.launching.sweep import INDEX_NAME
+from diffrun.run_folder import INDEX
 from diffrun.reporting.collect import collect_sweep, read_index
 from diffrun.training.checkpoint import CheckpointManager
 
@@ -23,7 +23,7 @@ def multirun(sweep_dir: Path, *overrides: str, timeout: float = 180) -> subproce
 
 
 def index_lines(sweep_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (sweep_dir / INDEX_NAME).read_text().splitlines()]
+    return [json.loads(line) for line in (sweep_dir / INDEX).read_text().splitlines()]
 
 
 def status(job_dir: Path) -> dict:

@@ -39,10 +39,12 @@ from pathlib import Path
 from typing import Optional
 
 from diffrun.errors import DiffrunError
-from diffrun.launching.sweep import planned_jobs, read_entries
+from diffrun.launching.sweep import planned_jobs
+from diffrun.run_folder import CONFIG, INDEX, JOB_FOLDER, LOCK, METRICS, MULTIRUN, STATUS, SUBMITIT, holds_run
+from diffrun.run_folder.index import starts_by_folder
+from diffrun.run_folder.metrics import tail_metrics
+from diffrun.run_folder.status import FAILED, FINISHED, HALTED, RUNNING, read_status
 
-JOB_DIR = re.compile(r"^(?P<num>\d+)_(?P<strategy>.+)_seed(?P<seed>-?\d+)$")
-RUN_FILES = ("status.json", "metrics.jsonl", "config.yaml")
 RECENT = 3                      # training records the images/s (and so the ETA) are taken from
 
 
@@ -73,38 +75,6 @@ class JobStatus:
 # ------------------------------------------------------------------------------------------------
 # reading one job
 # ------------------------------------------------------------------------------------------------
-def tail_records(path: Path, train: int = RECENT, block: int = 1 << 16) -> tuple[list[dict], Optional[dict]]:
-    """The last `train` training records (oldest first) and the last evaluation record of a metrics file,
-    read backwards from its end: a long run's file is not read whole at every refresh. A torn line is skipped."""
-    found: list[dict] = []
-    evaluation = None
-    try:
-        fh = open(path, "rb")
-    except OSError:
-        return [], None
-    with fh:
-        position = fh.seek(0, os.SEEK_END)
-        carry = b""
-        while position > 0 and (len(found) < train or evaluation is None):
-            size = min(block, position)
-            position -= size
-            fh.seek(position)
-            parts = (fh.read(size) + carry).split(b"\n")
-            carry, complete = (parts[0], parts[1:]) if position > 0 else (b"", parts)
-            for line in reversed(complete):
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    continue
-                if not isinstance(record, dict) or "step" not in record:
-                    continue
-                if "fid" in record:
-                    evaluation = evaluation or record
-                elif "loss" in record and len(found) < train:
-                    found.append(record)
-    return found[::-1], evaluation
-
-
 def number(value) -> Optional[float]:
     try:
         value = float(value)
@@ -116,7 +86,7 @@ def number(value) -> Optional[float]:
 def process_gone(run_dir: Path) -> bool:
     """The run's lock names a process on this host that no longer exists (another host's cannot be checked)."""
     try:
-        holder = json.loads((run_dir / ".lock").read_text() or "{}")
+        holder = json.loads((run_dir / LOCK).read_text() or "{}")
         pid = int(holder["pid"])
     except (OSError, ValueError, KeyError, TypeError):
         return False
@@ -135,7 +105,7 @@ def run_config(run_dir: Path) -> dict:
     import yaml
 
     try:
-        config = yaml.safe_load((run_dir / "config.yaml").read_text())
+        config = yaml.safe_load((run_dir / CONFIG).read_text())
     except (OSError, yaml.YAMLError):
         return {}
     return config if isinstance(config, dict) else {}
@@ -143,14 +113,10 @@ def run_config(run_dir: Path) -> dict:
 
 def read_job(run_dir: Path, starts: list[dict], now: float) -> JobStatus:
     """One job folder, with its index lines (`starts`, oldest first)."""
-    match = JOB_DIR.match(run_dir.name)
+    match = JOB_FOLDER.match(run_dir.name)
     last = starts[-1] if starts else {}
-    try:
-        status = json.loads((run_dir / "status.json").read_text())
-        status = status if isinstance(status, dict) else {}
-    except (OSError, ValueError):
-        status = {}
-    train, evaluation = tail_records(run_dir / "metrics.jsonl")
+    status = read_status(run_dir) or {}
+    train, evaluation = tail_metrics(run_dir, RECENT)
     strategy = last.get("weighting") or (match and match["strategy"]) or None
     seed = last.get("seed", int(match["seed"]) if match else None)
     if strategy is None or seed is None:   # a run outside a sweep: its resolved config says
@@ -158,9 +124,9 @@ def read_job(run_dir: Path, starts: list[dict], now: float) -> JobStatus:
         strategy = strategy or (config.get("weighting") or {}).get("name")
         seed = config.get("seed") if seed is None else seed
     job = JobStatus(job=run_dir.name, job_num=last.get("job_num", int(match["num"]) if match else None),
-                    strategy=strategy, seed=seed, state=status.get("state", "running" if train else "starting"),
+                    strategy=strategy, seed=seed, state=status.get("state", RUNNING if train else "starting"),
                     total_steps=status.get("total_steps"), slurm_job_id=last.get("slurm_job_id"),
-                    restarts=sum(1 for e in starts[1:] if e.get("previous_state") != "finished"))
+                    restarts=sum(1 for e in starts[1:] if e.get("previous_state") != FINISHED))
     steps = [s for s in (status.get("step"), train[-1]["step"] if train else None) if isinstance(s, int)]
     job.step = max(steps) if steps else None
     if train:
@@ -170,14 +136,14 @@ def read_job(run_dir: Path, starts: list[dict], now: float) -> JobStatus:
         job.fid, job.fid_step = number(evaluation.get("fid")), evaluation.get("step")
     elif number(status.get("fid")) is not None:
         job.fid, job.fid_step = number(status["fid"]), status.get("step")
-    changed = [p.stat().st_mtime for p in (run_dir / "metrics.jsonl", run_dir / "status.json") if p.exists()]
+    changed = [p.stat().st_mtime for p in (run_dir / METRICS, run_dir / STATUS) if p.exists()]
     job.updated_s = now - max(changed) if changed else None
-    status_time = (run_dir / "status.json").stat().st_mtime if (run_dir / "status.json").exists() else 0.0
-    if job.state not in ("running", "finished") and last.get("start_time") and _iso_time(last["start_time"]) > status_time:
+    status_time = (run_dir / STATUS).stat().st_mtime if (run_dir / STATUS).exists() else 0.0
+    if job.state not in (RUNNING, FINISHED) and last.get("start_time") and _iso_time(last["start_time"]) > status_time:
         job.state = "starting"            # (re)started, e.g. requeued by SLURM, and not yet training
-    if job.state == "running" and process_gone(run_dir):
+    if job.state == RUNNING and process_gone(run_dir):
         job.state = "lost"
-    if job.state in ("failed", "halted"):
+    if job.state in (FAILED, HALTED):
         job.error = next((ln.strip() for ln in str(status.get("error", "")).splitlines() if ln.strip()), None)
     job.eta_s = eta(job, train, now)
     return job
@@ -195,7 +161,7 @@ def _iso_time(text: str) -> float:
 def eta(job: JobStatus, train: list[dict], now: float) -> Optional[float]:
     """Seconds of training left: steps left × images per step ÷ the recent images/s, less the time since the
     last record. None when the job is not training or the rate is unknown."""
-    if job.state not in ("running", "starting") or not train or not job.images_per_sec or not job.total_steps:
+    if job.state not in (RUNNING, "starting") or not train or not job.images_per_sec or not job.total_steps:
         return None
     last = train[-1]
     per_step = number(last.get("images_seen")) / max(1, int(last["step"])) if number(last.get("images_seen")) else None
@@ -220,21 +186,17 @@ def unsubmitted_reason(sweep_dir: Path) -> Optional[str]:
     from omegaconf import OmegaConf
 
     try:
-        launcher = OmegaConf.load(sweep_dir / "multirun.yaml").hydra.launcher
+        launcher = OmegaConf.load(sweep_dir / MULTIRUN).hydra.launcher
         target, folder = str(launcher.get("_target_", "")), str(launcher._get_node("submitit_folder")._value())
     except Exception:  # noqa: BLE001 — no plan, or not a submitit sweep: nothing to say
         return None
-    if not target.endswith("SlurmLauncher") or not folder.startswith("${hydra.sweep.dir}/.submitit/"):
+    if not target.endswith("SlurmLauncher") or not folder.startswith(f"${{hydra.sweep.dir}}/{SUBMITIT}/"):
         return None
-    submitit = sweep_dir / ".submitit"
+    submitit = sweep_dir / SUBMITIT
     if submitit.is_dir() and any(SUBMITIT_JOB.match(p.name) for p in submitit.iterdir() if p.is_dir()):
         return None
     return (f"never queued: no SLURM job id under {submitit} (sbatch failed, and the command that submitted the "
             f"sweep printed why, or it is being submitted now); fix that and rerun the same command")
-
-
-def is_run_dir(path: Path) -> bool:
-    return any((path / name).exists() for name in RUN_FILES)
 
 
 def sweep_status(path: str | Path, now: Optional[float] = None) -> list[JobStatus]:
@@ -245,14 +207,11 @@ def sweep_status(path: str | Path, now: Optional[float] = None) -> list[JobStatu
     if not path.is_dir():
         raise StatusError(f"{path} is not a directory; give a sweep directory (outputs/sweeps/<sweep_name>) or a run "
                           f"directory (outputs/runs/<name>)")
-    if is_run_dir(path) and not (path / "index.jsonl").exists():
+    if holds_run(path) and not (path / INDEX).exists():
         return [read_job(path, [], now)]
-    starts: dict[str, list[dict]] = {}
-    for entry in read_entries(path):
-        if entry.get("dir"):
-            starts.setdefault(Path(str(entry["dir"])).name, []).append(entry)
+    starts = starts_by_folder(path)
     folders = {p.name: p for p in path.iterdir()
-               if p.is_dir() and not p.name.startswith(".") and (is_run_dir(p) or p.name in starts)}
+               if p.is_dir() and not p.name.startswith(".") and (holds_run(p) or p.name in starts)}
     jobs = [read_job(folder, starts.get(name, []), now) for name, folder in folders.items()]
     jobs += [JobStatus(job=name, job_num=e[-1].get("job_num"), strategy=e[-1].get("weighting"),
                        seed=e[-1].get("seed"), state="starting", slurm_job_id=e[-1].get("slurm_job_id"))

@@ -1,4 +1,5 @@
-"""The sweep index: `<sweep_dir>/index.jsonl`, one line each time a job of a multirun starts.
+"""What a multirun job adds to the sweep index (`<sweep_dir>/index.jsonl`, the file: diffrun.run_folder.index),
+and what the sweep's plan says.
 
 A multirun writes one folder per job, `<sweep_dir>/<job_num>_<weighting>_seed<seed>/`; the index says
 which folder is which strategy, seed and launcher job, and how often it was (re)started:
@@ -7,15 +8,11 @@ which folder is which strategy, seed and launcher job, and how often it was (re)
      "dataset": "digits", "overrides": ["weighting=min_snr", "seed=1"], "slurm_job_id": "412_3",
      "restart_count": 1, "previous_state": "interrupted", "start_time": "2026-...", ...}
 
-Jobs of a SLURM array start concurrently (on several nodes), so the file is append-only: each start
-appends one line with a single `write` under an exclusive `flock`, and nothing ever rewrites it. A
-requeued or rerun job appends another line for the same folder; readers (`diffrun-report`, via
-`diffrun.reporting.collect.read_index`) keep the last line per folder.
+A requeued or rerun job appends another line for the same folder; `diffrun-report` keeps the last line per
+folder, `diffrun-status` counts them as restarts.
 """
 from __future__ import annotations
 
-import fcntl
-import json
 import logging
 import os
 import socket
@@ -24,8 +21,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from diffrun.run_folder import MULTIRUN
+from diffrun.run_folder.index import append_entry
+
 log = logging.getLogger(__name__)
-INDEX_NAME = "index.jsonl"
 
 
 def slurm_job_id() -> str | None:
@@ -62,20 +61,6 @@ def job_entry(cfg: DictConfig, run_dir: Path, sweep_dir: Path, job_num: int, ove
         "host": socket.gethostname(),
         "pid": os.getpid(),
     }
-
-
-def append_entry(sweep_dir: Path, entry: dict) -> Path:
-    """Append one line to `<sweep_dir>/index.jsonl` (safe with concurrent writers, also on NFS)."""
-    path = Path(sweep_dir) / INDEX_NAME
-    path.parent.mkdir(parents=True, exist_ok=True)
-    line = (json.dumps(entry, default=str) + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        os.write(fd, line)
-    finally:
-        os.close(fd)  # releases the lock
-    return path
 
 
 def pin_sweep_name(cfg: DictConfig) -> None:
@@ -118,14 +103,6 @@ def record_job_start(cfg: DictConfig, previous_state: str | None = None) -> Path
         return None
 
 
-def read_entries(sweep_dir: Path) -> list[dict]:
-    """Every line of `<sweep_dir>/index.jsonl`, in the order written (a torn last line is skipped)."""
-    from diffrun.monitoring.metrics import read_jsonl
-
-    path = Path(sweep_dir) / INDEX_NAME
-    return [e for e in read_jsonl(path) if isinstance(e, dict)] if path.exists() else []
-
-
 def planned_jobs(sweep_dir: Path) -> list[list[str]] | None:
     """The overrides of every job the basic sweeper launches for the sweep in `sweep_dir`, in job-number order,
     from the `multirun.yaml` it wrote before the first job (the sweep's lists: `hydra.sweeper.params` and the
@@ -134,7 +111,7 @@ def planned_jobs(sweep_dir: Path) -> list[list[str]] | None:
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    path = Path(sweep_dir) / "multirun.yaml"
+    path = Path(sweep_dir) / MULTIRUN
     try:
         hydra_cfg = OmegaConf.load(path).hydra
         params = [f"{k}={v}" for k, v in (OmegaConf.select(hydra_cfg, "sweeper.params") or {}).items()]

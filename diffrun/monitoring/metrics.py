@@ -1,33 +1,14 @@
-"""Local metrics: one JSON object per line in `metrics.jsonl`, so results never depend on W&B."""
+"""Local metrics: the callback that writes `metrics.jsonl` (the format: diffrun.run_folder.metrics)."""
 from __future__ import annotations
 
-import json
-import math
 from pathlib import Path
-from typing import Any
 
-from diffrun.files import atomic_write
+from diffrun.run_folder import METRICS as FILENAME
+from diffrun.run_folder.jsonl import read_jsonl
+from diffrun.run_folder.metrics import open_metrics, record_line
 from diffrun.training.callbacks import Callback
 
-FILENAME = "metrics.jsonl"
-
-
-def _clean(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)  # JSON has no NaN/Inf; keep them visible as strings
-    return value
-
-
-def read_jsonl(path: str | Path) -> list[dict]:
-    """All records of a metrics file; a torn last line (killed mid-write) is ignored."""
-    records = []
-    with open(path) as fh:
-        for line in fh:
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return records
+__all__ = ["FILENAME", "MetricsFile", "read_jsonl"]   # FILENAME, read_jsonl: for callers that import them from here
 
 
 class MetricsFile(Callback):
@@ -40,15 +21,12 @@ class MetricsFile(Callback):
         self._fh = None
 
     def on_start(self, trainer) -> None:
-        path = Path(trainer.run_dir) / FILENAME
-        if path.exists() and getattr(trainer, "job_type", "train") == "train":   # an evaluation only appends
-            kept = [r for r in read_jsonl(path) if int(r.get("step", 0)) <= trainer.step]
-            atomic_write(path, "".join(json.dumps(r) + "\n" for r in kept))
-        self._fh = open(path, "a", buffering=1)
+        training = getattr(trainer, "job_type", "train") == "train"   # an evaluation only appends
+        self._fh = open_metrics(Path(trainer.run_dir), trainer.step if training else None)
 
     def write(self, record: dict) -> None:
         if self._fh is not None:
-            self._fh.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
+            self._fh.write(record_line(record))
 
     def on_flush(self, trainer, record: dict, stats: dict) -> None:
         self.write(record)

@@ -9,7 +9,8 @@ For a run: `loss_vs_logsnr.png` (mean and variance of the per-sample loss over Î
 whose subdirectories hold runs): the same per run under `<out>/<job>/`, plus `density_weight.png` and
 `loss_vs_logsnr_final.png` overlaying every run, one colour per strategy.
 
-Figures are built with `matplotlib.figure.Figure` (no pyplot, no global backend state).
+Figures are built with `matplotlib.figure.Figure` (no pyplot, no global backend state). One module, ~390 lines:
+diffrun-plot and the figures it draws, which share the run loader and the per-strategy styles.
 """
 from __future__ import annotations
 

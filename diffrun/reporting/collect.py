@@ -1,4 +1,4 @@
-"""Read a sweep into one `RunRecord` per job: from a sweep directory (default) or from W&B.
+"""Read a sweep into one `RunRecord` per job: from a sweep directory (W&B: wandb_runs.py).
 
 A sweep directory holds one folder per job, `<job_num>_<weighting>_seed<seed>/`, each with
 `config.yaml`, `status.json`, `metrics.jsonl` and (optionally) `logsnr_stats.npz`. A job whose
@@ -9,10 +9,7 @@ the folder name is the last resort.
 """
 from __future__ import annotations
 
-import json
 import math
-import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -20,13 +17,13 @@ from typing import Any, Optional
 import numpy as np
 
 from diffrun.errors import DiffrunError
-from diffrun.launching.sweep import read_entries
-from diffrun.monitoring.metrics import read_jsonl
-
-JOB_DIR = re.compile(r"^(?P<num>\d+)_(?P<strategy>.+)_seed(?P<seed>-?\d+)$")
 from diffrun.monitoring.stats_writer import FILENAME as NPZ_NAME  # one owner of the file format
 from diffrun.monitoring.stats_writer import PER_BIN as STATS_KEYS
 from diffrun.monitoring.stats_writer import load_stats as read_stats_file
+from diffrun.run_folder import CONFIG, JOB_FOLDER, SUBMITIT, holds_run
+from diffrun.run_folder.index import starts_by_folder
+from diffrun.run_folder.metrics import is_evaluation, is_training, read_metrics
+from diffrun.run_folder.status import FINISHED, read_status
 
 
 class ReportError(DiffrunError):
@@ -83,7 +80,7 @@ class RunRecord:
 
     @property
     def finished(self) -> bool:
-        return self.state == "finished"
+        return self.state == FINISHED
 
     @property
     def prediction(self) -> Optional[str]:
@@ -206,13 +203,10 @@ def split_records(records: list[dict]) -> tuple[list[dict], list[dict]]:
     train: dict[int, dict] = {}
     evals: dict[tuple[int, str], dict] = {}
     for order, rec in enumerate(records):
-        if not isinstance(rec, dict) or "step" not in rec:
-            continue
-        step = int(rec["step"])
-        if "fid" in rec:
-            evals[step, protocol_label(rec)] = {**rec, "_order": order}
-        elif "loss" in rec:
-            train[step] = rec
+        if is_evaluation(rec):
+            evals[int(rec["step"]), protocol_label(rec)] = {**rec, "_order": order}
+        elif is_training(rec):
+            train[int(rec["step"])] = rec
     return [train[s] for s in sorted(train)], sorted(evals.values(), key=lambda r: (int(r["step"]), r["_order"]))
 
 
@@ -255,10 +249,10 @@ def load_config(path: Path) -> dict:
 
 
 def read_index(sweep_dir: Path) -> dict[str, dict]:
-    """Job folder → {strategy, seed, job_num} from the sweep's `index.jsonl` (diffrun.launching.sweep), if any;
+    """Job folder → {strategy, seed, job_num} from the sweep's `index.jsonl` (diffrun.run_folder.index), if any;
     a requeued or rerun job's last line wins."""
-    return {Path(str(e["dir"])).name: {"strategy": e.get("weighting"), "seed": e.get("seed"), "job_num": e.get("job_num")}
-            for e in read_entries(sweep_dir) if e.get("dir")}
+    return {folder: {"strategy": e[-1].get("weighting"), "seed": e[-1].get("seed"), "job_num": e[-1].get("job_num")}
+            for folder, e in starts_by_folder(sweep_dir).items()}
 
 
 def incomplete_reason(status: dict, has_status: bool) -> str:
@@ -273,22 +267,17 @@ def incomplete_reason(status: dict, has_status: bool) -> str:
 
 
 def read_job(job_dir: Path, index_entry: Optional[dict] = None) -> RunRecord:
-    config = load_config(job_dir / "config.yaml")
-    status_path = job_dir / "status.json"
-    try:
-        status = json.loads(status_path.read_text())
-        has_status = isinstance(status, dict)
-        status = status if has_status else {}
-    except (OSError, json.JSONDecodeError):
-        status, has_status = {}, False
-    records = read_jsonl(job_dir / "metrics.jsonl") if (job_dir / "metrics.jsonl").exists() else []
-    train, evals = split_records(records)
+    config = load_config(job_dir / CONFIG)
+    status = read_status(job_dir)
+    has_status = status is not None
+    status = status or {}
+    train, evals = split_records(read_metrics(job_dir))
     if "fid" in status and math.isfinite(to_float(status["fid"])) and not any(
             int(e["step"]) == int(status.get("step", -1)) for e in evals):
         evals.append({"step": int(status.get("step", evals[-1]["step"] if evals else 0)), "fid": status["fid"]})
         evals.sort(key=lambda e: int(e["step"]))
 
-    match = JOB_DIR.match(job_dir.name)
+    match = JOB_FOLDER.match(job_dir.name)
     entry = index_entry or {}
     strategy = entry.get("strategy") or dotted(config, "weighting.name") or (match and match["strategy"]) or "?"
     seed = entry.get("seed", dotted(config, "seed", int(match["seed"]) if match else None))
@@ -298,17 +287,16 @@ def read_job(job_dir: Path, index_entry: Optional[dict] = None) -> RunRecord:
     state = status.get("state", "missing") if has_status else "missing"
     return RunRecord(
         name=job_dir.name, strategy=str(strategy), seed=None if seed is None else int(seed), state=state,
-        error="" if state == "finished" else incomplete_reason(status, has_status),
+        error="" if state == FINISHED else incomplete_reason(status, has_status),
         job_num=num, path=job_dir, step=status.get("step"), total_steps=status.get("total_steps"),
         config=config, status=status, train=train, evals=evals, stats=load_stats(job_dir / NPZ_NAME),
     )
 
 
 def is_job_dir(path: Path) -> bool:
-    if not path.is_dir() or path.name in ("report", ".hydra", ".submitit"):
+    if not path.is_dir() or path.name in ("report", ".hydra", SUBMITIT):
         return False
-    return bool(JOB_DIR.match(path.name)) or any(
-        (path / f).exists() for f in ("config.yaml", "status.json", "metrics.jsonl"))
+    return bool(JOB_FOLDER.match(path.name)) or holds_run(path)
 
 
 def common_value(runs: list[RunRecord], key: str) -> Any:
@@ -366,66 +354,3 @@ def make_sweep(runs: list[RunRecord], name: str, source: str, notes: list[str]) 
         baseline=common_value(runs, "report.baseline"),
         target_fid=None if target is None else float(target), notes=notes,
     )
-
-
-# ------------------------------------------------------------------------------------------------
-# W&B
-# ------------------------------------------------------------------------------------------------
-def _strip(key: str) -> str:
-    for prefix in ("train/", "eval/", "metrics/"):
-        if key.startswith(prefix):
-            return key[len(prefix):]
-    return key
-
-
-def collect_wandb(path: str, group: Optional[str], timeout: int = 30) -> Sweep:
-    """Runs of W&B project `entity/project` in `group` or its per-strategy groups `group/<strategy>` (history keys
-    step/fid/loss..., config weighting.name, seed).
-
-    Needs network access and an API key (`wandb login` or WANDB_API_KEY); without them this raises a
-    ReportError that says so. Per-log-SNR statistics are not read from W&B (use the sweep directory).
-    """
-    if path.count("/") != 1 or not all(path.split("/")):
-        raise ReportError(f"--wandb {path!r}: expected ENTITY/PROJECT, e.g. --wandb my-team/diffrun")
-    if not group:
-        raise ReportError("--wandb needs --group G (the sweep's W&B group; by default the sweep name)")
-    hint = ("W&B runs need network access and an API key (`wandb login` or WANDB_API_KEY). The default, offline "
-            "source is the sweep directory: diffrun-report outputs/sweeps/<sweep_name>")
-    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun"):
-        raise ReportError(f"cannot read W&B runs while WANDB_MODE={os.environ['WANDB_MODE']}. {hint}")
-    try:
-        import wandb
-
-        api = wandb.Api(timeout=timeout)
-        # a sweep's runs are grouped per strategy, `<sweep>/<strategy>` (docs/wandb.md); evaluation jobs are not runs
-        remote = [r for r in api.runs(path, filters={"group": {"$regex": f"^{re.escape(group)}(/[^/]+)?$"}})
-                  if getattr(r, "job_type", "train") != "eval"]
-    except Exception as exc:  # auth, DNS, HTTP errors: all the same to the user
-        raise ReportError(f"cannot read W&B runs of {path} group={group}: {type(exc).__name__}: "
-                          f"{first_line(str(exc)).rstrip('.') or 'no detail'}. {hint}") from None
-    if not remote:
-        raise ReportError(f"W&B project {path} has no runs in group {group!r}")
-    runs = []
-    for num, wr in enumerate(remote):
-        config = {k: v for k, v in dict(wr.config).items() if not k.startswith("_")}
-        rows = []
-        for row in wr.scan_history():
-            rec = {_strip(k): v for k, v in row.items() if v is not None}
-            rec.setdefault("step", rec.get("_step"))
-            if rec.get("step") is not None:
-                rows.append(rec)
-        train, evals = split_records(rows)
-        summary = dict(wr.summary) if wr.summary is not None else {}
-        state = {"crashed": "failed", "killed": "interrupted"}.get(wr.state, wr.state)
-        strategy = dotted(config, "weighting.name") or "?"
-        seed = dotted(config, "seed")
-        status = {"state": state, "step": summary.get("step", train[-1]["step"] if train else None),
-                  "total_steps": dotted(config, "train.steps")}
-        runs.append(RunRecord(
-            name=wr.name, strategy=str(strategy), seed=None if seed is None else int(seed), state=state,
-            error="" if state == "finished" else f"W&B run state '{wr.state}'",
-            job_num=num, step=status["step"], total_steps=status["total_steps"],
-            config=config, status=status, train=train, evals=evals, stats=None,
-        ))
-    return make_sweep(runs, name=group, source=f"wandb:{path} group={group}",
-                      notes=["read from W&B; per-log-SNR statistics are only in the sweep directory"])

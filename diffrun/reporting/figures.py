@@ -2,6 +2,7 @@
 
 Each `plot_*` writes one PNG and returns a `Plot` (file name + caption), or None when the sweep has
 nothing to draw (no FID, no logsnr_stats.npz) — the report then says which figure is missing and why.
+One module, ~400 lines: every figure of report.md, sharing the band, legend and style helpers at its top.
 """
 from __future__ import annotations
 

@@ -52,11 +52,10 @@ def metadata_of(state: dict, source: Path) -> dict[str, str]:
         meta.update(git_commit=str(provenance.get("git_commit")), git_dirty=str(provenance.get("git_dirty")))
     except (OSError, ValueError, AttributeError):
         pass
-    from diffrun.monitoring.metrics import read_jsonl
+    from diffrun.run_folder.metrics import read_metrics
 
-    metrics = run_dir / "metrics.jsonl"
-    measured = [r for r in (read_jsonl(metrics) if metrics.exists() else [])
-                if isinstance(r, dict) and r.get("step") == state["step"] and isinstance(r.get("fid"), (int, float))]
+    measured = [r for r in read_metrics(run_dir)
+                if r.get("step") == state["step"] and isinstance(r.get("fid"), (int, float))]
     if measured:
         meta.update(fid=repr(float(measured[-1]["fid"])), fid_protocol=str(measured[-1].get("fid_protocol", "")))
     return meta

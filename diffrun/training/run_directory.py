@@ -1,11 +1,10 @@
-"""A run directory between processes: who owns it (`.lock`) and how far it got (`status.json`).
+"""A run directory between processes: who owns it (`.lock`) and which run it holds (its identity).
 
 * **Ownership.** `.lock` holds an exclusive `flock` for the life of the process (released by the kernel
   if the process dies, so a stale lock is simply taken over); a second process on the same run stops
   at once naming the holder.
-* **Progress.** `status.json`: running / interrupted / halted / failed / finished, the step, the reason,
-  the run's fingerprint. Written atomically; when the disk is full or the directory not writable, the
-  existing file is rewritten in place (it is padded when written, so that needs no new blocks).
+* **Identity.** The fingerprint in `status.json` (written and read by diffrun.run_folder.status) says which
+  run the directory holds; a different run stops before any work.
 """
 from __future__ import annotations
 
@@ -21,12 +20,13 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from diffrun.errors import DiffrunError
-from diffrun.files import atomic_write, json_text, overwrite_in_place, remove_stale_temporaries
+from diffrun.files import remove_stale_temporaries
 from diffrun.fingerprint import fingerprint, fingerprint_of, trained_config
+from diffrun.run_folder import CHECKPOINTS, CONFIG, LOCK
+from diffrun.run_folder.status import read_status
 from diffrun.training.identity import check_same_run, mismatch_without_config
 
 log = logging.getLogger(__name__)
-STATUS_PADDING = 2048                                  # bytes status.json is padded to (see overwrite_in_place)
 
 
 class RunLockedError(DiffrunError):
@@ -34,16 +34,15 @@ class RunLockedError(DiffrunError):
 
 
 class RunDirectory:
-    """Lock, status and identity checks of one run directory (rank 0 only)."""
+    """Lock and identity checks of one run directory (rank 0 only)."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.status_path = self.path / "status.json"
         self._lock_fd: int | None = None
 
     # --- ownership ------------------------------------------------------------------------------------
     def lock(self) -> None:
-        lock_path = self.path / ".lock"
+        lock_path = self.path / LOCK
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -67,7 +66,7 @@ class RunDirectory:
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(holder).encode(), 0)
         self._lock_fd = fd
-        for path in remove_stale_temporaries(self.path, self.path / "checkpoints"):
+        for path in remove_stale_temporaries(self.path, self.path / CHECKPOINTS):
             log.info("removed %s, left by a process killed while writing it", path)
 
     @staticmethod
@@ -84,36 +83,16 @@ class RunDirectory:
                 os.close(self._lock_fd)
             self._lock_fd = None
 
-    # --- progress --------------------------------------------------------------------------------------
-    def read_status(self) -> dict:
-        try:
-            return json.loads(self.status_path.read_text())
-        except (OSError, ValueError):
-            return {}
-
-    def write_status(self, state: str, step: int, total_steps: int, **extra) -> None:
-        """Never raises: a status that cannot be written is logged (the exception in flight says why)."""
-        text = json_text({"state": state, "step": step, "total_steps": total_steps, **extra}).rstrip("\n")
-        text = text.ljust(STATUS_PADDING - 1) + "\n"   # padded: room to rewrite it in place later
-        try:
-            self.path.mkdir(parents=True, exist_ok=True)
-            atomic_write(self.status_path, text)
-        except OSError as exc:
-            if overwrite_in_place(self.status_path, text):
-                return
-            log.error("could not write %s (%s): it may still say %r", self.status_path, exc.strerror or exc,
-                      self.read_status().get("state"))
-
     # --- identity --------------------------------------------------------------------------------------
     def check_identity(self, cfg: DictConfig, force: bool) -> dict:
         """The previous status, after checking it was written by this run (RunMismatchError otherwise). The
         differing keys come from the previous run's config.yaml."""
-        status = self.read_status()
+        status = read_status(self.path) or {}
         recorded = status.get("fingerprint")
         if recorded is None or recorded == fingerprint(cfg):
             return status
         try:
-            previous = trained_config(OmegaConf.load(self.path / "config.yaml"))
+            previous = trained_config(OmegaConf.load(self.path / CONFIG))
         except Exception:  # noqa: BLE001 - no readable config.yaml: say only that the fingerprints differ
             previous = None
         if previous is not None and fingerprint_of(previous) == recorded:

@@ -5,7 +5,7 @@ callbacks' end-of-run work (sample grid, FID). Where the rest is:
     the step as one graph     diffrun/training/capture.py         (train.capture=compile)
     building it all           diffrun/training/setup.py           (build_components)
     checkpoint state, resume  diffrun/training/run_state.py       (RunState; files: checkpoint.py)
-    the run directory         diffrun/training/run_directory.py   (lock, status.json; identity.py)
+    the run directory         diffrun/training/run_directory.py   (lock, identity.py; files: diffrun/run_folder/)
     everything else           diffrun/training/callbacks.py       (metrics file, statistics, W&B, samples, FID)
 """
 from __future__ import annotations
@@ -22,6 +22,7 @@ from diffrun.data import balanced_labels
 from diffrun.errors import DiffrunError
 from diffrun.files import atomic_write, atomic_write_json
 from diffrun import distributed
+from diffrun.run_folder import status
 from diffrun.training.logsnr_stats import LogSNRStats
 from diffrun.sampling import PerImageGenerator, SamplerOptions, autocast_dtype, run_sampler, to_uint8
 from diffrun.training.callbacks import Callback, Events, build_callbacks
@@ -166,7 +167,8 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------
     def write_status(self, state: str, **extra) -> None:
         if self.directory is not None:
-            self.directory.write_status(state, self.step, self.cfg.train.steps, fingerprint=fingerprint(self.cfg), **extra)
+            status.write_status(self.directory.path, state, self.step, self.cfg.train.steps, fingerprint=fingerprint(self.cfg),
+                         **extra)
 
     def stop_requested(self) -> bool:
         """A signal arrived (on any rank: under DDP the ranks agree every dist.interrupt_check_every steps)."""
@@ -188,7 +190,7 @@ class Trainer:
                  self.autocast_dtype or "fp32", sum(p.numel() for p in self.denoiser.parameters()),
                  self.strategy.describe(), f"resumed at step {self.step}" if resumed else
                  f"from the weights of {init_from}" if init_from else "from scratch")
-        self.write_status("running")
+        self.write_status(status.RUNNING)
         self.events.start(self)
 
     def _train(self) -> None:
@@ -222,21 +224,21 @@ class Trainer:
                     if self.state.checkpointed_step != self.step:
                         self.save_checkpoint()
                     summary = {"step": self.step, **self.events.end(self)}
-                    self.write_status("finished", **{k: v for k, v in summary.items() if k != "step"})
+                    self.write_status(status.FINISHED, **{k: v for k, v in summary.items() if k != "step"})
                     return summary
                 except StopRequested:
                     return self._stop_after_signal()
         except NonFiniteLossError as exc:
-            self.write_status("halted", error=str(exc))
+            self.write_status(status.HALTED, error=str(exc))
             raise
         except SystemExit:   # resume_default: the signal went on to submitit (requeue) or exits the process
             raise
         except KeyboardInterrupt:
-            self.write_status("interrupted", reason="second interrupt (stopped at once)",
+            self.write_status(status.INTERRUPTED, reason="second interrupt (stopped at once)",
                               checkpoint_step=max(self.state.checkpointed_step, 0))
             raise
         except BaseException as exc:
-            self.write_status("failed", error=f"{type(exc).__name__}: {exc}",
+            self.write_status(status.FAILED, error=f"{type(exc).__name__}: {exc}",
                               checkpoint_step=max(self.state.checkpointed_step, 0))
             raise
         finally:
@@ -246,7 +248,7 @@ class Trainer:
     def _stop_after_signal(self) -> dict:
         if self.state.checkpointed_step != self.step:
             self.save_checkpoint()
-        self.write_status("interrupted", signal=self.interrupt.signum, checkpoint_step=self.state.checkpointed_step)
+        self.write_status(status.INTERRUPTED, signal=self.interrupt.signum, checkpoint_step=self.state.checkpointed_step)
         distributed.barrier()
         self.events.close()
         self._release()
