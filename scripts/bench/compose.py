@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, open_dict
 
-from diffrun.config import build, validate
+from diffrun.building import build
+from diffrun.validation import validate
 from diffrun.data import ArraySource
 
 from bench.measure import error_text

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from diffrun.config import build
+from diffrun.building import build
 
 
 class PeerDDPMScheduler:
