@@ -384,9 +384,12 @@ def build(node: DictConfig, **kwargs: Any) -> Any:
 
 
 def validate(cfg: DictConfig, environment: bool = True) -> None:
-    """Every check of a run's config before any work (diffrun/validation.py): raises a one-line ConfigError
+    """Every check of a run's config before any work (diffrun/validation.py, then the constructors of the
+    `callbacks` it names): raises a one-line ConfigError
     naming the key, the value and what is allowed. `environment=False` skips the checks of this machine
     (devices, backends, paths), for a sweep checked where it is submitted rather than where it runs."""
+    from diffrun.training.callbacks import build_callbacks
     from diffrun.validation import validate_run
 
     validate_run(cfg, environment=environment)
+    build_callbacks(cfg)   # each callback checks its own node's settings (`~callbacks.wandb`: no wandb.* check)

@@ -125,8 +125,6 @@ RANGES: dict[str, Interval] = {
     "stats.bins": POSITIVE,
     "stats.logsnr_min": FINITE,
     "stats.logsnr_max": FINITE,
-    "wandb.plots_every": POSITIVE,
-    "wandb.init_timeout": Interval(0, low_open=True, note="seconds"),
     "report.target_fid": Interval(0, low_open=True, note="or null"),
     "dist.devices": POSITIVE,
     "dist.timeout_s": Interval(0, low_open=True, note="seconds"),

@@ -8,6 +8,7 @@ from typing import Any
 
 from diffrun.files import atomic_write
 from diffrun.training.callbacks import Callback
+from diffrun.training.run_view import RunView
 
 FILENAME = "metrics.jsonl"
 
@@ -39,10 +40,10 @@ class MetricsFile(Callback):
     def __init__(self):
         self._fh = None
 
-    def on_start(self, trainer) -> None:
-        path = Path(trainer.run_dir) / FILENAME
-        if path.exists() and getattr(trainer, "job_type", "train") == "train":   # an evaluation only appends
-            kept = [r for r in read_jsonl(path) if int(r.get("step", 0)) <= trainer.step]
+    def on_start(self, run: RunView) -> None:
+        path = Path(run.run_dir) / FILENAME
+        if path.exists() and run.job_type == "train":   # an evaluation only appends
+            kept = [r for r in read_jsonl(path) if int(r.get("step", 0)) <= run.step]
             atomic_write(path, "".join(json.dumps(r) + "\n" for r in kept))
         self._fh = open(path, "a", buffering=1)
 
@@ -50,10 +51,10 @@ class MetricsFile(Callback):
         if self._fh is not None:
             self._fh.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
 
-    def on_flush(self, trainer, record: dict, stats: dict) -> None:
+    def on_flush(self, run: RunView, record: dict, stats: dict) -> None:
         self.write(record)
 
-    def on_eval(self, trainer, record: dict) -> None:
+    def on_eval(self, run: RunView, record: dict) -> None:
         self.write(record)
 
     def close(self) -> None:
