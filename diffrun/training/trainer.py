@@ -7,6 +7,7 @@ callbacks' end-of-run work (sample grid, FID). Where the rest is:
     checkpoint state, resume  diffrun/training/run_state.py       (RunState; files: checkpoint.py)
     the run directory         diffrun/training/run_directory.py   (lock, status.json; identity.py)
     everything else           diffrun/training/callbacks.py       (metrics file, statistics, W&B, samples, FID)
+    what callbacks see        diffrun/training/run_view.py        (RunView: `view`, never the Trainer)
 """
 from __future__ import annotations
 
