@@ -216,8 +216,8 @@ class WandbConfig:
     entity: Optional[str] = None
     group: Optional[str] = None       # W&B group is `<this>/<strategy>`; default `experiment`, or `sweep_name` in a multirun
     tags: list = field(default_factory=list)  # added to the automatic strategy/dataset/seed/schedule/model tags
-    plots_every: int = setting(5, POSITIVE)  # per-bin line plots and the variance heatmap every N flushes (and the last)
-    init_timeout: float = setting(10.0, Interval(0, low_open=True, note="seconds"))  # seconds wandb.init may wait for the server before logging offline (docs/wandb.md)
+    plots_every: int = 5  # per-bin line plots and the variance heatmap every N flushes (and the last)
+    init_timeout: float = 10.0  # seconds wandb.init may wait for the server before logging offline (docs/wandb.md)
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Files a reader never sees half-written: the one atomic-write helper every writer uses.
+"""Files a reader never sees half-written: the one atomic-write helper every writer uses; and the one
+exclusive file lock (`try_lock`) of a process that owns something on disk (a run, its W&B id).
 
 A file is written to `.<name>.tmp.<pid>` in its own directory, flushed and fsynced, then renamed over
 the target (atomic on POSIX). On any failure the temporary file is removed and the old file is left
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import os
 import re
@@ -115,3 +117,22 @@ def check_writable_dir(path: str | Path, key: str) -> None:
     except OSError as exc:
         raise ConfigError(f"{key}={show(str(path))}: cannot create folders in {ancestor} ({exc.strerror or exc}); "
                           f"allowed a writable folder") from None
+
+
+def try_lock(path: str | Path) -> int | None:
+    """Take the exclusive `flock` of `path` (created if missing) without waiting: the descriptor that holds it
+    until `unlock` (the kernel releases it when the process dies, so a stale lock is simply taken over), or None
+    while another process holds it. OSError when `path` cannot be opened."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def unlock(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)

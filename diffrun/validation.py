@@ -48,6 +48,7 @@ from diffrun.models.parameterization import PREDICTIONS
 from diffrun.sampling import SamplerOptions
 from diffrun.schedules.base import build_schedule
 from diffrun.training import capture, checkpoint, ema, export, optim
+from diffrun.training.callbacks import build_callbacks
 from diffrun.training.environment import check_device
 
 DEVICE_FORMS = "auto, cpu, cuda, cuda:N, mps"
@@ -60,6 +61,7 @@ def validate(cfg: DictConfig, environment: bool = True) -> None:
     check_keys(cfg)
     check_values(cfg)
     check_groups(cfg)
+    build_callbacks(cfg)     # each callback checks its own node (`~callbacks.wandb`: no wandb.* check)
     if environment:
         check_environment(cfg)
 

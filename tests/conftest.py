@@ -18,6 +18,7 @@ from hydra.core.global_hydra import GlobalHydra
 
 from diffrun.cli import CONF_DIR
 from diffrun.evaluation.inception import fid_helper_source, resolve_inception_weights
+from diffrun.training.run_view import RunView, recorded_config
 from tiny_features import use_tiny_features, write_weights
 
 # Tests never talk to W&B's cloud, wherever they run; W&B tests opt into offline mode themselves.
@@ -90,6 +91,28 @@ def compose_config(overrides=(), fast: bool = True):
 @pytest.fixture
 def make_cfg():
     return compose_config
+
+
+class Clock:
+    """A RunView's `progress` for a callback under test: the test moves `step` and `images_seen`."""
+
+    def __init__(self, step: int = 0, images_seen: int = 0):
+        self.step, self.images_seen = step, images_seen
+
+    def __call__(self) -> tuple[int, int]:
+        return self.step, self.images_seen
+
+
+def run_view(run_dir, cfg=None, *, step: int = 0, images_seen: int | None = None, job_type: str = "train",
+             **fields) -> RunView:
+    """The RunView a callback gets, for tests without a Trainer: `cfg` (composed) gives the name and the recorded
+    config; `view.progress.step = 3` moves the run on; `fields` replace the other fields (stats, events, data, ...)."""
+    batch = int(cfg.train.batch_size) if cfg is not None else 8
+    given = dict(name=str(cfg.name) if cfg is not None else "run", run_dir=Path(run_dir), job_type=job_type,
+                 config=recorded_config(cfg) if cfg is not None else None, events=None, data=None, ema=None,
+                 generate=None, device=torch.device("cpu"), autocast_dtype=None,
+                 progress=Clock(step, step * batch if images_seen is None else images_seen))
+    return RunView(**{**given, **fields})
 
 
 def write_cifar(root: Path, name: str = "cifar10", per_file: int = 20, seed: int = 0) -> Path:

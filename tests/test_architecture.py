@@ -5,6 +5,8 @@ from pathlib import Path
 import diffrun
 from diffrun.training.callbacks import Callback, build_callbacks
 
+from conftest import compose_config
+
 PACKAGE = Path(diffrun.__file__).parent
 
 
@@ -45,3 +47,17 @@ def test_one_atomic_write_helper():
             continue
         text = path.read_text()
         assert "fsync" not in text and "mkstemp" not in text and '".tmp"' not in text, path
+
+
+def test_one_ownership_lock():
+    """The non-blocking exclusive lock a process owns a run (or its W&B id) with is `files.try_lock`, nowhere else."""
+    holders = sorted(str(path.relative_to(PACKAGE)) for path in PACKAGE.rglob("*.py") if "LOCK_NB" in path.read_text())
+    assert holders == ["files.py"], holders
+
+
+def test_no_callback_reads_the_trainer():
+    """Callbacks get a RunView and their own node's arguments: none reads `trainer.` or duck-types `job_type`."""
+    modules = {type(cb).__module__ for cb in build_callbacks(compose_config([]))} | {Callback.__module__}
+    for module in modules:
+        text = (PACKAGE.parent / (module.replace(".", "/") + ".py")).read_text()
+        assert "trainer." not in text and '"job_type",' not in text, module

@@ -25,7 +25,7 @@ from diffrun.launching.sweep import planned_jobs
 from diffrun.monitoring.progress import Progress
 from diffrun.training.environment import available_cpus, busy_cores_warning, cpu_threads
 
-from conftest import compose_config
+from conftest import compose_config, run_view
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "diffrun.cli"]
@@ -206,18 +206,18 @@ class Terminal(io.StringIO):
         return True
 
 
-def fake_trainer(progress: bool = True) -> SimpleNamespace:
-    cfg = OmegaConf.create({"name": "r", "train": {"steps": 100, "progress": progress, "batch_size": 10}})
-    return SimpleNamespace(cfg=cfg, step=0)
+def progress_of(stream, enabled: bool = True) -> Progress:
+    return Progress(enabled=enabled, total_steps=100, batch_size=10, stream=stream)
 
 
 def test_progress_bar_only_on_a_terminal(caplog):
     record = {"step": 50, "loss": 0.25, "images_per_sec": 200.0}
     terminal = Terminal()
-    bar = Progress(stream=terminal)
-    bar.on_start(fake_trainer())
+    run = run_view("r")
+    bar = progress_of(terminal)
+    bar.on_start(run)
     with caplog.at_level(logging.INFO, logger="diffrun"):
-        bar.on_flush(fake_trainer(), record, {})
+        bar.on_flush(run, record, {})
         logging.getLogger("diffrun").info("a log line while the bar is drawn")
     bar.close()
     assert "\r" in terminal.getvalue() and "50/100" in terminal.getvalue()
@@ -225,18 +225,18 @@ def test_progress_bar_only_on_a_terminal(caplog):
 
     caplog.clear()
     file = io.StringIO()
-    lines = Progress(stream=file)
-    lines.on_start(fake_trainer())
+    lines = progress_of(file)
+    lines.on_start(run)
     with caplog.at_level(logging.INFO, logger="diffrun"):
-        lines.on_flush(fake_trainer(), record, {})
+        lines.on_flush(run, record, {})
     lines.close()
     assert file.getvalue() == ""
     assert [r.getMessage() for r in caplog.records] == ["step 50/100 (50%)  loss 0.2500  200 img/s  ETA 0m02s"]
 
-    quiet = Progress(stream=Terminal())
-    quiet.on_start(fake_trainer(progress=False))
+    quiet = progress_of(Terminal(), enabled=False)
+    quiet.on_start(run)
     with caplog.at_level(logging.INFO, logger="diffrun"):
-        quiet.on_flush(fake_trainer(progress=False), record, {})
+        quiet.on_flush(run, record, {})
     assert quiet.bar is None and len(caplog.records) == 1
 
 

@@ -254,9 +254,10 @@ def test_ema_update_temporary_is_bounded_by_the_chunk():
 
 
 def test_per_image_seeds_give_the_same_images_at_any_batch_size_on_gpu(make_cfg, tmp_path):
-    trainer = Trainer(make_cfg([*GPU, "eval.sampler=ddpm", "eval.steps=3"]), tmp_path, callbacks=[])
-    whole, _ = trainer.generate(6, range(100, 106), "eval")
-    halves = [trainer.generate(3, seeds, "eval")[0] for seeds in (range(100, 103), range(103, 106))]
+    cfg = make_cfg([*GPU, "eval.sampler=ddpm", "eval.steps=3"])
+    trainer = Trainer(cfg, tmp_path, callbacks=[])
+    whole, _ = trainer.generate(6, range(100, 106), cfg.eval, "eval")
+    halves = [trainer.generate(3, seeds, cfg.eval, "eval")[0] for seeds in (range(100, 103), range(103, 106))]
     assert whole.is_cuda and torch.equal(whole, torch.cat(halves))
     trainer.directory.unlock()
 

@@ -128,7 +128,7 @@ def _fid_samples(cfg, run_dir, monkeypatch_like, take: int = 7) -> torch.Tensor:
     monkeypatch_like(protocol, "describe", lambda *a, **k: {"sampler": "ddpm", "steps": 2, "nfe": 2, "precision": "fp32",
                                                            "guidance": {"cfg_scale": 1.0}, "label": "test"})
     try:
-        record = protocol.evaluate(trainer, cfg.eval)
+        record = protocol.evaluate(trainer.view, cfg.eval, cfg.dataset)
     finally:
         trainer.directory and trainer.directory.unlock()
     return None if record is None else torch.cat(pulled)

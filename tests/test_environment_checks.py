@@ -3,16 +3,15 @@ honoured, and the Inception weights FID needs resolved before training (paper pr
 from __future__ import annotations
 
 import logging
-from types import SimpleNamespace
 
 import pytest
 
+from diffrun.building import build
 from diffrun.evaluation import inception
-from diffrun.evaluation.callback import FIDCallback
 from diffrun.evaluation.inception import InceptionWeightsUnavailable
-from diffrun.monitoring.wandb_logger import WandbLogger, credentials_source, mode_reason, resolve_mode
+from diffrun.monitoring.wandb_mode import credentials_source, mode_reason, resolve_mode
 
-from conftest import compose_config
+from conftest import compose_config, run_view
 
 PAPER_PRESETS = ("min_snr_cifar10", "edm_cifar10", "variance_aware_cifar10", "variance_aware_cifar100",
                  "adaptive_sampling_cifar10", "all_strategies_cifar10", "min_snr_imagenet256", "min_snr_imagenet64",
@@ -46,9 +45,8 @@ def test_wandb_login_credentials_turn_w_and_b_on(no_env_mode, monkeypatch, tmp_p
 
 def test_wandb_state_is_logged_at_start(no_env_mode, caplog, tmp_path):
     cfg = compose_config(["wandb.mode=null"])
-    trainer = SimpleNamespace(cfg=cfg, run_dir=tmp_path, step=0)
     with caplog.at_level(logging.INFO, logger="diffrun"):
-        WandbLogger().on_start(trainer)
+        build(cfg.callbacks.wandb).on_start(run_view(tmp_path, cfg))
     assert any(r.getMessage().startswith("W&B off (wandb.mode unset") for r in caplog.records), caplog.text
 
 
@@ -72,15 +70,14 @@ def test_paper_presets_stop_without_inception_weights(preset):
 
 def test_missing_inception_weights_stop_a_paper_preset_before_step_0(no_inception_weights):
     cfg = compose_config(["experiment=min_snr_cifar10", "eval.enabled=true"])
-    trainer = SimpleNamespace(cfg=cfg, data=list(range(100)), step=0, rank=0)
     with pytest.raises(InceptionWeightsUnavailable, match="no network"):
-        FIDCallback().on_start(trainer)
+        build(cfg.callbacks.fid).on_start(run_view("/nonexistent", data=list(range(100))))
 
 
 def test_missing_inception_weights_skip_fid_from_the_start_when_allowed(no_inception_weights, caplog):
     cfg = compose_config(["eval.enabled=true", "eval.on_unavailable=skip", "eval.num_reference=100"])
-    callback = FIDCallback()
-    trainer = SimpleNamespace(cfg=cfg, data=list(range(100)), step=0, rank=0)
+    callback = build(cfg.callbacks.fid)
+    trainer = run_view("/nonexistent", data=list(range(100)))
     with caplog.at_level(logging.WARNING):
         callback.on_start(trainer)
     assert callback.skipped_reason and "FID will be skipped" in caplog.text
@@ -96,7 +93,7 @@ def test_inception_weights_resolved_before_step_0(monkeypatch, tmp_path, caplog)
                             weights, "explicit", True))
     cfg = compose_config(["eval.enabled=true", f"eval.inception_weights={weights}", "eval.num_reference=100"])
     with caplog.at_level(logging.INFO):
-        FIDCallback().on_start(SimpleNamespace(cfg=cfg, data=list(range(100)), step=0, rank=0))
+        build(cfg.callbacks.fid).on_start(run_view("/nonexistent", data=list(range(100))))
     assert seen == [str(weights)] and f"Inception weights for FID: {weights} (explicit)" in caplog.text
 
 

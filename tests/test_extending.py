@@ -1,5 +1,6 @@
-"""docs/extending.md's weighting example, run as the page says: its files written from the page, composed with
-`-cd`, its weight checked in closed form, trained end to end, and its W(λ) plotted with diffrun-plot."""
+"""docs/extending.md's examples, run as the page says. The weighting: its files written from the page, composed
+with `-cd`, its weight checked in closed form, trained end to end, and its W(λ) plotted with diffrun-plot. The
+callback: built from its own node, its argument checked at the door, its events seen in a run."""
 from __future__ import annotations
 
 import math
@@ -15,24 +16,29 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from diffrun.cli import CONF_DIR
+from diffrun.cli import CONF_DIR, train
 from diffrun.building import build
+from diffrun.validation import validate
+from diffrun.errors import ConfigError
+from diffrun.training.callbacks import build_callbacks
+
+from conftest import FAST, compose_config
 
 REPO = Path(__file__).resolve().parents[1]
 PAGE = REPO / "docs" / "extending.md"
 
 
-def example_files(folder: Path) -> dict[str, Path]:
-    """The page's code blocks whose first line is `# <path>` of the weighting example, written under `folder`."""
+def example_files(folder: Path, names=("my_weightings.py", "my_conf/weighting/capped_snr.yaml")) -> dict[str, Path]:
+    """The page's code blocks whose first line is `# <path>` of one of `names`, written under `folder`."""
     written = {}
     for lang, body in re.findall(r"```(python|yaml)\n(.*?)```", PAGE.read_text(), flags=re.S):
         first = body.splitlines()[0]
         name = first[2:].strip()
-        if name in ("my_weightings.py", "my_conf/weighting/capped_snr.yaml"):
+        if name in names:
             (folder / name).parent.mkdir(parents=True, exist_ok=True)
             (folder / name).write_text(body)
             written[name] = folder / name
-    assert len(written) == 2, written
+    assert len(written) == len(names), written
     return written
 
 
@@ -84,3 +90,19 @@ def test_the_page_commands_run(tmp_path):
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (tmp_path / "capped.png").stat().st_size > 10_000
     assert list((tmp_path / "outputs" / "debug" / "runs").glob("*capped_snr*/checkpoints/ckpt_*.pt"))
+
+
+def test_the_callback_gets_its_arguments_from_its_node(tmp_path, monkeypatch, capsys):
+    example_files(tmp_path, ("my_callbacks.py",))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    mine = ["+callbacks.mine._target_=my_callbacks.PrintLoss", "+callbacks.mine.every=5"]
+    cfg = compose_config([*FAST, "train.steps=10", "train.log_every=1", "sample.num_images=0", *mine])
+    (callback,) = [cb for cb in build_callbacks(cfg) if type(cb).__name__ == "PrintLoss"]
+    assert callback.every == 5
+    with pytest.raises(ConfigError, match=r"^callbacks.mine.every=0: allowed an integer >= 1$"):
+        validate(compose_config([*mine[:1], "+callbacks.mine.every=0"]), environment=False)
+    with pytest.raises(ConfigError, match=r"callbacks.mine.every='often': expected int"):
+        validate(compose_config([*mine[:1], "+callbacks.mine.every=often"]), environment=False)
+    train(cfg, tmp_path / "run")
+    lines = [line for line in capsys.readouterr().out.splitlines() if ": loss " in line]
+    assert [line.split(":")[0] for line in lines] == [f"{cfg.name} step 5", f"{cfg.name} step 10"]

@@ -107,19 +107,19 @@ def test_conditional_latent_run_samples_with_guidance_decodes_and_scores(make_cf
 
 
 def test_generate_gives_balanced_labels_and_decoded_pixels(make_cfg, latents, tmp_path, monkeypatch):
-    import diffrun.training.trainer as trainer_module
+    import diffrun.sampling.generate as generate_module
 
     calls = []
-    original = trainer_module.run_sampler
-    monkeypatch.setattr(trainer_module, "run_sampler", lambda *a, **k: calls.append(k) or original(*a, **k))
+    original = generate_module.run_sampler
+    monkeypatch.setattr(generate_module, "run_sampler", lambda *a, **k: calls.append(k) or original(*a, **k))
     cfg = make_cfg([*latent_overrides(latents), "model=minsnr_vit_b_2_latent32", *TINY_VIT, "sample.cfg_scale=1.5",
                     "train.label_dropout=0.1", "sample.steps=2"])
     trainer = Trainer(cfg, tmp_path / "gen")
     try:
-        images, nfe = trainer.generate(6, seed=1)
+        images, nfe = trainer.generate(6, 1, cfg.sample, "sample")
         assert images.shape == (6, 3, 16, 16) and images.dtype == torch.uint8 and nfe == 2
         assert sorted(calls[-1]["class_labels"].tolist()) == [0, 0, 1, 1, 2, 2] and calls[-1]["num_classes"] == 3
-        trainer.generate(2, seed=1, class_labels=torch.tensor([2, 2]))
+        trainer.generate(2, 1, cfg.sample, "sample", class_labels=torch.tensor([2, 2]))
         assert calls[-1]["class_labels"].tolist() == [2, 2]
     finally:
         trainer.directory.unlock()

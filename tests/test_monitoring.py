@@ -25,7 +25,7 @@ from diffrun.monitoring.metrics import read_jsonl
 from diffrun.monitoring.plots import DPI, main as plot_main
 from diffrun.files import atomic_write
 from diffrun.monitoring.stats_writer import FILENAME, PER_BIN, load_stats
-from diffrun.monitoring.wandb_logger import ID_FILE
+from diffrun.monitoring.wandb_run import ID_FILE
 
 from conftest import compose_config
 

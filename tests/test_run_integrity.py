@@ -249,15 +249,18 @@ def test_evaluation_and_its_cache_never_change_training(make_cfg, tmp_path, fid_
 class SignalAtEnd(Callback):
     """Sends SIGINT to this process during the end-of-run work, then keeps working (as a long FID would)."""
 
-    def on_end(self, trainer):
+    def __init__(self, sample):
+        self.sample = sample
+
+    def on_end(self, run):
         os.kill(os.getpid(), signal.SIGINT)
-        trainer.generate(2, 0)                 # checks for the stop between batches, as FID sampling does
+        run.generate(2, 0, self.sample, "sample")   # checks for the stop between batches, as FID sampling does
         raise AssertionError("generate should have stopped")
 
 
 def test_stop_during_final_evaluation_resumes_only_the_end(make_cfg, tmp_path, caplog):
     cfg = make_cfg(["train.steps=4", *QUIET])
-    trainer = Trainer(cfg, tmp_path, callbacks=[SignalAtEnd()])
+    trainer = Trainer(cfg, tmp_path, callbacks=[SignalAtEnd(cfg.sample)])
     with pytest.raises(SystemExit) as exit_info:
         trainer.fit()
     assert exit_info.value.code == 128 + signal.SIGINT

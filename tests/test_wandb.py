@@ -18,17 +18,24 @@ import termios
 import threading
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
-from diffrun.training.logsnr_stats import LogSNRStats
-from diffrun.monitoring.wandb_logger import (
-    ID_FILE, STEP_METRIC, WandbLogger, WriterLock, band_scalars, group_name, resolve_mode, run_id)
+from omegaconf import OmegaConf
 
-from conftest import FAST, compose_config
+from diffrun.building import build
+from diffrun.files import try_lock, unlock
+from diffrun.training.logsnr_stats import LogSNRStats
+from diffrun.monitoring.wandb_logger import WandbLogger
+from diffrun.monitoring.wandb_mode import resolve_mode
+from diffrun.monitoring.wandb_run import (ID_FILE, STEP_METRIC, WRITER_LOCK, group_name, restore_environment, run_id,
+                                          start_run)
+from diffrun.monitoring.wandb_stats import band_scalars
+from diffrun.training.run_view import recorded_config
+
+from conftest import FAST, compose_config, run_view
 
 REPO = Path(__file__).resolve().parents[1]
 STATS = ["stats.bins=16", "stats.logsnr_min=-12", "stats.logsnr_max=12"]
@@ -150,12 +157,18 @@ class BlackHole:
         self.sock.close()
 
 
-def fake_trainer(cfg, run_dir: Path, step: int = 0, job_type: str | None = None, bins: int = 16):
-    trainer = SimpleNamespace(cfg=cfg, run_dir=run_dir, step=step, images_seen=step * int(cfg.train.batch_size),
-                              stats=LogSNRStats(bins, -12.0, 12.0), events=None)
-    if job_type is not None:
-        trainer.job_type = job_type
-    return trainer
+def fake_run(cfg, run_dir: Path, step: int = 0, job_type: str = "train", bins: int = 16, **fields):
+    return run_view(run_dir, cfg, step=step, job_type=job_type, stats=LogSNRStats(bins, -12.0, 12.0), **fields)
+
+
+def logger_of(cfg) -> WandbLogger:
+    """The W&B callback as a run builds it, from its node `callbacks.wandb`."""
+    return build(cfg.callbacks.wandb)
+
+
+def start(cfg, run_dir: Path):
+    """(run, saved environment, writer lock) of a training's W&B start."""
+    return start_run(cfg.wandb, recorded_config(cfg), run_dir, "train", 0, fresh=False)
 
 
 def flush_stats(stats: LogSNRStats, n: int = 64, seed: int = 0) -> dict:
@@ -182,14 +195,14 @@ def test_key_without_network_leaves_a_syncable_offline_run_within_30s(wandb_env,
         run_dir.mkdir()
         earlier = run_dir / "wandb" / f"run-20260101_000000-{run_id(run_dir, str(cfg.name))}"   # an earlier online job
         earlier.mkdir(parents=True)
-        trainer = fake_trainer(cfg, run_dir)
-        logger = WandbLogger()
+        trainer = fake_run(cfg, run_dir)
+        logger = logger_of(cfg)
         start = time.monotonic()
         logger.on_start(trainer)
         started_in = time.monotonic() - start
         assert logger.run is not None and started_in < 30, started_in
         assert server.held, "no online attempt was made"
-        trainer.step, trainer.images_seen = 3, 24
+        trainer.progress.step, trainer.progress.images_seen = 3, 24
         logger.on_flush(trainer, {"step": 3, "images_seen": 24, "loss": 0.5}, flush_stats(trainer.stats))
         logger.close()
     finally:
@@ -377,11 +390,11 @@ def test_fid_summary_is_min_and_last_as_plain_scalars(wandb_env, tmp_path):
     cfg = compose_config([*STATS, "experiment=smoke"])
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    trainer = fake_trainer(cfg, run_dir)
-    logger = WandbLogger()
+    trainer = fake_run(cfg, run_dir)
+    logger = logger_of(cfg)
     logger.on_start(trainer)
     for step, fid in ((4, 40.0), (8, 25.0), (12, 31.0)):
-        trainer.step, trainer.images_seen = step, step * 32
+        trainer.progress.step, trainer.progress.images_seen = step, step * 32
         logger.on_flush(trainer, {"step": step, "images_seen": step * 32, "loss": 1.0}, flush_stats(trainer.stats))
         logger.on_eval(trainer, {"step": step, "images_seen": step * 32, "fid": fid, "kid_mean": 0.01,
                                  "fid_num_samples": 100, "fid_sampler": "ddim-10"})
@@ -406,8 +419,8 @@ def test_fid_min_survives_a_requeue(wandb_env, tmp_path):
              {"step": 8, "images_seen": 64, "fid": 18.0, "fid_num_samples": 100},
              {"step": 12, "images_seen": 96, "fid": 1.0, "fid_num_samples": 100}]    # after the checkpoint: replayed
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
-    trainer = fake_trainer(cfg, run_dir, step=8)
-    logger = WandbLogger()
+    trainer = fake_run(cfg, run_dir, step=8)
+    logger = logger_of(cfg)
     logger.on_start(trainer)
     logger.on_eval(trainer, {"step": 12, "images_seen": 96, "fid": 19.0, "fid_num_samples": 100})
     logger.close()
@@ -416,11 +429,11 @@ def test_fid_min_survives_a_requeue(wandb_env, tmp_path):
 
 
 def _train_offline(run_dir: Path, cfg) -> str:
-    trainer = fake_trainer(cfg, run_dir)
-    logger = WandbLogger()
+    trainer = fake_run(cfg, run_dir)
+    logger = logger_of(cfg)
     logger.on_start(trainer)
     for step in (3, 6):
-        trainer.step, trainer.images_seen = step, step * 8
+        trainer.progress.step, trainer.progress.images_seen = step, step * 8
         logger.on_flush(trainer, {"step": step, "images_seen": step * 8, "loss": 1.0}, flush_stats(trainer.stats))
     logger.close()
     return (run_dir / ID_FILE).read_text().strip()
@@ -431,9 +444,9 @@ def test_evaluation_job_resumes_the_training_run(wandb_env, tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     wandb_id = _train_offline(run_dir, cfg)
-    evaluator = SimpleNamespace(cfg=compose_config([*STATS, "experiment=smoke", "eval.num_samples=50000"]),
-                                run_dir=run_dir, step=6, images_seen=48, events=None, job_type="eval")
-    logger = WandbLogger()
+    eval_cfg = compose_config([*STATS, "experiment=smoke", "eval.num_samples=50000"])
+    evaluator = fake_run(eval_cfg, run_dir, step=6, job_type="eval")
+    logger = logger_of(eval_cfg)
     logger.on_start(evaluator)
     logger.on_eval(evaluator, {"step": 6, "images_seen": 48, "fid": 3.5, "kid_mean": 0.001,
                                "fid_num_samples": 50000, "fid_sampler": "heun-18"})
@@ -459,21 +472,21 @@ def test_evaluation_while_training_runs_goes_to_a_sibling_run(wandb_env, tmp_pat
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     wandb_id = _train_offline(run_dir, cfg)
-    training = WriterLock(run_dir / "wandb")
-    assert training.acquire()
+    training = try_lock(run_dir / "wandb" / WRITER_LOCK)
+    assert training is not None
     try:
-        evaluator = SimpleNamespace(cfg=cfg, run_dir=run_dir, step=6, images_seen=48, events=None, job_type="eval")
-        logger = WandbLogger()
+        evaluator = fake_run(cfg, run_dir, step=6, job_type="eval")
+        logger = logger_of(cfg)
         logger.on_start(evaluator)
         logger.on_eval(evaluator, {"step": 6, "images_seen": 48, "fid": 30.0, "fid_num_samples": 100})
         logger.close()
-        assert not WriterLock(run_dir / "wandb").acquire()          # still the training's
+        assert try_lock(run_dir / "wandb" / WRITER_LOCK) is None    # still the training's
     finally:
-        training.release()
+        unlock(training)
     sibling = next(d for d in offline_runs(run_dir) if holds(d, f"{wandb_id}-eval-6"))
     run = run_record(records_of(sibling))
     assert run["job_type"] == "eval" and run["run_group"] == "smoke/uniform"
-    assert WriterLock(run_dir / "wandb").acquire()                  # released by every closed logger
+    assert try_lock(run_dir / "wandb" / WRITER_LOCK) is not None   # released by every closed logger
 
 
 def test_training_while_an_evaluation_writes_logs_offline(wandb_env, monkeypatch, tmp_path, caplog):
@@ -482,15 +495,15 @@ def test_training_while_an_evaluation_writes_logs_offline(wandb_env, monkeypatch
     cfg = compose_config([*STATS, "wandb.mode=online"])
     run_dir = tmp_path / "run"
     (run_dir / "wandb").mkdir(parents=True)
-    evaluation = WriterLock(run_dir / "wandb")
-    assert evaluation.acquire()
+    evaluation = try_lock(run_dir / "wandb" / WRITER_LOCK)
+    assert evaluation is not None
     try:
-        run, restore, lock = WandbLogger.create(cfg, fake_trainer(cfg, run_dir))
+        run, restore, lock = start(cfg, run_dir)
         assert run is not None and lock is None
         run.finish()
-        WandbLogger._restore(restore)
+        restore_environment(restore)
     finally:
-        evaluation.release()
+        unlock(evaluation)
     assert "an evaluation job is writing" in caplog.text
     (offline,) = offline_runs(run_dir)
     assert holds(offline, (run_dir / ID_FILE).read_text().strip())
@@ -525,9 +538,25 @@ def test_online_failure_falls_back_to_offline(wandb_env, monkeypatch, tmp_path, 
 # small pieces, without a W&B process
 # ---------------------------------------------------------------------------------------------------
 def test_group_name():
-    assert group_name(compose_config(["experiment=smoke", "weighting=min_snr"])) == "smoke/min_snr"
-    assert group_name(compose_config(["wandb.group=ablation", "weighting=p2"])) == "ablation/p2"
-    assert group_name(compose_config([])) is None                 # a lone run, outside a sweep
+    def group(overrides):
+        cfg = compose_config(overrides)
+        return group_name(cfg, cfg.wandb.group)
+
+    assert group(["experiment=smoke", "weighting=min_snr"]) == "smoke/min_snr"
+    assert group(["wandb.group=ablation", "weighting=p2"]) == "ablation/p2"
+    assert group([]) is None                                      # a lone run, outside a sweep
+
+
+def test_wandb_settings_are_checked_only_with_its_callback():
+    """The W&B callback checks wandb.* when it is built; without it (`~callbacks.wandb`) they are not its run's."""
+    from diffrun.validation import validate
+    from diffrun.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^wandb.plots_every=0 is out of range: allowed"):
+        validate(compose_config(["wandb.plots_every=0"]), environment=False)
+    with pytest.raises(ConfigError, match=r"^wandb.init_timeout=-1.0 is out of range: allowed .*seconds"):
+        validate(compose_config(["wandb.init_timeout=-1"]), environment=False)
+    validate(compose_config(["wandb.plots_every=0", "wandb.init_timeout=-1", "~callbacks.wandb"]), environment=False)
 
 
 def test_wandb_mode_default(monkeypatch):
@@ -540,8 +569,7 @@ def test_wandb_mode_default(monkeypatch):
     assert resolve_mode(None) == "offline" and resolve_mode("disabled") == "disabled"
     with pytest.raises(Exception, match="wandb.mode='sometimes'"):
         resolve_mode("sometimes")
-    trainer = SimpleNamespace(rank=0, run_dir=Path("/nonexistent"))
-    assert WandbLogger.create(compose_config(["wandb.mode=disabled"]), trainer) == (None, {}, None)
+    assert start(compose_config(["wandb.mode=disabled"]), Path("/nonexistent")) == (None, {}, None)
 
 
 class RecordingRun:
@@ -555,10 +583,10 @@ class RecordingRun:
         self.finished = True
 
 
-def logger_with(run, run_dir, total_steps, plots_every, job_type="train"):
-    logger = WandbLogger()
-    logger.run, logger.run_dir, logger.total_steps, logger.plots_every = run, Path(run_dir), total_steps, plots_every
-    logger.job_type = job_type
+def logger_with(run, total_steps, plots_every):
+    settings = OmegaConf.create({"mode": None, "plots_every": plots_every, "init_timeout": 10.0})
+    logger = WandbLogger(settings, total_steps)
+    logger.run = run
     return logger
 
 
@@ -569,8 +597,8 @@ def test_wandb_log_failure_does_not_stop_training(caplog):
 
     stats = LogSNRStats(4, -1, 1)
     stats.update(torch.zeros(3), torch.ones(3), torch.ones(3))
-    trainer = SimpleNamespace(stats=stats, step=2, images_seen=16, cfg=SimpleNamespace(name="x"))
-    logger = logger_with(BrokenRun(), Path("/nonexistent"), total_steps=10, plots_every=1)
+    trainer = run_view("/nonexistent", step=2, images_seen=16, stats=stats)
+    logger = logger_with(BrokenRun(), total_steps=10, plots_every=1)
     logger.on_flush(trainer, {"step": 2, "images_seen": 16, "loss": 1.0}, stats.flush())
     assert logger.run is None and "no more W&B logging" in caplog.text
     logger.on_flush(trainer, {"step": 4, "images_seen": 32, "loss": 1.0}, stats.flush())   # silently nothing
@@ -581,9 +609,9 @@ def test_wandb_eval_metrics_reach_the_run(tmp_path):
     """FID/KID: from the flush record and from the `on_eval` events other callbacks emit (no status.json reading)."""
     run = RecordingRun()
     (tmp_path / "status.json").write_text(json.dumps({"state": "finished", "step": 8, "fid": 99.0}))
-    logger = logger_with(run, tmp_path, total_steps=8, plots_every=100)
+    logger = logger_with(run, total_steps=8, plots_every=100)
     stats = LogSNRStats(4, -1, 1)
-    trainer = SimpleNamespace(stats=stats, step=4, images_seen=32, cfg=SimpleNamespace(name="x"))
+    trainer = run_view(tmp_path, step=4, images_seen=32, stats=stats)
     logger.on_flush(trainer, {"step": 4, "images_seen": 32, "loss": 1.0, "fid": 30.0, "time": 1.0}, stats.flush())
     logger.on_eval(trainer, {"step": 6, "images_seen": 48, "kid_mean": 0.02, "fid_sampler": "ddim-10"})
     logger.on_eval(trainer, {"step": 8, "images_seen": 64, "fid": 12.5})
@@ -600,8 +628,8 @@ def test_evaluation_job_appends_after_the_training_steps():
     """An evaluation job logs without `step=` (W&B appends after what the run has; an explicit step at or
     below the training's last would be dropped), into a section named by its sample count."""
     run = RecordingRun()
-    logger = logger_with(run, "/nonexistent", total_steps=8, plots_every=100, job_type="eval")
-    evaluator = SimpleNamespace(step=8, images_seen=64)
+    logger = logger_with(run, total_steps=8, plots_every=100)
+    evaluator = run_view("/nonexistent", step=8, images_seen=64, job_type="eval")
     logger.on_eval(evaluator, {"step": 8, "images_seen": 64, "fid": 3.0, "fid_num_samples": 50000})
     logger.on_eval(evaluator, {"step": 8, "images_seen": 64, "fid": 4.0, "fid_num_samples": 1234})
     assert run.logged == [(None, {STEP_METRIC: 64, "kimg": 0.064, "eval_50k/fid": 3.0, "eval_50k/fid_num_samples": 50000.0}),
@@ -630,11 +658,11 @@ def test_empty_or_unknown_wandb_mode_is_unset_and_the_run_logs_offline(wandb_env
     cfg = compose_config([*STATS, *([config] if config else [])])
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    run, restore, lock = WandbLogger.create(cfg, fake_trainer(cfg, run_dir))
+    run, restore, lock = start(cfg, run_dir)
     assert run is not None and modes[-1] == "offline"
     run.finish()
-    WandbLogger._restore(restore)
-    lock.release()
+    restore_environment(restore)
+    unlock(lock)
     assert f"$WANDB_MODE={env_mode!r} is" in caplog.text and "treated as unset" in caplog.text
     assert os.environ["WANDB_MODE"] == env_mode                       # the environment given back as it was
     (offline,) = offline_runs(run_dir)
@@ -647,11 +675,11 @@ def test_a_setting_wandb_refuses_still_leaves_an_offline_run(wandb_env, monkeypa
     cfg = compose_config([*STATS, "wandb.mode=offline"])
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    run, restore, lock = WandbLogger.create(cfg, fake_trainer(cfg, run_dir))
+    run, restore, lock = start(cfg, run_dir)
     assert run is not None
     run.finish()
-    WandbLogger._restore(restore)
-    lock.release()
+    restore_environment(restore)
+    unlock(lock)
     assert "without the W&B environment variables" in caplog.text and "WANDB_INIT_TIMEOUT" in caplog.text
     assert os.environ["WANDB_INIT_TIMEOUT"] == "soon"
     (offline,) = offline_runs(run_dir)

@@ -5,38 +5,30 @@
                 choice (`dataset=cifar100`) replaces the whole group node; `callbacks` come from the eval app
                 (conf/callbacks/eval.yaml), not from the training run; then every check of diffrun/validation.py
     model       `diffrun.training.checkpoint.load` (SHA-256 checked; `checkpoint.allow_unverified=true`
-                for files without it; data only: `checkpoint.allow_pickle=true` for one's own older files)
-                into a Trainer that never trains: no run lock, no file written
+                for files without it; data only: `checkpoint.allow_pickle=true` for one's own older files);
+                only what sampling and FID need is built: the network with the EMA weights, the schedule, the
+                dataset (the reference images). No optimizer, strategy or Trainer; no run lock, no file written
     records     the evaluation record (protocol.py, `source: diffrun-eval`, `checkpoint: <path>`) goes to
-                the callbacks as the trainer's would: `on_start(evaluation)`, `on_eval(evaluation, record)`,
-                `close()`. The metrics file appends it to `<run>/metrics.jsonl`; W&B resumes the run's id.
+                the callbacks as the trainer's would, with a RunView of job_type "eval": `on_start(run)`,
+                `on_eval(run, record)`, `close()`. The metrics file appends it to `<run>/metrics.jsonl`; W&B
+                resumes the run's id.
 """
 from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from diffrun.building import build
 from diffrun.checks import show
 from diffrun.config import RunConfig
 from diffrun.errors import ConfigError
+from diffrun.training.run_view import RunView, recorded_config
 
 SOURCE = "diffrun-eval"                              # `source` of the records this module writes
-
-
-@dataclass(frozen=True)
-class Evaluation:
-    """What callbacks see of a checkpoint's evaluation: the fields of a Trainer they read, read-only."""
-    cfg: DictConfig
-    run_dir: Path
-    step: int
-    images_seen: int
-    events: object                                   # diffrun.training.callbacks.Events
-    job_type: str = "eval"                           # a Trainer has none: "train"
 
 
 def checkpoints_in(value: str) -> list[Path]:
@@ -146,32 +138,45 @@ def evaluation_config(app: DictConfig, overrides: Sequence[str],
     return cfg, state, ckpt
 
 
-def evaluate_checkpoint(app: DictConfig, overrides: Sequence[str]) -> dict:
-    """Evaluate `app.ckpt` (module docstring); returns the record the callbacks received."""
-    from diffrun.evaluation.protocol import evaluate
-    from diffrun.training.callbacks import Events, build_callbacks
-    from diffrun.training.trainer import Trainer
+def evaluation_run(cfg: DictConfig, state: dict, ckpt: Path, events) -> RunView:
+    """The RunView (job_type "eval") of `ckpt`'s EMA weights, with what sampling and FID need built from `cfg`.
+    ConfigError when the weights do not fit the model."""
+    from diffrun import distributed
+    from diffrun.sampling.generate import ImageSampler
+    from diffrun.training.setup import build_data, build_denoiser, prepare_device
 
-    cfg, state, ckpt = evaluation_config(app, overrides)
-    run_dir = run_dir_of_checkpoint(ckpt)
-    events = Events(build_callbacks(cfg))            # built first: a bad callback stops us before any sampling
-    trainer = Trainer(cfg, run_dir, callbacks=[], lock=False)
+    ranks = distributed.info()
+    device, autocast_dtype, _ = prepare_device(cfg, ranks)
+    data = build_data(cfg, device, ranks)
+    schedule = build(cfg.schedule)
+    ema = build_denoiser(cfg, device).eval().requires_grad_(False)
     try:
-        if "export" in state:                        # EMA weights only: what evaluation samples from
-            trainer.ema.model.load_state_dict(state["ema"]["model"])
-            trainer.state.step, trainer.state.images_seen = state["step"], state["images_seen"]
-        else:
-            trainer.state.load_state_dict(state)
+        ema.load_state_dict(state["ema"]["model"])
     except (RuntimeError, KeyError, ValueError) as exc:
         reason = " ".join(str(exc).split())[:300]
         raise ConfigError(f"the weights in {ckpt} do not fit model={cfg.model.get('name')} "
                           f"({type(exc).__name__}: {reason}); evaluate a checkpoint with the model it was trained "
                           f"with") from None
-    record = {**evaluate(trainer, cfg.eval, source=SOURCE), "checkpoint": str(ckpt)}
-    evaluation = Evaluation(cfg, run_dir, trainer.step, trainer.images_seen, events)
+    step, images_seen = int(state["step"]), int(state["images_seen"])
+    return RunView(name=str(cfg.name), run_dir=run_dir_of_checkpoint(ckpt), job_type="eval",
+                   config=recorded_config(cfg), events=events, data=data, ema=ema,
+                   generate=ImageSampler(ema, schedule, data, device, autocast_dtype), device=device,
+                   autocast_dtype=autocast_dtype, progress=lambda: (step, images_seen))
+
+
+def evaluate_checkpoint(app: DictConfig, overrides: Sequence[str]) -> dict:
+    """Evaluate `app.ckpt` (module docstring); returns the record the callbacks received."""
+    from diffrun.evaluation.protocol import evaluate
+    from diffrun.training.callbacks import Events, build_callbacks
+
+    cfg, state, ckpt = evaluation_config(app, overrides)
+    events = Events(build_callbacks(cfg))            # built first: a bad callback stops us before any sampling
+    run = evaluation_run(cfg, state, ckpt, events)
     try:
-        events.start(evaluation)
-        events.emit_eval(evaluation, record)
+        record = {**evaluate(run, cfg.eval, cfg.dataset, source=SOURCE), "checkpoint": str(ckpt)}
+        events.start(run)
+        events.emit_eval(record)
     finally:
+        run.data.close()
         events.close()
     return record

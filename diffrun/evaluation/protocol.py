@@ -1,7 +1,7 @@
 """One FID/KID evaluation of a model, and the protocol written beside its numbers.
 
     samples     `eval.num_samples` EMA samples per repeat, from `eval.sampler` / `eval.steps` /
-                `eval.precision` / guidance (`trainer.generate(..., "eval")`), one seed per image (EDM's
+                `eval.precision` / guidance (`run.generate(..., "eval")`), one seed per image (EDM's
                 StackedRandomGenerator idea): image i of repeat r uses seed `eval.seed + r·N + i` (N samples per
                 repeat), so repeat 0 is the same draw at every evaluation, the repeats never share a seed, and
                 the set does not depend on `eval.batch_size` or on the number of ranks
@@ -37,6 +37,7 @@ from diffrun.evaluation.reference import (SUBSET_SEED, check_reference_count, da
                                           read_reference_statistics, reference_images)
 from diffrun import distributed
 from diffrun.sampling import SamplerOptions, autocast_dtype
+from diffrun.training.run_view import RunView
 
 log = logging.getLogger(__name__)
 KID_SUBSETS = 100                  # torch-fidelity's default number of KID subsets
@@ -117,20 +118,20 @@ class _Taken:
         return images[:n]
 
 
-def _prepare_on_rank0(trainer, eval_cfg):
+def _prepare_on_rank0(run: RunView, eval_cfg, dataset_cfg):
     """(weights, statistics, reference) on rank 0, None elsewhere. Under DDP every rank learns whether rank 0
     could prepare, and fails the same way if not (no rank samples for an evaluation that will not happen)."""
     prepared = None
-    if trainer.rank == 0:
+    if run.rank == 0:
         try:
             weights = resolve_inception_weights(eval_cfg.inception_weights, cache_dir=eval_cfg.cache_dir)
-            _, stats, reference, _ = reference_set(trainer.data, eval_cfg, trainer.cfg.dataset, eval_cfg.num_samples)
+            _, stats, reference, _ = reference_set(run.data, eval_cfg, dataset_cfg, eval_cfg.num_samples)
             prepared = (weights, stats, reference)
         except Exception as exc:
-            if trainer.world_size > 1:
+            if run.world_size > 1:
                 distributed.gather_objects((type(exc).__name__, str(exc)))
             raise
-    if trainer.world_size > 1:
+    if run.world_size > 1:
         outcome = distributed.gather_objects(None)[0]   # rank 0's: None when it is ready
         if outcome is not None:
             kind, message = outcome
@@ -139,36 +140,34 @@ def _prepare_on_rank0(trainer, eval_cfg):
     return prepared
 
 
-def evaluate(trainer, eval_cfg, source: str = "training") -> dict | None:
-    """FID/KID of the trainer's EMA model under `eval_cfg`, as one record (module docstring); None on ranks other
-    than 0, which only sample their share. Raises InceptionWeightsUnavailable when no Inception weights are found,
-    ConfigError for a bad reference."""
-    weights, stats, reference = _prepare_on_rank0(trainer, eval_cfg) or (None, None, None)
+def evaluate(run: RunView, eval_cfg, dataset_cfg, source: str = "training") -> dict | None:
+    """FID/KID of the run's EMA model under `eval_cfg` against the training images of `dataset_cfg`, as one record
+    (module docstring); None on ranks other than 0, which only sample their share. Raises
+    InceptionWeightsUnavailable when no Inception weights are found, ConfigError for a bad reference."""
+    weights, stats, reference = _prepare_on_rank0(run, eval_cfg, dataset_cfg) or (None, None, None)
     kid_subset = None if reference is None else min(eval_cfg.kid_subset_size, eval_cfg.num_samples, reference.shape[0])
-    dataset_cfg = trainer.cfg.dataset
     split = dataset_cfg.loader.get("split", "train") if "loader" in dataset_cfg else "train"
-    gather = distributed.gather_objects if trainer.world_size > 1 else (lambda images: [images])
+    gather = distributed.gather_objects if run.world_size > 1 else (lambda images: [images])
 
     start = time.perf_counter()
     runs, nfe = [], []
-    num_classes = trainer.data.num_classes    # conditional: every class equally often over all the samples
+    num_classes = run.data.num_classes    # conditional: every class equally often over all the samples
     for repeat in range(eval_cfg.repeats):
         seeds = image_seeds(eval_cfg, repeat)
         labels = balanced_labels(eval_cfg.num_samples, num_classes, seeds.start) if num_classes else None
 
         def generate(share: range, share_labels: torch.Tensor | None) -> torch.Tensor:
-            images, evaluations = trainer.generate(len(share), share, "eval", share_labels)
+            images, evaluations = run.generate(len(share), share, eval_cfg, "eval", share_labels)
             nfe.append(evaluations)
             return images.cpu()
 
-        shares = sampled_in_shares(generate, seeds, labels, eval_cfg.batch_size, trainer.rank, trainer.world_size,
-                                   gather)
-        if trainer.rank != 0:
+        shares = sampled_in_shares(generate, seeds, labels, eval_cfg.batch_size, run.rank, run.world_size, gather)
+        if run.rank != 0:
             for _ in shares:   # this rank's share, handed to rank 0
                 pass
             continue
         sample_fn = _Taken(shares).take
-        common = dict(weights_path=weights, batch_size=eval_cfg.batch_size, device=str(trainer.device),
+        common = dict(weights_path=weights, batch_size=eval_cfg.batch_size, device=str(run.device),
                       cache_dir=eval_cfg.cache_dir)
         if stats is None:
             runs.append(compute_fid_kid_from_sampler(
@@ -177,15 +176,16 @@ def evaluate(trainer, eval_cfg, source: str = "training") -> dict | None:
         else:
             runs.append(compute_fid_against_statistics(SampledImages(sample_fn, eval_cfg.num_samples), stats,
                                                        **common))
-    if trainer.rank != 0:
+    if run.rank != 0:
         return None
 
     fids = [r["fid"] for r in runs]
     best = min(range(len(fids)), key=fids.__getitem__)
-    protocol = describe(trainer, eval_cfg, weights, stats, reference, split, kid_subset, nfe[0] if nfe else None)
+    protocol = describe(run, eval_cfg, dataset_cfg.name, weights, stats, reference, split, kid_subset,
+                        nfe[0] if nfe else None)
     record = {
-        "step": trainer.step,
-        "images_seen": trainer.images_seen,
+        "step": run.step,
+        "images_seen": run.images_seen,
         "source": source,
         "fid": fids[best],
         "fid_mean": sum(fids) / len(fids),
@@ -214,14 +214,14 @@ def evaluate(trainer, eval_cfg, source: str = "training") -> dict | None:
     return record
 
 
-def describe(trainer, eval_cfg, weights: InceptionWeights, stats, reference, split: str, kid_subset, nfe) -> dict:
+def describe(run: RunView, eval_cfg, dataset: str, weights: InceptionWeights, stats, reference, split: str,
+             kid_subset, nfe) -> dict:
     """Everything that decides the numbers, as a dict, with a one-line `label`."""
     options = SamplerOptions.from_config(eval_cfg, "eval")
-    dtype = autocast_dtype(eval_cfg.precision, trainer.autocast_dtype, "eval")
+    dtype = autocast_dtype(eval_cfg.precision, run.autocast_dtype, "eval")
     precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
-    dataset = trainer.cfg.dataset.name
     if stats is None:
-        total = dataset_size(trainer.data)
+        total = dataset_size(run.data)
         count = int(reference.shape[0])
         described = {"kind": "training images", "dataset": dataset, "split": split, "count": count, "of": total,
                      "selection": "all" if count == total else f"seeded subset (seed {SUBSET_SEED})"}

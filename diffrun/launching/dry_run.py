@@ -100,14 +100,15 @@ def inception_status(cfg: DictConfig) -> tuple[str, bool]:
 
 
 def job_lines(num: int, overrides: list[str], job: DictConfig, folder: str, failure: str | None) -> list[str]:
-    from diffrun.monitoring.wandb_logger import group_name, resolve_mode
+    from diffrun.monitoring.wandb_mode import resolve_mode
+    from diffrun.monitoring.wandb_run import group_name
 
     lines = [f"job {num}  {folder}", f"    overrides  {' '.join(overrides) or '(none)'}"]
     if failure:
         return lines + [f"    REFUSED    {failure}"]
     return lines + [f"    run        {job.name}: {job.train.steps} steps of batch {job.train.batch_size}, "
                     f"{job.dataset.name}, {job.model.name}, {job.weighting.name}, seed {job.seed}",
-                    f"    W&B        {resolve_mode(job.wandb.mode)}, group {group_name(job) or '(none)'}",
+                    f"    W&B        {resolve_mode(job.wandb.mode)}, group {group_name(job, job.wandb.group) or '(none)'}",
                     f"    FID        {fid_plan(job)}"]
 
 
@@ -118,7 +119,7 @@ def report(config: DictConfig, jobs: list[tuple[list[str], DictConfig]], failure
     from hydra.types import RunMode
 
     from diffrun.launching.sweep import pin_sweep_name
-    from diffrun.monitoring.wandb_logger import mode_reason
+    from diffrun.monitoring.wandb_mode import mode_reason
 
     where = config.hydra.sweep.dir if multirun else config.hydra.run.dir
     out = [f"diffrun dry run: {len(jobs)} job(s) → {where} (nothing is trained or written)",

@@ -26,6 +26,7 @@ import numpy as np
 
 from diffrun.files import atomic_write
 from diffrun.training.callbacks import Callback
+from diffrun.training.run_view import RunView
 
 log = logging.getLogger(__name__)
 
@@ -44,24 +45,19 @@ def load_stats(path: str | Path) -> dict[str, np.ndarray]:
 
 
 class StatsWriter(Callback):
-    """Appends the flushed per-bin statistics to `<run_dir>/logsnr_stats.npz` (`stats.write`)."""
+    """Appends the flushed per-bin statistics to `<run_dir>/logsnr_stats.npz` when `write` (`stats.write`);
+    `strategy` (`weighting.name`) is stored beside them, for plots without the config."""
 
-    def __init__(self, run_dir: str | Path | None = None, edges=None, run_name: str = "", strategy: str = ""):
-        self.enabled = True
+    def __init__(self, write: bool = True, strategy: str = ""):
+        self.enabled = write
+        self.strategy = strategy
         self.rows: dict[str, list[np.ndarray]] | None = None  # loaded lazily at the first flush (after resume)
-        if run_dir is not None:
-            self._configure(run_dir, edges, run_name, strategy)
 
-    def _configure(self, run_dir, edges, run_name: str, strategy: str) -> None:
-        self.path = Path(run_dir) / FILENAME
-        self.edges = np.asarray(edges, dtype=np.float64)
+    def on_start(self, run: RunView) -> None:
+        self.path = Path(run.run_dir) / FILENAME
+        self.edges = run.stats.edges.numpy().astype(np.float64)
         self.centers = 0.5 * (self.edges[1:] + self.edges[:-1])
-        self.meta = {"run_name": np.array(run_name), "strategy": np.array(strategy)}
-
-    def on_start(self, trainer) -> None:
-        self.enabled = bool(trainer.cfg.stats.get("write", True))
-        self._configure(trainer.run_dir, trainer.stats.edges.numpy(), str(trainer.cfg.name),
-                        str(trainer.cfg.weighting.get("name", "")))
+        self.meta = {"run_name": np.array(run.name), "strategy": np.array(self.strategy)}
 
     # --- history ---------------------------------------------------------------------------------
     def _load_previous(self, first_step: int) -> dict[str, list]:
@@ -100,7 +96,7 @@ class StatsWriter(Callback):
         return {**out, "edges": self.edges, "centers": self.centers, **self.meta}
 
     # --- callback --------------------------------------------------------------------------------
-    def on_flush(self, trainer, record: dict, stats: dict) -> None:
+    def on_flush(self, run: RunView, record: dict, stats: dict) -> None:
         if not self.enabled:
             return
         if self.rows is None:

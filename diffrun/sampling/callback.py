@@ -3,27 +3,30 @@ from __future__ import annotations
 
 from diffrun.sampling.images import save_grid
 from diffrun.training.callbacks import Callback
+from diffrun.training.run_view import RunView
 
 
 class SampleGrids(Callback):
-    """`sample.num_images` EMA samples with the fixed `sample.seed` every `sample.every_steps` steps and at the
-    end, so that grids of different runs and steps show the same noise."""
+    """`num_images` EMA samples with the fixed `seed` every `every_steps` steps and at the end, so that grids of
+    different runs and steps show the same noise. `settings`: the `sample` node (conf/callbacks/default.yaml)."""
 
-    def every_steps(self, trainer) -> int:
-        return trainer.cfg.sample.every_steps
+    def __init__(self, settings):
+        self.settings = settings
 
-    def grid(self, trainer):
-        settings = trainer.cfg.sample
-        if settings.num_images <= 0:
+    def every_steps(self) -> int:
+        return self.settings.every_steps
+
+    def grid(self, run: RunView):
+        if self.settings.num_images <= 0:
             return None
-        images, _ = trainer.generate(settings.num_images, settings.seed, "sample")
-        path = save_grid(images, trainer.run_dir / "samples" / f"step_{trainer.step:08d}.png")
-        trainer.events.emit_sample(trainer, images, path)
+        images, _ = run.generate(self.settings.num_images, self.settings.seed, self.settings, "sample")
+        path = save_grid(images, run.run_dir / "samples" / f"step_{run.step:08d}.png")
+        run.events.emit_sample(images, path)
         return path
 
-    def on_step(self, trainer) -> None:
-        self.grid(trainer)
+    def on_step(self, run: RunView) -> None:
+        self.grid(run)
 
-    def on_end(self, trainer) -> dict:
-        path = self.grid(trainer)
+    def on_end(self, run: RunView) -> dict:
+        path = self.grid(run)
         return {"samples": str(path)} if path else {}

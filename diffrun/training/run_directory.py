@@ -8,8 +8,6 @@
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -20,7 +18,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from diffrun.errors import DiffrunError
-from diffrun.files import remove_stale_temporaries
+from diffrun.files import remove_stale_temporaries, try_lock, unlock
 from diffrun.fingerprint import fingerprint, fingerprint_of, trained_config
 from diffrun.run_folder import CHECKPOINTS, CONFIG, LOCK
 from diffrun.run_folder.status import read_status
@@ -45,21 +43,18 @@ class RunDirectory:
         lock_path = self.path / LOCK
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = try_lock(lock_path)
         except OSError as exc:
             raise DiffrunError(
                 f"run directory {self.path} is not writable ({exc.strerror or exc}); set hydra.run.dir (or "
                 f"hydra.sweep.dir) to a writable location with free space") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = self._read_holder(fd)
-            os.close(fd)
+        if fd is None:
+            holder = self._read_holder(lock_path)
             raise RunLockedError(
                 f"run directory {self.path} is in use by PID {holder.get('pid', '?')} on {holder.get('host', '?')} "
                 f"(started {holder.get('started', '?')}); two processes must not train the same run. Wait for it to "
                 f"finish, stop it, or give this run another name=...") from None
-        previous = self._read_holder(fd)
+        previous = self._read_holder(lock_path)
         if previous.get("pid") and previous.get("pid") != os.getpid():
             log.info("taking over %s from PID %s on %s, which no longer holds it", lock_path, previous["pid"], previous.get("host"))
         holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
@@ -70,17 +65,15 @@ class RunDirectory:
             log.info("removed %s, left by a process killed while writing it", path)
 
     @staticmethod
-    def _read_holder(fd: int) -> dict:
+    def _read_holder(lock_path: Path) -> dict:
         try:
-            return json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+            return json.loads(lock_path.read_text() or "{}")
         except (OSError, ValueError):
             return {}
 
     def unlock(self) -> None:
         if self._lock_fd is not None:
-            with contextlib.suppress(OSError):
-                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
-                os.close(self._lock_fd)
+            unlock(self._lock_fd)
             self._lock_fd = None
 
     # --- identity --------------------------------------------------------------------------------------

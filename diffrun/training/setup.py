@@ -51,9 +51,9 @@ class Components:
     channels_last: bool
 
 
-def build_components(cfg: DictConfig, ranks: distributed.DistInfo) -> Components:
-    # --- device, precision, seeds ------------------------------------------------------------------
-    distributed.check_batch(cfg.train.batch_size, ranks.world_size, "this run")
+def prepare_device(cfg: DictConfig, ranks: distributed.DistInfo) -> tuple[torch.device, torch.dtype | None, bool]:
+    """(device, autocast dtype or None for fp32, whether fp16 needs a grad scaler), with the run's determinism,
+    seeds and TF32 set."""
     device = distributed.rank_device(resolve_device(cfg.device), ranks)
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)                     # cuda:N is also the current device (RNG restore, NCCL)
@@ -61,23 +61,37 @@ def build_components(cfg: DictConfig, ranks: distributed.DistInfo) -> Components
     set_deterministic(bool(cfg.deterministic), device)
     seed_everything(cfg.seed)                             # the same model init on every rank
     apply_tf32(cfg.train.tf32)
+    return device, autocast_dtype, use_scaler
 
-    # --- data ------------------------------------------------------------------------------------
+
+def build_data(cfg: DictConfig, device: torch.device, ranks: distributed.DistInfo) -> InMemoryImages | StreamingData:
     source = build(cfg.dataset.loader)
     if source.shape != (cfg.dataset.channels, cfg.dataset.image_size, cfg.dataset.image_size):
         raise ConfigError(
             f"dataset {cfg.dataset.name}: items are {source.shape[0]}x{source.shape[-1]}px but the config says "
             f"dataset.channels={cfg.dataset.channels}, dataset.image_size={cfg.dataset.image_size}")
-    data = place(source, cfg.dataset, device, cfg.seed, ranks.rank, ranks.world_size)
+    return place(source, cfg.dataset, device, cfg.seed, ranks.rank, ranks.world_size)
+
+
+def build_denoiser(cfg: DictConfig, device: torch.device) -> Denoiser:
+    denoiser = Denoiser(build(cfg.model.net), cfg.model.prediction, cfg.model.sigma_data,
+                        bool(cfg.model.get("learn_sigma", False))).to(device)
+    return denoiser.to(memory_format=torch.channels_last) if cfg.train.channels_last else denoiser
+
+
+def build_components(cfg: DictConfig, ranks: distributed.DistInfo) -> Components:
+    # --- device, precision, seeds ------------------------------------------------------------------
+    distributed.check_batch(cfg.train.batch_size, ranks.world_size, "this run")
+    device, autocast_dtype, use_scaler = prepare_device(cfg, ranks)
+
+    # --- data ------------------------------------------------------------------------------------
+    data = build_data(cfg, device, ranks)
     data.check_batch_size(cfg.train.batch_size)
 
     # --- schedule, model (+ DDP, compile), EMA ------------------------------------------------------
     schedule = build(cfg.schedule)
-    learn_sigma = bool(cfg.model.get("learn_sigma", False))
-    denoiser = Denoiser(build(cfg.model.net), cfg.model.prediction, cfg.model.sigma_data, learn_sigma).to(device)
-    posterior = DiscretePosterior(schedule.timestep_table()).to(device) if learn_sigma else None
-    if cfg.train.channels_last:
-        denoiser = denoiser.to(memory_format=torch.channels_last)
+    denoiser = build_denoiser(cfg, device)
+    posterior = DiscretePosterior(schedule.timestep_table()).to(device) if denoiser.learn_sigma else None
     ema = EMA(denoiser, cfg.ema.decay, cfg.ema.warmup, cfg.ema.halflife_kimg, cfg.ema.rampup_ratio, cfg.train.batch_size)
     model: nn.Module = denoiser
     if ranks.enabled:  # gradients averaged over ranks; DDP also broadcasts rank 0's weights

@@ -7,6 +7,7 @@ callbacks' end-of-run work (sample grid, FID). Where the rest is:
     checkpoint state, resume  diffrun/training/run_state.py       (RunState; files: checkpoint.py)
     the run directory         diffrun/training/run_directory.py   (lock, identity.py; files: diffrun/run_folder/)
     everything else           diffrun/training/callbacks.py       (metrics file, statistics, W&B, samples, FID)
+    what callbacks see        diffrun/training/run_view.py        (RunView: `view`, never the Trainer)
 """
 from __future__ import annotations
 
@@ -17,14 +18,13 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from diffrun import distributed
 from diffrun.config import option
-from diffrun.data import balanced_labels
 from diffrun.errors import DiffrunError
 from diffrun.files import atomic_write, atomic_write_json
-from diffrun import distributed
 from diffrun.run_folder import status
+from diffrun.sampling.generate import ImageSampler
 from diffrun.training.logsnr_stats import LogSNRStats
-from diffrun.sampling import PerImageGenerator, SamplerOptions, autocast_dtype, run_sampler, to_uint8
 from diffrun.training.callbacks import Callback, Events, build_callbacks
 from diffrun.training.capture import step_function
 from diffrun.training.environment import provenance
@@ -33,6 +33,7 @@ from diffrun.training.interrupt import GracefulInterrupt, StopRequested
 from diffrun.training.nonfinite import nonfinite_hint
 from diffrun.training.run_directory import RunDirectory
 from diffrun.training.run_state import NonFiniteWeightsError, RunState
+from diffrun.training.run_view import RunView, recorded_config
 from diffrun.training.setup import build_components
 from diffrun.training.step import StepCounters
 
@@ -67,8 +68,14 @@ class Trainer:
         self.counters = StepCounters(self.device)
         self.stats = LogSNRStats.from_config(cfg.stats, self.schedule, self.device)
         self.state = RunState(cfg, self.run_dir, self.parts, self.stats, self.rank, self.world_size, self.interrupt)
+        self.sampler = ImageSampler(self.ema.model, self.schedule, self.data, self.device, self.autocast_dtype)
+        self.view = RunView(name=str(cfg.name), run_dir=self.run_dir, job_type="train", config=recorded_config(cfg),
+                            events=self.events, data=self.data, ema=self.ema.model, generate=self.generate,
+                            device=self.device, autocast_dtype=self.autocast_dtype,
+                            progress=lambda: (self.state.step, self.state.images_seen), stats=self.stats,
+                            rank=self.rank, world_size=self.world_size)
 
-    # what callbacks and tools read
+    # what tools read (callbacks read `view`)
     device = property(lambda self: self.parts.device)
     data = property(lambda self: self.parts.data)
     schedule = property(lambda self: self.parts.schedule)
@@ -104,7 +111,7 @@ class Trainer:
                   "nonfinite_steps": state.nonfinite_total, "ema_decay": self.ema.current_decay(), "time": time.time()}
         if self.parts.scaler.is_enabled():
             record.update(grad_scale=self.parts.scaler.get_scale(), overflow_steps=state.overflow_total)
-        self.events.flush(self, record, self.stats.flush())
+        self.events.flush(record, self.stats.flush())
         if not state.weights_finite():
             raise NonFiniteLossError(
                 f"the model weights became non-finite before step {self.step} although every applied step had a finite "
@@ -136,31 +143,11 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------
     # sampling (for callbacks: sample grids, FID)
     # ------------------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def generate(self, num_images: int, seed: int | range, section: str = "sample",
+    def generate(self, num_images: int, seed: int | range, settings, section: str,
                  class_labels: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
-        """(uint8 images, network evaluations per image) from the EMA model, with the sampler options of
-        `sample.*` or `eval.*` and a generator of their own (a fixed seed: comparable across runs and steps); with
-        a range of `num_images` seeds, one generator per image (the same images at any batch size: FID).
-        A class-conditional model samples `class_labels` ((num_images,) int64), by default every class equally
-        often (`balanced_labels(num_images, num_classes, seed)`); latents are decoded to pixels first."""
+        """`ImageSampler.__call__` from the EMA model; a requested stop ends it between batches."""
         self.interrupt.check()
-        settings = self.cfg[section]
-        options = SamplerOptions.from_config(settings, section)
-        if isinstance(seed, range):
-            generator = PerImageGenerator(self.device, seed)
-            seed = seed.start
-        else:
-            generator = torch.Generator(self.device).manual_seed(seed)
-        num_classes, labels = self.parts.num_classes, None
-        if num_classes:
-            labels = class_labels if class_labels is not None else balanced_labels(num_images, num_classes, seed)
-            labels = labels.to(self.device)
-        result = run_sampler(self.ema.model, self.schedule, (num_images, *self.data.shape), options,
-                             generator=generator, device=self.device, class_labels=labels,
-                             num_classes=num_classes or None,
-                             autocast_dtype=autocast_dtype(settings.precision, self.autocast_dtype, section))
-        return to_uint8(self.data.decode(result.images)), result.nfe
+        return self.sampler(num_images, seed, settings, section, class_labels)
 
     # ------------------------------------------------------------------------------------------------
     # the run
@@ -191,7 +178,7 @@ class Trainer:
                  self.strategy.describe(), f"resumed at step {self.step}" if resumed else
                  f"from the weights of {init_from}" if init_from else "from scratch")
         self.write_status(status.RUNNING)
-        self.events.start(self)
+        self.events.start(self.view)
 
     def _train(self) -> None:
         cfg, total, state = self.cfg, self.cfg.train.steps, self.state
@@ -210,7 +197,7 @@ class Trainer:
                 break
             if cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0:
                 self.save_checkpoint()
-            self.events.step(self)
+            self.events.step()
             if self.stop_requested():
                 raise StopRequested("a signal asked the run to stop")
 
@@ -223,7 +210,7 @@ class Trainer:
                     self._train()
                     if self.state.checkpointed_step != self.step:
                         self.save_checkpoint()
-                    summary = {"step": self.step, **self.events.end(self)}
+                    summary = {"step": self.step, **self.events.end()}
                     self.write_status(status.FINISHED, **{k: v for k, v in summary.items() if k != "step"})
                     return summary
                 except StopRequested:
