@@ -3,8 +3,10 @@ every owner of a key uses, so that each message names the key, the value and wha
 from __future__ import annotations
 
 import math
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -90,3 +92,17 @@ def nan_keys(value: Any, where: str) -> Iterator[str]:
     elif isinstance(value, list):
         for i, item in enumerate(value):
             yield from nan_keys(item, f"{where}[{i}]")
+
+
+def check_writable_dir(path: str | Path, key: str) -> None:
+    """`path` can be made: its nearest existing ancestor is a folder in which a folder can be created (probed
+    with a temporary folder, removed at once: file permissions alone do not tell, e.g. for root or /proc)."""
+    target = Path(path).expanduser().absolute()
+    ancestor = next(p for p in (target, *target.parents) if p.exists())
+    if not ancestor.is_dir():
+        raise ConfigError(f"{key}={show(str(path))}: {ancestor} is a file; allowed a writable folder")
+    try:
+        Path(tempfile.mkdtemp(prefix=".diffrun-probe-", dir=ancestor)).rmdir()
+    except OSError as exc:
+        raise ConfigError(f"{key}={show(str(path))}: cannot create folders in {ancestor} ({exc.strerror or exc}); "
+                          f"allowed a writable folder") from None

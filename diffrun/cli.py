@@ -55,7 +55,9 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict:
         # second ${now:} in the children)
         cfg = copy.deepcopy(cfg)
         OmegaConf.resolve(cfg)
-        with distributed.local_ranks(dist_cfg.devices, "diffrun.cli:train", (cfg, run_dir)):
+        from diffrun.launching.local_ranks import local_ranks
+
+        with local_ranks(dist_cfg.devices, "diffrun.cli:train", (cfg, run_dir)):
             return train(cfg, run_dir)
     with distributed.session(resolve_device(cfg.device), dist_cfg.backend, dist_cfg.timeout_s) as ranks:
         return _train_rank(cfg, run_dir, ranks.is_main)

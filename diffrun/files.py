@@ -14,13 +14,10 @@ import fcntl
 import json
 import os
 import re
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from diffrun.checks import show
-from diffrun.errors import ConfigError
 
 TEMPORARY = re.compile(r"^\..+\.tmp\.\d+$")
 
@@ -103,20 +100,6 @@ def remove_stale_temporaries(*directories: str | Path) -> list[Path]:
                     path.unlink()
                     removed.append(path)
     return removed
-
-
-def check_writable_dir(path: str | Path, key: str) -> None:
-    """`path` can be made: its nearest existing ancestor is a folder in which a folder can be created (probed
-    with a temporary folder, removed at once: file permissions alone do not tell, e.g. for root or /proc)."""
-    target = Path(path).expanduser().absolute()
-    ancestor = next(p for p in (target, *target.parents) if p.exists())
-    if not ancestor.is_dir():
-        raise ConfigError(f"{key}={show(str(path))}: {ancestor} is a file; allowed a writable folder")
-    try:
-        Path(tempfile.mkdtemp(prefix=".diffrun-probe-", dir=ancestor)).rmdir()
-    except OSError as exc:
-        raise ConfigError(f"{key}={show(str(path))}: cannot create folders in {ancestor} ({exc.strerror or exc}); "
-                          f"allowed a writable folder") from None
 
 
 def try_lock(path: str | Path) -> int | None:

@@ -74,7 +74,7 @@ def test_crafted_pickle_runs_nothing_under_resume(make_cfg, tmp_path):
 def test_crafted_pickle_runs_nothing_under_diffrun_eval(tmp_path, capsys):
     from test_eval_app import compose_eval
 
-    from diffrun.evaluation.cli import ValidateBeforeEvaluation
+    from diffrun.launching.eval_cli import ValidateBeforeEvaluation
 
     marker = tmp_path / "ran"
     path = crafted_checkpoint(tmp_path / "run" / "checkpoints" / "ckpt_00000003.pt", marker)
@@ -132,7 +132,7 @@ def test_a_foreign_target_in_a_checkpoint_config_runs_nothing(tmp_path, capsys, 
     from test_eval_app import compose_eval
 
     from conftest import compose_config
-    from diffrun.evaluation.cli import ValidateBeforeEvaluation
+    from diffrun.launching.eval_cli import ValidateBeforeEvaluation
 
     marker = tmp_path / "ran"
     config = OmegaConf.to_container(compose_config(), resolve=True, enum_to_str=True)
@@ -282,7 +282,7 @@ def test_quoted_names_and_plain_overrides_pass_the_character_check():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("module", ["diffrun.cli", "diffrun.evaluation.cli"])
+@pytest.mark.parametrize("module", ["diffrun.cli", "diffrun.launching.eval_cli"])
 def test_the_commands_refuse_such_an_override_in_one_line_and_make_nothing(tmp_path, module):
     import subprocess
     import sys

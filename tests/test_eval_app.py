@@ -22,8 +22,8 @@ from hydra.core.global_hydra import GlobalHydra
 from diffrun.cli import CONF_DIR, train
 from diffrun.validation import validate
 from diffrun.errors import ConfigError
-from diffrun.evaluation.checkpoint_eval import checkpoint_config, evaluate_checkpoint, load_checkpoint
-from diffrun.evaluation.cli import ValidateBeforeEvaluation, with_group_keys_added
+from diffrun.launching.eval_checkpoint import checkpoint_config, evaluate_checkpoint, load_checkpoint
+from diffrun.launching.eval_cli import ValidateBeforeEvaluation, with_group_keys_added
 from diffrun.evaluation.fid import reference_cache_name
 from diffrun.data.cifar import load_cifar
 from diffrun.evaluation.inception import default_cache_dir, fid_helper_source
@@ -158,7 +158,7 @@ def test_bad_values_are_refused_in_one_line_before_anything(run, tmp_path, capsy
 def test_a_bad_job_stops_the_multirun_before_any_job(run, tmp_path):
     _, run_dir, _ = run
     before = (run_dir / "metrics.jsonl").read_text()
-    proc = subprocess.run([sys.executable, "-m", "diffrun.evaluation.cli", "-m", f"ckpt={ckpt_of(run_dir, 6)}",
+    proc = subprocess.run([sys.executable, "-m", "diffrun.launching.eval_cli", "-m", f"ckpt={ckpt_of(run_dir, 6)}",
                            "eval.repeats=1,0", f"hydra.sweep.dir={tmp_path}/evals"],
                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
     out = proc.stdout + proc.stderr
@@ -293,7 +293,7 @@ def test_repeats_statistics_files_and_callbacks(run, tmp_path, fid_features):
 def test_multirun_over_two_checkpoints_reaches_the_report(run, tmp_path):
     sweep, run_dir, _ = run
     before = (run_dir / "metrics.jsonl").read_text().splitlines()
-    proc = subprocess.run([sys.executable, "-m", "diffrun.evaluation.cli", "-m",
+    proc = subprocess.run([sys.executable, "-m", "diffrun.launching.eval_cli", "-m",
                            f"ckpt={ckpt_of(run_dir, 3)},{ckpt_of(run_dir, 6)}", *FEW,
                            f"hydra.sweep.dir={tmp_path}/evals"],
                           capture_output=True, text=True, timeout=600, cwd=tmp_path)

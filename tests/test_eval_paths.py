@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from diffrun.errors import ConfigError
-from diffrun.evaluation.checkpoint_eval import checkpoints_in
-from diffrun.evaluation.cli import USAGE, checkpoint_arguments
+from diffrun.launching.eval_checkpoint import checkpoints_in
+from diffrun.launching.eval_cli import USAGE, checkpoint_arguments
 from diffrun.training.checkpoint import CheckpointManager
 
 
@@ -40,7 +40,7 @@ def test_ckpt_of_a_folder_without_checkpoints_is_refused(tmp_path):
 
 
 def test_help_is_short_and_its_own(capsys, monkeypatch):
-    from diffrun.evaluation import cli
+    from diffrun.launching import eval_cli as cli
 
     monkeypatch.setattr(sys, "argv", ["diffrun-eval", "--help"])
     cli.main()
@@ -50,7 +50,7 @@ def test_help_is_short_and_its_own(capsys, monkeypatch):
 
 @pytest.mark.slow
 def test_cli_help(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "diffrun.evaluation.cli", "--help"], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "diffrun.launching.eval_cli", "--help"], capture_output=True, text=True,
                           timeout=120, cwd=tmp_path)
     assert proc.returncode == 0 and proc.stdout.strip() == USAGE, proc.stdout + proc.stderr
 
@@ -65,7 +65,7 @@ def test_image_folder_fid_equals_the_checkpoint_fid_of_the_same_images(tmp_path,
 
     from diffrun.cli import train
     from diffrun.evaluation import protocol
-    from diffrun.evaluation.image_folder import score_folder
+    from diffrun.launching.eval_folder import score_folder
     from diffrun.evaluation.inception import fid_helper_source
 
     from conftest import compose_config, write_cifar
@@ -102,7 +102,7 @@ def test_image_folder_fid_equals_the_checkpoint_fid_of_the_same_images(tmp_path,
 
 
 def test_image_folder_that_is_not_a_folder_is_refused(tmp_path):
-    from diffrun.evaluation.image_folder import score_folder
+    from diffrun.launching.eval_folder import score_folder
 
     with pytest.raises(ConfigError, match=r"images='.*nothing': not a folder"):
         score_folder(str(tmp_path / "nothing"), ["dataset=digits"])

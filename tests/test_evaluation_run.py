@@ -8,7 +8,7 @@ import pytest
 from diffrun.cli import train
 from diffrun.errors import ConfigError
 from diffrun.evaluation import protocol as protocol_module
-from diffrun.evaluation.checkpoint_eval import evaluate_checkpoint
+from diffrun.launching.eval_checkpoint import evaluate_checkpoint
 from diffrun.evaluation.inception import InceptionWeightsUnavailable
 from diffrun.monitoring.metrics import read_jsonl
 

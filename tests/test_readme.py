@@ -22,7 +22,6 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from diffrun.cli import CONF_DIR
 from diffrun.validation import validate
-from diffrun.launching.preflight import shorten_warmup
 
 from conftest import compose_config
 
@@ -137,5 +136,4 @@ def test_readme_command_passes_the_checks(command):
     assert len(jobs) == CHECK[command]
     for overrides in jobs:
         cfg = compose_config(overrides, fast=False)
-        shorten_warmup(cfg)
         validate(cfg, environment=False)

@@ -19,6 +19,7 @@ from diffrun.training.callbacks import Callback
 from diffrun.training.checkpoint import CheckpointManager
 from diffrun.fingerprint import fingerprint, fingerprint_of, trained_config
 from diffrun.training.identity import RunMismatchError
+from diffrun.validation import validate
 from diffrun.training.run_directory import RunDirectory, RunLockedError
 from diffrun.training.trainer import NonFiniteLossError, Trainer
 
@@ -323,7 +324,7 @@ def test_checkpoint_of_another_program_is_refused_without_allow_unverified(make_
     bare = tmp_path / "bare.pt"
     bare.write_bytes(path.read_bytes()[:-ckpt.TRAILER])                        # a plain torch.save file
     with pytest.raises(ConfigError, match="resume=.*checkpoint.allow_unverified=true"):   # at the door: no folder
-        train(make_cfg(["train.steps=6", f"resume={bare}", *QUIET]), tmp_path / "b")
+        validate(make_cfg(["train.steps=6", f"resume={bare}", *QUIET]))
     assert not (tmp_path / "b").exists()
     summary = train(make_cfg(["train.steps=6", f"resume={bare}", "checkpoint.allow_unverified=true", *QUIET]),
                     tmp_path / "c")

@@ -23,8 +23,10 @@ class BatchUnpickler(pickle.Unpickler):
     """Unpickles a CIFAR batch: dicts, lists, bytes, numbers and NumPy arrays. Any other global a file names
     (a function, a class to construct) is refused, where `pickle.load` would import and call it."""
 
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy", "ndarray"), ("numpy", "dtype")}
+    ALLOWED = {*((module, name) for module in ("numpy.core.multiarray", "numpy._core.multiarray")
+                 for name in ("_reconstruct", "scalar")),      # an array, a NumPy number
+               ("numpy", "ndarray"), ("numpy", "dtype"),
+               ("_codecs", "encode")}       # how protocol 2 writes bytes from Python 3: text to bytes, nothing else
 
     def find_class(self, module: str, name: str):
         if (module, name) not in self.ALLOWED:

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from diffrun.data.base import PIXELS, ArraySource, Source
 from diffrun.data.order import EpochOrder
-from diffrun.errors import ConfigError
+from diffrun.errors import CheckpointError, ConfigError
 
 
 class InMemoryImages:
@@ -102,8 +102,6 @@ class InMemoryImages:
 
 def check_same_order(state: dict, order: EpochOrder | None) -> None:
     """A checkpoint's data stream can be continued only in the order it was drawn in."""
-    from diffrun.errors import CheckpointError
-
     saved = state.get("order", "iid")
     current = "iid" if order is None else "epoch"
     if saved != current:

@@ -40,7 +40,7 @@ from diffrun.checks import show
 from diffrun.config import option
 from diffrun.distributed import check_batch
 from diffrun.errors import ConfigError, DiffrunError
-from diffrun.files import check_writable_dir
+from diffrun.checks import check_writable_dir
 from diffrun.launching import dry_run
 from diffrun.training.environment import cpu_threads
 from diffrun.validation import check_dataset_files, validate

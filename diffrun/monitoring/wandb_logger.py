@@ -27,6 +27,8 @@ from diffrun.monitoring.wandb_stats import plots_data, statistics_data
 from diffrun.training.callbacks import Callback
 from diffrun.training.run_view import RunView
 from diffrun.checks import POSITIVE, Interval, check_number
+from diffrun.monitoring.stats_writer import load_stats
+from diffrun.run_folder.metrics import read_metrics
 
 log = logging.getLogger(__name__)
 
@@ -78,19 +80,14 @@ class WandbLogger(Callback):
     def _load_history(self, run: RunView, up_to_step: int) -> None:
         """The heatmap rows and the best FID of the run before this resume (also when W&B was offline, so
         the summary of a requeued offline piece covers the whole run)."""
-        from diffrun.monitoring.metrics import FILENAME as METRICS
-        from diffrun.monitoring.metrics import read_jsonl
-        from diffrun.monitoring.stats_writer import load_stats
-
         with contextlib.suppress(Exception):     # no earlier statistics file: the heatmap starts at the resume
             old = load_stats(run.run_dir)
             keep = old["step"] <= up_to_step
             self._rows = {"step": list(old["step"][keep]), "loss_var": list(old["loss_var"][keep])}
-        with contextlib.suppress(OSError):
-            for record in read_jsonl(run.run_dir / METRICS):
-                same_estimator = record.get("fid_num_samples", self.fid_num_samples) == self.fid_num_samples
-                if int(record.get("step", 0)) <= up_to_step and _scalar(record.get("fid")) and same_estimator:
-                    self._note_fid(float(record["fid"]), float(record.get("images_seen", 0)))
+        for record in read_metrics(run.run_dir):
+            same_estimator = record.get("fid_num_samples", self.fid_num_samples) == self.fid_num_samples
+            if int(record.get("step", 0)) <= up_to_step and _scalar(record.get("fid")) and same_estimator:
+                self._note_fid(float(record["fid"]), float(record.get("images_seen", 0)))
 
     # --- guarded logging -------------------------------------------------------------------------------
     def _log(self, data: dict, images_seen: int, step: int | None) -> None:

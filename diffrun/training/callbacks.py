@@ -33,6 +33,7 @@ from omegaconf import DictConfig
 from diffrun.errors import ConfigError
 from diffrun.training.environment import isolated_rng
 from diffrun.training.run_view import RunView
+from diffrun.building import build
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +114,6 @@ class Events:
 def build_callbacks(cfg: DictConfig, rank: int = 0) -> list[Callback]:
     """Instantiate `cfg.callbacks` (name → {_target_: ..., its settings}; a null entry is dropped), in config
     order. Each constructor checks its settings: building them is also the check of the `callbacks` group."""
-    from diffrun.building import build
 
     callbacks = []
     for name, spec in (cfg.get("callbacks") or {}).items():

@@ -89,7 +89,7 @@ class DeviceDecayEMA:
 
     def update(self, model: nn.Module, good: Tensor) -> None:
         n, ema = self.updates, self.ema
-        decay = ema.decay_at(n)
+        decay = torch.as_tensor(ema.decay_at(n), dtype=n.dtype, device=n.device)
         ema_params, params, ema_buffers, buffers = ema.tensors(model)
         with torch.no_grad():
             lerp_on_device_(ema_params, params, (1 - decay).float() * good)

@@ -32,6 +32,7 @@ import torch
 from diffrun.checks import show
 from diffrun.errors import CheckpointError, ConfigError
 from diffrun.files import atomic_write, atomic_write_json, is_no_space
+from diffrun.training.environment import rng_as_data
 
 log = logging.getLogger(__name__)
 CKPT_RE = re.compile(r"^ckpt_(\d{8})\.pt$")
@@ -106,7 +107,6 @@ class PickledCheckpointError(CheckpointError):
 def as_data(state: dict, source: Path) -> dict:
     """A state unpickled from the earlier format as data only (its RNG states as tensors), checked to load with
     `weights_only=True`. Raises CheckpointError when it holds other objects."""
-    from diffrun.training.environment import rng_as_data
 
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {source} holds a {type(state).__name__}, not a diffrun checkpoint's dict")

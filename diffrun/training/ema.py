@@ -54,6 +54,11 @@ def _buffer_slots(module: nn.Module) -> list[tuple[nn.Module, str]]:
             for name, _ in module.named_buffers()]
 
 
+def _capped(x: float | Tensor, cap: float) -> float | Tensor:
+    """min(x, cap) of a host number, or of a device tensor without reading it back."""
+    return torch.clamp(x, max=cap) if torch.is_tensor(x) else min(x, cap)
+
+
 def check_settings(decay: float | None, warmup: bool, halflife_kimg: float | None, rampup_ratio: float | None) -> None:
     """A decay per step or a half-life in images, not both; each with its own ramp-up."""
     if (decay is None) == (halflife_kimg is None):
@@ -80,19 +85,19 @@ class EMA:
         self.num_updates = 0
         self._tracked: tuple | None = None    # (model, its parameters, EMA parameters, buffer slots of both)
 
-    def decay_at(self, n: Tensor) -> Tensor:
-        """β of update `n` (the module docstring's formulas), for a count on the host (float64, as the eager
-        step reads it) or on the device (the captured step, diffrun/training/capture.py)."""
+    def decay_at(self, n: int | Tensor) -> float | Tensor:
+        """β of update `n` (the module docstring's formulas), for a count on the host (an int: the eager step) or
+        on the device (a tensor: the captured step, diffrun/training/capture.py, which must not read it back)."""
         if self.halflife_images is None:
-            return torch.clamp((1 + n) / (10 + n), max=self.decay) if self.warmup else torch.full_like(n, self.decay)
-        halflife = torch.full_like(n, self.halflife_images)
+            return _capped((1 + n) / (10 + n), self.decay) if self.warmup else self.decay
+        halflife = self.halflife_images
         if self.rampup_ratio is not None:
-            halflife = torch.minimum(halflife, n * self.batch_size * self.rampup_ratio)
-        return 0.5 ** (self.batch_size / halflife.clamp(min=1e-8))
+            halflife = _capped(n * self.batch_size * self.rampup_ratio, halflife)
+        return 0.5 ** (self.batch_size / (halflife.clamp(min=1e-8) if torch.is_tensor(halflife) else max(halflife, 1e-8)))
 
     def current_decay(self) -> float:
         """β of the next update."""
-        return float(self.decay_at(torch.tensor(self.num_updates, dtype=torch.float64)))
+        return self.decay_at(self.num_updates)
 
     def tensors(self, model: nn.Module) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
         """(EMA parameters, `model`'s parameters, EMA buffers, `model`'s buffers), paired in order."""

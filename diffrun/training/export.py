@@ -30,6 +30,7 @@ import yaml
 from diffrun.errors import CheckpointError, ConfigError
 from diffrun.files import atomic_write
 from diffrun.training import checkpoint as ckpt
+from diffrun.run_folder.metrics import read_metrics
 
 FORMAT = "diffrun-ema-1"
 SUFFIX = ".safetensors"
@@ -52,7 +53,6 @@ def metadata_of(state: dict, source: Path) -> dict[str, str]:
         meta.update(git_commit=str(provenance.get("git_commit")), git_dirty=str(provenance.get("git_dirty")))
     except (OSError, ValueError, AttributeError):
         pass
-    from diffrun.run_folder.metrics import read_metrics
 
     measured = [r for r in read_metrics(run_dir)
                 if r.get("step") == state["step"] and isinstance(r.get("fid"), (int, float))]

@@ -20,6 +20,7 @@ from diffrun.fingerprint import fingerprint, trained_config
 from diffrun.training.identity import check_checkpoint
 from diffrun.training.interrupt import GracefulInterrupt
 from diffrun.training.setup import Components
+from diffrun.training.export import load_into
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +91,7 @@ class RunState:
 
     def init_from(self, path: str) -> None:
         """Start from the weights of a diffrun-export file (`model.init_from`): the model and its EMA."""
-        from diffrun.training.export import load_into
-
+    
         load_into(self.parts.denoiser, path)
         self.parts.ema.model.load_state_dict(self.parts.denoiser.state_dict())
 

@@ -9,19 +9,24 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-if TYPE_CHECKING:
-    from diffrun.training.logsnr_stats import LogSNRStats
-    from diffrun.training.callbacks import Events
+from diffrun.training.logsnr_stats import LogSNRStats
 
 # (num_images, seed or one seed per image, settings node, its section name, class labels or None)
 #   → (uint8 images, network evaluations per image); diffrun.sampling.generate.ImageSampler
 Generate = Callable[..., tuple[torch.Tensor, int]]
+
+
+class Results(Protocol):
+    """Where a callback puts a result for the others (diffrun.training.callbacks.Events)."""
+
+    def emit_eval(self, record: dict) -> None: ...
+    def emit_sample(self, images, path: Path) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -31,7 +36,7 @@ class RunView:
     job_type: str                           # "train", or "eval" for diffrun-eval (it only appends its record)
     config: DictConfig                      # the resolved config, read-only: what ran, for records of it (W&B's
                                             # run config and tags); never a callback's settings
-    events: Events                          # emit_eval / emit_sample: results for the other callbacks
+    events: Results                         # emit_eval / emit_sample: results for the other callbacks
     data: object                            # the dataset: FID's reference images, image shape, classes
     ema: nn.Module                          # the EMA network that `generate` samples
     generate: Generate

@@ -13,12 +13,13 @@ from torch import nn
 from diffrun.building import build
 from diffrun.data import InMemoryImages, StreamingData, place
 from diffrun.data.augment import AugmentPipe
-from diffrun.errors import ConfigError
 from diffrun import distributed
+from diffrun.errors import ConfigError
 from diffrun.models.learned_variance import DiscretePosterior
 from diffrun.models.parameterization import Denoiser
 from diffrun.schedules import NoiseSchedule
 from diffrun.strategies import Strategy
+from diffrun.strategies.base import Communication, SingleProcess
 from diffrun.training.ema import EMA
 from diffrun.training.environment import (apply_tf32, resolve_device, resolve_precision, seed_everything,
                                           set_deterministic)
@@ -49,6 +50,11 @@ class Components:
     scaler: torch.amp.GradScaler
     grad_clip: float                       # inf: no clipping (the norm is still computed, for the NaN check)
     channels_last: bool
+
+
+def communication(ranks: distributed.DistInfo) -> Communication:
+    """The ranks' `Communication` for the strategies: the process group's under DDP, the identity on one process."""
+    return distributed.ProcessGroupCommunication(ranks.world_size) if ranks.enabled else SingleProcess()
 
 
 def prepare_device(cfg: DictConfig, ranks: distributed.DistInfo) -> tuple[torch.device, torch.dtype | None, bool]:
@@ -103,7 +109,7 @@ def build_components(cfg: DictConfig, ranks: distributed.DistInfo) -> Components
         model = torch.compile(model)
 
     # --- strategy: one state on all ranks ---------------------------------------------------------
-    comm = distributed.communication()
+    comm = communication(ranks)
     strategy = build(cfg.weighting, _keep_meta=("name", "citation"))
     strategy.bind(schedule, cfg.model.prediction, cfg.model.sigma_data, comm).to(device)
     if schedule.timesteps is not None:   # the step's λ tables, made before any compiled or captured step

@@ -31,8 +31,8 @@ from omegaconf import DictConfig, OmegaConf
 from diffrun.cli import CONF_DIR, JobFailed
 from diffrun.config import GROUPS, RunConfig
 from diffrun.errors import DiffrunError
-from diffrun.files import check_writable_dir
-from diffrun.evaluation.checkpoint_eval import (checkpoints_in, evaluate_checkpoint, evaluation_config,
+from diffrun.checks import check_writable_dir
+from diffrun.launching.eval_checkpoint import (checkpoints_in, evaluate_checkpoint, evaluation_config,
                                                run_dir_of_checkpoint)
 from diffrun.launching.preflight import BASIC_LAUNCHER, override_character_errors, refuse, sweep_jobs
 
@@ -132,7 +132,7 @@ def score_images_command(folder: str, overrides: list[str]) -> None:
     """`images=FOLDER`: print the folder's FID (and KID) against the dataset `overrides` choose."""
     from hydra.errors import HydraException
 
-    from diffrun.evaluation.image_folder import score_folder
+    from diffrun.launching.eval_folder import score_folder
 
     try:
         result = score_folder(folder, overrides)
