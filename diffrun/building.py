@@ -181,3 +181,12 @@ def check_schema_keys(node: DictConfig, kind: type, where: str) -> None:
             raise unknown_key(where, key, node, set(known), where or "the top level")
         if known[key] is not None and isinstance(node[key], DictConfig):
             check_schema_keys(node[key], known[key], f"{where}.{key}" if where else key)
+
+
+def spec_without_meta(cfg: DictConfig, key: str, keep_meta: tuple[str, ...] = ()) -> dict:
+    """The resolved node at `key`, without the descriptive keys (name, citation, ...) except `keep_meta`."""
+    spec = resolved(OmegaConf.select(cfg, key))
+    for meta in META_KEYS:
+        if meta not in keep_meta:
+            spec.pop(meta, None)
+    return spec

@@ -45,8 +45,8 @@ def run_dir_of(cfg: DictConfig) -> Path:
 def train(cfg: DictConfig, run_dir: Path | None = None) -> dict:
     """Train one run in `run_dir`. A run that finished is skipped (idempotent sweeps), a run with checkpoints
     resumes; a directory that holds another run, or is being trained by another process, stops before any work."""
-    from diffrun import distributed
-    from diffrun.training.environment import resolve_device
+    from diffrun import distributed  # deferred: the training stack
+    from diffrun.training.environment import resolve_device  # deferred: the training stack
 
     run_dir = Path(run_dir or run_dir_of(cfg))
     dist_cfg = cfg.get("dist") or DistConfig()
@@ -55,7 +55,7 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict:
         # second ${now:} in the children)
         cfg = copy.deepcopy(cfg)
         OmegaConf.resolve(cfg)
-        from diffrun.launching.local_ranks import local_ranks
+        from diffrun.launching.local_ranks import local_ranks  # deferred: the training stack
 
         with local_ranks(dist_cfg.devices, "diffrun.cli:train", (cfg, run_dir)):
             return train(cfg, run_dir)
@@ -64,12 +64,12 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict:
 
 
 def _train_rank(cfg: DictConfig, run_dir: Path, is_main: bool) -> dict:
-    from diffrun import distributed
-    from diffrun.launching.sweep import concurrent_jobs
-    from diffrun.training.environment import set_cpu_threads
-    from diffrun.training.identity import RunMismatchError
-    from diffrun.training.run_directory import RunDirectory
-    from diffrun.training.trainer import Trainer
+    from diffrun import distributed  # deferred: the training stack
+    from diffrun.launching.sweep import concurrent_jobs  # deferred: the training stack
+    from diffrun.training.environment import set_cpu_threads  # deferred: the training stack
+    from diffrun.training.identity import RunMismatchError  # deferred: the training stack
+    from diffrun.training.run_directory import RunDirectory  # deferred: the training stack
+    from diffrun.training.trainer import Trainer  # deferred: the training stack
 
     jobs, launcher = concurrent_jobs()   # the jobs and ranks that share this machine's CPUs with this process
     set_cpu_threads(jobs * distributed.local_processes(), launcher if jobs > 1 else "")
@@ -128,8 +128,8 @@ def shown(path) -> str:
 
 def main() -> None:
     """The `diffrun` command: Hydra's command line, plus `--dry-run` (diffrun/launching/dry_run.py)."""
-    from diffrun.launching import dry_run
-    from diffrun.launching.preflight import ValidateBeforeRun, override_character_errors, refuse
+    from diffrun.launching import dry_run  # deferred: the training stack
+    from diffrun.launching.preflight import ValidateBeforeRun, override_character_errors, refuse  # deferred
 
     errors = override_character_errors(sys.argv[1:])     # characters Hydra's grammar cannot read: one line each
     if errors:
@@ -146,7 +146,7 @@ def main() -> None:
 def say_override_error(exc: BaseException) -> None:
     """Exit with diffrun's one line when `exc` is a failure of the command line's overrides (or a job's
     CompactHydraException, which Hydra prints as one line too); return otherwise."""
-    from diffrun.launching.overrides import override_error
+    from diffrun.launching.overrides import override_error  # deferred: the training stack
 
     args = hydra_args()
     message = override_error(exc, args.overrides, [args.config_dir] if args.config_dir else [])
@@ -166,10 +166,10 @@ def hydra_args():
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def hydra_main(cfg: DictConfig) -> float | None:
-    from diffrun import distributed
-    from diffrun.launching.preflight import checked_in_this_process, remove_hydra_leftovers
-    from diffrun.validation import validate
-    from diffrun.launching.sweep import pin_sweep_name, record_job_start
+    from diffrun import distributed  # deferred: the training stack
+    from diffrun.launching.preflight import checked_in_this_process, remove_hydra_leftovers  # deferred
+    from diffrun.launching.sweep import pin_sweep_name, record_job_start  # deferred: the training stack
+    from diffrun.validation import validate  # deferred: the training stack
 
     pin_sweep_name(cfg)
     hydra_cfg = HydraConfig.get()

@@ -12,7 +12,7 @@ an argument that does not change what is trained with `Annotated[<type>, NOT_TRA
 """
 from __future__ import annotations
 
-from dataclasses import MISSING, dataclass, field
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from enum import Enum
 from typing import Any, Optional
 
@@ -329,3 +329,26 @@ def option(value: Any) -> str:
     return value.value if isinstance(value, Enum) else str(value)
 
 
+def declared_ranges(schema: type = RunConfig, prefix: str = ""):
+    """(dotted key, Interval, integer) of every field the schema and the group node declarations give a range."""
+    for item in fields(schema):
+        if item.metadata.get("allowed") is not None:
+            yield prefix + item.name, item.metadata["allowed"], item.type in (int, "int")
+        if is_dataclass(item.default_factory):
+            yield from declared_ranges(item.default_factory, f"{prefix}{item.name}.")
+    if schema is RunConfig:
+        for group, node in GROUP_NODES.items():
+            yield from declared_ranges(node, f"{group}.")
+
+
+def check_budget(train: Any) -> None:
+    """One budget: with train.kimg set, train.steps must be the steps it gives (presets write
+    `steps: ${diffrun.kimg_to_steps:${train.kimg},${train.batch_size}}`)."""
+    kimg = train.kimg
+    steps = None if kimg is None else kimg_to_steps(kimg, train.batch_size)
+    if steps is not None and train.steps != steps:
+        raise ConfigError(f"train.steps={train.steps} disagrees with train.kimg={kimg} (at train.batch_size="
+                          f"{train.batch_size} that is ⌈kimg·1000 / batch⌉ = {steps} steps): give one budget, "
+                          f"train.kimg=null with train.steps=<N>, or train.kimg=<K> with train.steps following it "
+                          f"(as the presets that count in images do; elsewhere add "
+                          f"train.steps='${{diffrun.kimg_to_steps:${{train.kimg}},${{train.batch_size}}}}')")

@@ -17,13 +17,8 @@ over ranks before they are written. Backend: nccl on CUDA, gloo on CPU.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import logging
-import multiprocessing
 import os
-import signal
-import socket
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -35,6 +30,7 @@ from diffrun.config import option
 from diffrun.errors import ConfigError
 
 log = logging.getLogger(__name__)
+BACKENDS = ("auto", "gloo", "nccl", "mpi")
 RANK_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -261,3 +257,12 @@ def check_backend(name: str, device: torch.device, devices: int) -> None:
     if backend == "nccl" and not launched.enabled and devices > torch.cuda.device_count():
         raise ConfigError(f"dist.devices={devices} with nccl needs one GPU per rank, and this machine has "
                           f"{torch.cuda.device_count()}; allowed at most {torch.cuda.device_count()}")
+
+
+def check_run_batch(batch_size: int, devices: int) -> None:
+    """The batch rule for the ranks this process will be one of: those a launcher started, else `dist.devices`."""
+    launched = env_info()
+    if launched.enabled:
+        check_batch(batch_size, launched.world_size, "the launcher (torchrun, srun)")
+    else:
+        check_batch(batch_size, devices, f"dist.devices={devices}")

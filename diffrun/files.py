@@ -18,7 +18,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-
 TEMPORARY = re.compile(r"^\..+\.tmp\.\d+$")
 
 

@@ -7,10 +7,9 @@ and what is allowed. Cheapest first:
     keys         no key that nothing reads: the schema's sections against config.py's dataclasses, a group
                  option against its node declaration (DatasetNode, ...), `_target_` nodes against their target's
                  signature and argument types (diffrun/building.py);
-    values       the ranges the schema declares (`setting(..., allowed)`), NaN/inf in the groups, names that
-                 become folders; then each owner's own check: the sampler settings (SamplerOptions), the EMA,
-                 the dataset's loader (`@checked_by`), the optimizer, the augmentation; and the rules between
-                 groups, each written here once (learned variance, class conditioning);
+    values       the ranges the schema declares, NaN/inf in the groups, names that become folders; each owner's
+                 own check (sampler settings, EMA, the dataset's loader, optimizer, augmentation, learned
+                 variance); the rule between groups written here (class conditioning);
     groups       the schedule (λ(t) probed), the strategy bound to it, the network run on a meta batch, the
                  optimizer and its learning-rate schedule on one dummy parameter, the step capture;
     environment  devices and backends on this machine, the files the run will read. Skipped
@@ -25,24 +24,23 @@ from __future__ import annotations
 import json
 import re
 import warnings
-from dataclasses import fields, is_dataclass
+from dataclasses import fields
 from pathlib import Path
 
 import torch
-from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from diffrun import distributed
-from diffrun.building import (build_failure, build_spec, check_argument_types, check_schema_keys, check_target_keys,
+from diffrun.building import (build_failure, build_spec, check_schema_keys, check_target_keys, spec_without_meta,
                               unknown_key)
 from diffrun.checks import check_choice, check_folder_name, check_number, nan_keys, resolved, show
-from diffrun.config import GROUP_NODES, GROUPS, META_KEYS, RunConfig, kimg_to_steps, option
-from diffrun.data import augment
-from diffrun.data.loader_checks import Needs, checks_of
-from diffrun.data.placement import ORDERS, PLACEMENTS
+from diffrun.config import GROUP_NODES, GROUPS, META_KEYS, RunConfig, check_budget, declared_ranges, option
+from diffrun.data import augment, loader_checks
+from diffrun.data.loader_checks import Needs
 from diffrun.errors import ConfigError, DiffrunError
 from diffrun.evaluation.reference import read_reference_statistics
+from diffrun.models import learned_variance
 from diffrun.models.checks import check_forward
 from diffrun.models.parameterization import PREDICTIONS
 from diffrun.sampling import SamplerOptions
@@ -50,9 +48,6 @@ from diffrun.schedules.base import build_schedule
 from diffrun.training import capture, checkpoint, ema, export, optim
 from diffrun.training.callbacks import build_callbacks
 from diffrun.training.environment import check_device
-
-DEVICE_FORMS = "auto, cpu, cuda, cuda:N, mps"
-BACKENDS = ("auto", "gloo", "nccl", "mpi")
 
 
 def validate(cfg: DictConfig, environment: bool = True) -> None:
@@ -133,102 +128,33 @@ def check_values(cfg: DictConfig) -> None:
         if value is not None or key in ("name", "sweep_name"):
             check_folder_name(key, value)
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", str(cfg.device)):
-        raise ConfigError(f"device={show(cfg.device)}: allowed {DEVICE_FORMS}")
+        raise ConfigError(f"device={show(cfg.device)}: allowed auto, cpu, cuda, cuda:N, mps")
     if not (cfg.resume in ("auto", "never", "force") or str(cfg.resume).endswith((".pt", ".pth"))):
         raise ConfigError(f"resume={show(cfg.resume)}: allowed auto, never, force (continue a run whose config "
                           f"changed), or a path to a .pt checkpoint")
-    check_choice("dist.backend", cfg.dist.backend, BACKENDS)
+    check_choice("dist.backend", cfg.dist.backend, distributed.BACKENDS)
     if cfg.stats.logsnr_min >= cfg.stats.logsnr_max:
         raise ConfigError(f"stats.logsnr_min={cfg.stats.logsnr_min} must be < stats.logsnr_max={cfg.stats.logsnr_max}")
     if cfg.eval.reference_stats is not None and cfg.eval.num_reference is not None:
         raise ConfigError(f"eval.num_reference={cfg.eval.num_reference} with eval.reference_stats="
                           f"{show(cfg.eval.reference_stats)}: the statistics file is the reference; set one of them")
-    launched = distributed.env_info()
-    if launched.enabled:
-        distributed.check_batch(cfg.train.batch_size, launched.world_size, "the launcher (torchrun, srun)")
-    else:
-        distributed.check_batch(cfg.train.batch_size, cfg.dist.devices, f"dist.devices={cfg.dist.devices}")
-    check_budget(cfg)
+    distributed.check_run_batch(cfg.train.batch_size, cfg.dist.devices)
+    check_budget(cfg.train)
 
     # --- each owner's own values ---------------------------------------------------------------------------
     for section in ("sample", "eval"):
         SamplerOptions.from_config(resolved(cfg[section]), section)
     ema.check_settings(cfg.ema.decay, cfg.ema.warmup, cfg.ema.halflife_kimg, cfg.ema.rampup_ratio)
-    check_dataset(cfg.dataset)
+    loader_checks.check_dataset(cfg.dataset)
     check_choice("model.prediction", cfg.model.get("prediction"), PREDICTIONS)
     check_choice("model.learn_sigma", cfg.model.get("learn_sigma", False), (True, False))
     optim.check_settings(cfg.optimizer)
     augment.check_settings(resolved(cfg.augment), resolved(cfg.model.net), cfg.model.get("name"))
 
     # --- rules between groups ------------------------------------------------------------------------------
-    check_learned_variance(cfg)
+    learned_variance.check_settings(bool(cfg.model.get("learn_sigma", False)), cfg.schedule.get("timesteps"),
+                                    {s: option(cfg[s].ddpm_variance) for s in ("sample", "eval")})
     check_conditioning(cfg)
-
-
-def declared_ranges(schema: type = RunConfig, prefix: str = ""):
-    """(dotted key, Interval, integer) of every field the schema and the group node declarations give a range."""
-    for item in fields(schema):
-        if item.metadata.get("allowed") is not None:
-            yield prefix + item.name, item.metadata["allowed"], item.type in (int, "int")
-        if is_dataclass(item.default_factory):
-            yield from declared_ranges(item.default_factory, f"{prefix}{item.name}.")
-    if schema is RunConfig:
-        for group, node in GROUP_NODES.items():
-            yield from declared_ranges(node, f"{group}.")
-
-
-def check_budget(cfg: DictConfig) -> None:
-    """One budget: with train.kimg set, train.steps must be the steps it gives (presets write
-    `steps: ${diffrun.kimg_to_steps:${train.kimg},${train.batch_size}}`)."""
-    kimg = cfg.train.kimg
-    steps = None if kimg is None else kimg_to_steps(kimg, cfg.train.batch_size)
-    if steps is not None and cfg.train.steps != steps:
-        raise ConfigError(f"train.steps={cfg.train.steps} disagrees with train.kimg={kimg} (at train.batch_size="
-                          f"{cfg.train.batch_size} that is ⌈kimg·1000 / batch⌉ = {steps} steps): give one budget, "
-                          f"train.kimg=null with train.steps=<N>, or train.kimg=<K> with train.steps following it "
-                          f"(as the presets that count in images do; elsewhere add "
-                          f"train.steps='${{diffrun.kimg_to_steps:${{train.kimg}},${{train.batch_size}}}}')")
-
-
-def loader_of(dataset: DictConfig):
-    """(the loader function `dataset.loader._target_` names, its resolved node)."""
-    spec = resolved(dataset.loader)
-    try:
-        return get_object(spec["_target_"]), spec
-    except Exception:
-        raise ConfigError(f"dataset.loader._target_={show(spec.get('_target_'))}: not an importable function") from None
-
-
-def check_dataset(dataset: DictConfig) -> None:
-    """The dataset node's own keys, then what its loader checks of them (data/loader_checks.py)."""
-    loader, spec = loader_of(dataset)
-    check_argument_types(spec, "dataset.loader")
-    for key in ("image_size", "channels"):
-        if key in spec and spec[key] != dataset[key]:
-            raise ConfigError(f"dataset.loader.{key}={show(spec[key])} differs from dataset.{key}={dataset[key]}: "
-                              f"set dataset.{key} (the loader follows it)")
-    placement, order = dataset.get("placement", "auto"), dataset.get("order", "auto")
-    check_choice("dataset.placement", placement, PLACEMENTS)
-    check_choice("dataset.order", order, ORDERS)
-    if placement == "stream" and order == "iid":
-        raise ConfigError("dataset.order='iid' draws from the global RNG on the device and cannot be streamed "
-                          "(dataset.placement='stream'): allowed dataset.order=epoch or auto")
-    checks_of(loader).values(spec, resolved(dataset))
-
-
-def check_learned_variance(cfg: DictConfig) -> None:
-    """IDDPM's variational bound lives on the discrete T-step grid; sampling with the learned variance needs a
-    model that learns it."""
-    learn_sigma = cfg.model.get("learn_sigma", False)
-    if learn_sigma and cfg.schedule.get("timesteps") is None:
-        raise ConfigError("model.learn_sigma=true trains the variance with IDDPM's variational bound, defined on the "
-                          "discrete T-step grid, but schedule.timesteps=null (continuous t); allowed "
-                          "schedule.timesteps=1000 (DiT, SpeeD: schedule=linear) or model.learn_sigma=false")
-    for section in ("sample", "eval"):
-        if option(cfg[section].ddpm_variance) == "learned" and not learn_sigma:
-            raise ConfigError(f"{section}.ddpm_variance=learned needs a model that learns its variance, and "
-                              f"model.learn_sigma=false; allowed {section}.ddpm_variance=fixed_large|fixed_small "
-                              f"or model.learn_sigma=true")
 
 
 def check_conditioning(cfg: DictConfig) -> None:
@@ -238,8 +164,8 @@ def check_conditioning(cfg: DictConfig) -> None:
     net = resolved(cfg.model.net) if isinstance(cfg.model.get("net"), DictConfig) else {}
     model_classes = net.get("num_classes", 0)
     model_classes = model_classes if isinstance(model_classes, int) and not isinstance(model_classes, bool) else 0
-    loader, spec = loader_of(cfg.dataset)
-    if classes and checks_of(loader).has_labels(spec) is False:
+    loader, spec = loader_checks.loader_of(cfg.dataset)
+    if classes and loader_checks.checks_of(loader).has_labels(spec) is False:
         raise ConfigError(f"dataset.num_classes={classes}, but dataset={cfg.dataset.get('name')} has no class labels; "
                           f"allowed dataset.num_classes=0 (unconditional)"
                           + (" or dataset.loader.labels=subfolder|dataset_json" if "labels" in spec else ""))
@@ -265,23 +191,15 @@ def check_conditioning(cfg: DictConfig) -> None:
                               f"Min-SNR 0.15) or {section}.cfg_scale=1")
 
 
-def _spec(cfg: DictConfig, key: str, keep_meta: tuple[str, ...] = ()) -> dict:
-    spec = resolved(OmegaConf.select(cfg, key))
-    for meta in META_KEYS:
-        if meta not in keep_meta:
-            spec.pop(meta, None)
-    return spec
-
-
 def check_groups(cfg: DictConfig) -> None:
     """Each group built once, cheaply, and used once (see the module docstring)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        schedule = build_schedule(_spec(cfg, "schedule"))
+        schedule = build_schedule(spec_without_meta(cfg, "schedule"))
         prediction, sigma_data = cfg.model.prediction, cfg.model.get("sigma_data", 0.5)
-        check_forward(_spec(cfg, "model.net"), prediction, sigma_data, cfg.dataset.channels, cfg.dataset.image_size,
+        check_forward(spec_without_meta(cfg, "model.net"), prediction, sigma_data, cfg.dataset.channels, cfg.dataset.image_size,
                       bool(cfg.model.get("learn_sigma", False)))
-        weighting = _spec(cfg, "weighting", keep_meta=("name", "citation"))
+        weighting = spec_without_meta(cfg, "weighting", keep_meta=("name", "citation"))
         strategy = build_spec(weighting, "weighting")
         try:
             strategy.bind(schedule, prediction, sigma_data)
@@ -295,7 +213,7 @@ def check_groups(cfg: DictConfig) -> None:
         except DiffrunError:
             raise
         except Exception as exc:
-            raise build_failure("optimizer.optim", _spec(cfg, "optimizer.optim"), "building the optimizer", exc) from None
+            raise build_failure("optimizer.optim", spec_without_meta(cfg, "optimizer.optim"), "building the optimizer", exc) from None
     if option(cfg.train.capture) == "compile":
         reason = capture.refusal(strategy, fp16=option(cfg.precision) == "fp16", compiled_network=bool(cfg.train.compile),
                                  world_size=cfg.dist.devices, fused_optimizer=bool(optimizer.defaults.get("fused")),
@@ -323,9 +241,9 @@ def check_environment(cfg: DictConfig) -> None:
 
 
 def check_dataset_files(cfg: DictConfig) -> None:
-    """The data the loader will read is on this machine (the loader's own `files` check)."""
-    loader, spec = loader_of(cfg.dataset)
-    key = "dataset.root" if "root" in cfg.dataset else "dataset.loader.root"
-    needs = Needs(decoded=cfg.sample.num_images > 0 or bool(cfg.eval.enabled), fid=bool(cfg.eval.enabled),
-                  fid_reference=bool(cfg.eval.enabled) and cfg.eval.get("reference_stats") is None)
-    checks_of(loader).files(spec, resolved(cfg.dataset), key, needs)
+    """The data the loader will read is on this machine, as far as the run will use it."""
+    loader_checks.check_files(cfg.dataset, Needs(
+        decoded=cfg.sample.num_images > 0 or bool(cfg.eval.enabled), fid=bool(cfg.eval.enabled),
+        fid_reference=bool(cfg.eval.enabled) and cfg.eval.get("reference_stats") is None))
+
+

@@ -1,6 +1,13 @@
-"""The package's shape, checked: strategies know nothing of launching, callbacks are typed, files are written once."""
+"""The package's shape, checked: the declared layers (pyproject.toml's import-linter contracts, drawn in
+docs/architecture.md), no import cycle, function-level imports only to defer a heavy dependency, typed callbacks
+that read no Trainer, one atomic-write helper, one lock."""
 import ast
+import os
+import sys
 from pathlib import Path
+
+import grimp
+import pytest
 
 import diffrun
 from diffrun.training.callbacks import Callback, build_callbacks
@@ -10,20 +17,55 @@ from conftest import compose_config
 PACKAGE = Path(diffrun.__file__).parent
 
 
-def imported_modules(path: Path) -> set[str]:
-    names = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            names.add(node.module)
-    return names
+@pytest.fixture(scope="module")
+def import_graph():
+    sys.path.insert(0, str(PACKAGE.parent))     # grimp finds the package by its folder, not the editable install
+    try:
+        yield grimp.build_graph("diffrun", exclude_type_checking_imports=True, cache_dir=None)
+    finally:
+        sys.path.remove(str(PACKAGE.parent))
 
 
-def test_no_strategy_imports_the_launching_layer():
-    offenders = {path.name: sorted(m for m in imported_modules(path) if m.startswith("diffrun.launching"))
-                 for path in (PACKAGE / "strategies").glob("*.py")}
-    assert not any(offenders.values()), offenders
+def test_the_declared_layers_hold(capsys):
+    """pyproject.toml [tool.importlinter]: the layers from the entry points down to errors.py, and the parts
+    that must not know each other (the data and the networks, the run-folder formats and torch, ...)."""
+    from importlinter.cli import lint_imports
+
+    sys.path.insert(0, str(PACKAGE.parent))
+    cwd = os.getcwd()
+    try:
+        os.chdir(PACKAGE.parent)
+        code = lint_imports(config_filename=str(PACKAGE.parent / "pyproject.toml"), no_cache=True, no_logo=True)
+    finally:
+        os.chdir(cwd)
+        sys.path.remove(str(PACKAGE.parent))
+    assert code == 0, capsys.readouterr().out[-4000:]
+
+
+def test_no_import_cycle(import_graph):
+    """Counting the imports inside functions too: a module never reaches itself again."""
+    cycles = []
+    for module in sorted(import_graph.modules):
+        for imported in import_graph.find_modules_directly_imported_by(module):
+            if imported != module and imported.startswith("diffrun") and import_graph.chain_exists(imported, module):
+                cycles.append(f"{module} -> {imported} -> ... -> {module}")
+    assert not cycles, "\n".join(cycles[:20])
+
+
+def test_function_level_imports_defer_a_heavy_dependency():
+    """An import of diffrun inside a function is a deferral for speed (torch, matplotlib: `diffrun --help` must
+    not load them) and says so with `# deferred` beside it; any other goes to the top of its module."""
+    unmarked = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        lines = path.read_text().splitlines()
+        for node in ast.walk(ast.parse("\n".join(lines))):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for sub in ast.walk(node):
+                if isinstance(sub, ast.ImportFrom) and (sub.module or "").startswith("diffrun") and \
+                        "# deferred" not in " ".join(lines[sub.lineno - 1:sub.end_lineno]):
+                    unmarked.append(f"{path.relative_to(PACKAGE.parent)}:{sub.lineno}")
+    assert not unmarked, unmarked
 
 
 def test_every_default_callback_is_typed(make_cfg):

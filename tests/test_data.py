@@ -7,6 +7,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from diffrun.launching import local_ranks
 from diffrun.validation import validate
 from diffrun.data import (EpochOrder, InMemoryImages, StreamingData, load_celeba, load_cifar, load_digits,
                           load_image_folder, load_imagenet64, load_latents, place)
@@ -421,14 +422,13 @@ def test_ddp_ranks_stream_their_own_shards(tmp_path):
     """Two gloo ranks streaming: one model, and the checkpoint's stream position counts each rank's items."""
     import torch.multiprocessing as mp
 
-    from diffrun import distributed
     from diffrun.training.checkpoint import CheckpointManager
     from test_distributed import BATCH, STEPS, _rank_main
 
     run_dir, out_dir = tmp_path / "run", tmp_path / "out"
     out_dir.mkdir()
     overrides = ("dataset.placement=stream", "dataset.workers=1", "dataset.num_classes=10")
-    mp.spawn(_rank_main, args=(2, distributed.free_port(), str(run_dir), str(out_dir), overrides), nprocs=2, join=True)
+    mp.spawn(_rank_main, args=(2, local_ranks.free_port(), str(run_dir), str(out_dir), overrides), nprocs=2, join=True)
     r0, r1 = (torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     assert all(torch.equal(r0["model"][k], r1["model"][k]) for k in r0["model"])
     state, _ = CheckpointManager(run_dir / "checkpoints").load_latest()

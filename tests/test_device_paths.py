@@ -9,6 +9,7 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from diffrun.launching import local_ranks
 from diffrun.data.augment import PAD_STEP, AugmentPipe
 from diffrun.errors import ConfigError
 from diffrun.evaluation import protocol
@@ -161,7 +162,7 @@ def _fid_rank_main(rank, world, port, run_dir, out_path):
 def test_fid_under_ddp_samples_in_shares_and_gathers_the_one_process_set(tmp_path, monkeypatch):
     """Two gloo ranks sample their shares of the per-image seeds (2 images a round each); rank 0 gets the set and the
     order one process samples (here with batch 4), so no rank sits through another's whole evaluation."""
-    mp.spawn(_fid_rank_main, args=(2, distributed.free_port(), str(tmp_path / "ddp"), str(tmp_path / "ddp.pt")),
+    mp.spawn(_fid_rank_main, args=(2, local_ranks.free_port(), str(tmp_path / "ddp"), str(tmp_path / "ddp.pt")),
              nprocs=2, join=True)
     single = _fid_samples(compose_config([*EVAL, "eval.batch_size=4"]), tmp_path / "one", monkeypatch.setattr)
     assert torch.equal(torch.load(tmp_path / "ddp.pt"), single)

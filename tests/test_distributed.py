@@ -9,6 +9,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from diffrun.launching import local_ranks
+from diffrun.training.setup import communication
 from diffrun import distributed
 from diffrun.monitoring.metrics import read_jsonl
 from diffrun.training.checkpoint import CheckpointManager
@@ -62,7 +64,7 @@ def _rank_main(rank, world, port, run_dir, out_dir, overrides=("weighting=min_sn
 def test_ddp_two_ranks_gloo(tmp_path):
     run_dir, out_dir = tmp_path / "run", tmp_path / "out"
     out_dir.mkdir()
-    mp.spawn(_rank_main, args=(2, distributed.free_port(), str(run_dir), str(out_dir)), nprocs=2, join=True)
+    mp.spawn(_rank_main, args=(2, local_ranks.free_port(), str(run_dir), str(out_dir)), nprocs=2, join=True)
     r0, r1 = (torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in (0, 1))
 
     assert r0["ranks"] == (0, 2, BATCH // 2) and r1["ranks"] == (1, 2, BATCH // 2)
@@ -111,7 +113,7 @@ def test_adaptive_strategy_state_is_one_across_ranks(tmp_path, weighting, extra)
     identical on both ranks after training, and is what rank 0's checkpoint holds."""
     run_dir, out_dir = tmp_path / "run", tmp_path / "out"
     out_dir.mkdir()
-    mp.spawn(_rank_main, args=(2, distributed.free_port(), str(run_dir), str(out_dir), (f"weighting={weighting}", *extra)),
+    mp.spawn(_rank_main, args=(2, local_ranks.free_port(), str(run_dir), str(out_dir), (f"weighting={weighting}", *extra)),
              nprocs=2, join=True)
     r0, r1 = (torch.load(out_dir / f"rank{r}.pt", weights_only=False)["strategy"] for r in (0, 1))
     assert r0.keys() == r1.keys() and r0
@@ -136,7 +138,7 @@ def _factor_rank_main(rank, world, port, out_dir, logsnr, loss):
     from diffrun.schedules import EDMSchedule
 
     with distributed.session(torch.device("cpu")):
-        comm = distributed.communication()   # handed to the strategy at bind: it imports no launching code
+        comm = communication(distributed.info())   # handed to the strategy at bind: it imports no launching code
         factors = {f"{variant}/{normalize}": S.VarianceAware(variant=variant, alpha=0.3, normalize=normalize)
                    .bind(EDMSchedule(), "edm", 0.5, comm).factor(logsnr[mine], loss[mine])
                    for variant in ("gaussian", "cauchy", "loss_zscore") for normalize in (False, True)}
@@ -152,7 +154,7 @@ def test_variance_aware_factor_uses_the_global_batch(tmp_path):
     gen = torch.Generator().manual_seed(0)
     logsnr = torch.randn(16, generator=gen) * 2.4 + 2.4
     loss = torch.rand(16, generator=gen) + torch.linspace(0, 1, 16)       # halves with different means
-    mp.spawn(_factor_rank_main, args=(2, distributed.free_port(), str(tmp_path), logsnr, loss), nprocs=2, join=True)
+    mp.spawn(_factor_rank_main, args=(2, local_ranks.free_port(), str(tmp_path), logsnr, loss), nprocs=2, join=True)
     parts = [torch.load(tmp_path / f"factor{r}.pt") for r in (0, 1)]
     for key in parts[0]:
         variant, normalize = key.split("/")

@@ -29,13 +29,13 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from diffrun import distributed
 from diffrun.data import balanced_labels
 from diffrun.evaluation.fid import (SampledImages, compute_fid_against_statistics, compute_fid_kid,
                                     compute_fid_kid_from_sampler)
 from diffrun.evaluation.inception import InceptionWeights, InceptionWeightsUnavailable, resolve_inception_weights
-from diffrun.evaluation.reference import (SUBSET_SEED, check_reference_count, dataset_size,
-                                          read_reference_statistics, reference_images)
-from diffrun import distributed
+from diffrun.evaluation.reference import (SUBSET_SEED, check_reference_count, dataset_size, read_reference_statistics,
+                                          reference_images)
 from diffrun.sampling import SamplerOptions, autocast_dtype
 from diffrun.training.run_view import RunView
 

@@ -16,6 +16,12 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from diffrun.config import option
+from diffrun.data.cifar import cifar_paths
+from diffrun.data.loader_checks import loader_of
+from diffrun.evaluation.inception import InceptionWeightsUnavailable, fid_helper_source, resolve_inception_weights
+from diffrun.launching.sweep import pin_sweep_name
+from diffrun.monitoring.wandb_mode import mode_reason, resolve_mode
+from diffrun.monitoring.wandb_run import group_name
 
 FLAG = "--dry-run"
 
@@ -66,9 +72,6 @@ def fid_plan(cfg: DictConfig) -> str:
 def data_status(cfg: DictConfig) -> str:
     """Where the job's training data is, and whether it is there (the checks that refuse a missing folder ran
     already: what is left to say is a CIFAR release the first job will download)."""
-    from diffrun.data.cifar import cifar_paths
-    from diffrun.validation import loader_of
-
     _target, spec = loader_of(cfg.dataset)
     root = spec.get("root")
     if root is None:
@@ -83,8 +86,6 @@ def data_status(cfg: DictConfig) -> str:
 
 def inception_status(cfg: DictConfig) -> tuple[str, bool]:
     """(where FID's Inception weights come from, whether they will be there), without downloading anything."""
-    from diffrun.evaluation.inception import InceptionWeightsUnavailable, fid_helper_source, resolve_inception_weights
-
     try:
         weights = resolve_inception_weights(cfg.eval.inception_weights, cache_dir=cfg.eval.get("cache_dir"),
                                             download=False, convert=False)
@@ -100,8 +101,6 @@ def inception_status(cfg: DictConfig) -> tuple[str, bool]:
 
 
 def job_lines(num: int, overrides: list[str], job: DictConfig, folder: str, failure: str | None) -> list[str]:
-    from diffrun.monitoring.wandb_mode import resolve_mode
-    from diffrun.monitoring.wandb_run import group_name
 
     lines = [f"job {num}  {folder}", f"    overrides  {' '.join(overrides) or '(none)'}"]
     if failure:
@@ -118,8 +117,6 @@ def report(config: DictConfig, jobs: list[tuple[list[str], DictConfig]], failure
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from diffrun.launching.sweep import pin_sweep_name
-    from diffrun.monitoring.wandb_mode import mode_reason
 
     where = config.hydra.sweep.dir if multirun else config.hydra.run.dir
     out = [f"diffrun dry run: {len(jobs)} job(s) → {where} (nothing is trained or written)",

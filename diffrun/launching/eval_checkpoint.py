@@ -22,11 +22,20 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from diffrun import distributed
 from diffrun.building import build
 from diffrun.checks import show
-from diffrun.config import RunConfig
+from diffrun.config import GROUPS, RunConfig
 from diffrun.errors import ConfigError
+from diffrun.evaluation.protocol import evaluate
+from diffrun.sampling.generate import ImageSampler
+from diffrun.targets import check_targets
+from diffrun.training import checkpoint, export
+from diffrun.training.callbacks import Events, build_callbacks
+from diffrun.training.checkpoint import CheckpointManager
 from diffrun.training.run_view import RunView, recorded_config
+from diffrun.training.setup import build_data, build_denoiser, prepare_device
+from diffrun.validation import validate
 
 SOURCE = "diffrun-eval"                              # `source` of the records this module writes
 
@@ -35,8 +44,6 @@ def checkpoints_in(value: str) -> list[Path]:
     """What `ckpt=` names: a checkpoint file as it is; a run folder → its latest checkpoint (the one a resume reads
     first); a sweep folder → the latest checkpoint of every run in it, in folder order. ConfigError when a folder
     holds none."""
-    from diffrun.training.checkpoint import CheckpointManager
-
     path = Path(value).expanduser()
     if not path.is_dir():
         return [Path(value)]
@@ -57,7 +64,6 @@ def run_dir_of_checkpoint(ckpt: Path) -> Path:
 
 @functools.lru_cache(maxsize=1)
 def _load(path: str, size: int, mtime_ns: int, allow_unverified: bool, allow_pickle: bool) -> dict:
-    from diffrun.training import checkpoint
 
     return checkpoint.load(path, allow_unverified, allow_pickle)
 
@@ -69,7 +75,6 @@ def load_checkpoint(ckpt: str | Path, allow_unverified: bool = False, allow_pick
         raise ConfigError(f"ckpt={show(str(ckpt))}: no such file; allowed a checkpoint written by diffrun, "
                           f"e.g. <run>/checkpoints/ckpt_00001000.pt, or its diffrun-export (.safetensors)")
     if path.suffix == ".safetensors":                # diffrun-export's EMA weights (diffrun/training/export.py)
-        from diffrun.training import export
 
         return export.as_state(path, "ckpt")
     stat = path.stat()
@@ -86,8 +91,6 @@ def checkpoint_config(state_config: dict, app: DictConfig, overrides: Sequence[s
     UntrustedTargetError for a `_target_` of the file that the command line does not replace (diffrun/targets.py)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from diffrun.targets import check_targets
-    from diffrun.config import GROUPS
 
     parsed = [o for o in OverridesParser.create().parse_overrides(list(overrides)) if not o.is_hydra_override()]
     check_targets(state_config, source, ["callbacks", *(o.key_or_group for o in parsed)])
@@ -125,8 +128,6 @@ def evaluation_config(app: DictConfig, overrides: Sequence[str],
     """(run config, checkpoint state, checkpoint path) for the eval app's composed config, checked by
     diffrun/validation.py (`environment=False`: not this machine's devices and paths). Raises DiffrunError
     (one line) for anything wrong."""
-    from diffrun.validation import validate
-
     if OmegaConf.is_missing(app, "ckpt"):
         raise ConfigError("ckpt=??? is required: diffrun-eval ckpt=<run>/checkpoints/ckpt_<step>.pt [key=value ...]")
     ckpt = Path(str(app.ckpt)).expanduser().absolute()
@@ -141,10 +142,6 @@ def evaluation_config(app: DictConfig, overrides: Sequence[str],
 def evaluation_run(cfg: DictConfig, state: dict, ckpt: Path, events) -> RunView:
     """The RunView (job_type "eval") of `ckpt`'s EMA weights, with what sampling and FID need built from `cfg`.
     ConfigError when the weights do not fit the model."""
-    from diffrun import distributed
-    from diffrun.sampling.generate import ImageSampler
-    from diffrun.training.setup import build_data, build_denoiser, prepare_device
-
     ranks = distributed.info()
     device, autocast_dtype, _ = prepare_device(cfg, ranks)
     data = build_data(cfg, device, ranks)
@@ -166,9 +163,6 @@ def evaluation_run(cfg: DictConfig, state: dict, ckpt: Path, events) -> RunView:
 
 def evaluate_checkpoint(app: DictConfig, overrides: Sequence[str]) -> dict:
     """Evaluate `app.ckpt` (module docstring); returns the record the callbacks received."""
-    from diffrun.evaluation.protocol import evaluate
-    from diffrun.training.callbacks import Events, build_callbacks
-
     cfg, state, ckpt = evaluation_config(app, overrides)
     events = Events(build_callbacks(cfg))            # built first: a bad callback stops us before any sampling
     run = evaluation_run(cfg, state, ckpt, events)

@@ -28,12 +28,14 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from diffrun.checks import check_writable_dir
 from diffrun.cli import CONF_DIR, JobFailed
 from diffrun.config import GROUPS, RunConfig
 from diffrun.errors import DiffrunError
-from diffrun.checks import check_writable_dir
+from diffrun.evaluation.callback import summary_line
 from diffrun.launching.eval_checkpoint import (checkpoints_in, evaluate_checkpoint, evaluation_config,
                                                run_dir_of_checkpoint)
+from diffrun.launching.eval_folder import score_folder
 from diffrun.launching.preflight import BASIC_LAUNCHER, override_character_errors, refuse, sweep_jobs
 
 log = logging.getLogger("diffrun.eval")
@@ -62,7 +64,6 @@ def with_group_keys_added(args: list[str]) -> list[str]:
 class ValidateBeforeEvaluation(Callback):
     """conf/eval.yaml `hydra.callbacks.validate`: the checkpoint read and its config checked before Hydra
     writes anything; a multirun checks every job the basic sweeper will start, each in one line."""
-
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         try:
             evaluation_config(config, list(config.hydra.overrides.task))
@@ -96,8 +97,6 @@ class ValidateBeforeEvaluation(Callback):
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")
 def evaluate_job(cfg: DictConfig) -> float | None:
     """One checkpoint's evaluation (a Hydra job): the record goes to the callbacks; FID is returned."""
-    from diffrun.evaluation.callback import summary_line
-
     hydra_cfg = HydraConfig.get()
     try:
         record = evaluate_checkpoint(cfg, list(hydra_cfg.overrides.task))
@@ -132,7 +131,6 @@ def score_images_command(folder: str, overrides: list[str]) -> None:
     """`images=FOLDER`: print the folder's FID (and KID) against the dataset `overrides` choose."""
     from hydra.errors import HydraException
 
-    from diffrun.launching.eval_folder import score_folder
 
     try:
         result = score_folder(folder, overrides)

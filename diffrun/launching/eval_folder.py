@@ -9,19 +9,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from diffrun import conf_dir
+from diffrun.building import build
+from diffrun.data.loaders import load_image_folder
 from diffrun.errors import ConfigError
+from diffrun.evaluation.protocol import evaluate_images
+from diffrun.training.environment import resolve_device
+from diffrun.validation import check_dataset_files, validate
 
 
 def score_folder(folder: str, overrides: list[str]) -> dict:
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from diffrun import conf_dir
-    from diffrun.building import build
-    from diffrun.data.loaders import load_image_folder
-    from diffrun.evaluation.protocol import evaluate_images
-    from diffrun.training.environment import resolve_device
-    from diffrun.validation import check_dataset_files, validate
 
     if not Path(folder).expanduser().is_dir():
         raise ConfigError(f"images={folder!r}: not a folder; allowed a folder of PNG/JPEG images (EDM's fid.py calc)")

@@ -36,11 +36,10 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from diffrun.checks import show
+from diffrun.checks import check_writable_dir, show
 from diffrun.config import option
 from diffrun.distributed import check_batch
 from diffrun.errors import ConfigError, DiffrunError
-from diffrun.checks import check_writable_dir
 from diffrun.launching import dry_run
 from diffrun.training.environment import cpu_threads
 from diffrun.validation import check_dataset_files, validate

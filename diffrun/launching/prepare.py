@@ -24,7 +24,15 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from diffrun import conf_dir
+from diffrun.data.cifar import cifar_paths, load_cifar
+from diffrun.data.loader_checks import loader_of
 from diffrun.errors import DiffrunError
+from diffrun.evaluation.inception import resolve_inception_weights
+from diffrun.evaluation.reference import read_reference_statistics
+from diffrun.launching.hydra_node import register_app
+from diffrun.launching.preflight import sweep_jobs
+from diffrun.validation import check_dataset_files
 
 
 def sweep_configs(overrides: list[str]) -> list[DictConfig]:
@@ -33,9 +41,6 @@ def sweep_configs(overrides: list[str]) -> list[DictConfig]:
     from hydra.core.global_hydra import GlobalHydra
     from hydra.types import RunMode
 
-    from diffrun import conf_dir
-    from diffrun.launching.hydra_node import register_app
-    from diffrun.launching.preflight import sweep_jobs
 
     register_app()
     GlobalHydra.instance().clear()
@@ -48,8 +53,6 @@ def sweep_configs(overrides: list[str]) -> list[DictConfig]:
 
 
 def prepare_dataset(cfg: DictConfig) -> str:
-    from diffrun.data.cifar import cifar_paths, load_cifar
-    from diffrun.validation import check_dataset_files, loader_of
 
     target, spec = loader_of(cfg.dataset)
     if target is load_cifar:
@@ -63,14 +66,12 @@ def prepare_dataset(cfg: DictConfig) -> str:
 
 
 def prepare_inception(cfg: DictConfig) -> str:
-    from diffrun.evaluation.inception import resolve_inception_weights
 
     weights = resolve_inception_weights(cfg.eval.inception_weights, cache_dir=cfg.eval.get("cache_dir"))
     return f"Inception weights: {weights.path} ({weights.source})"
 
 
 def prepare_reference(cfg: DictConfig) -> str:
-    from diffrun.evaluation.reference import read_reference_statistics
 
     read_reference_statistics(cfg.eval.reference_stats)
     return f"reference statistics: {cfg.eval.reference_stats}"

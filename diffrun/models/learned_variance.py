@@ -19,6 +19,8 @@ import math
 import torch
 from torch import Tensor
 
+from diffrun.errors import ConfigError
+
 HYBRID_VB_WEIGHT = 0.001   # λ of L_hybrid (Nichol & Dhariwal 2021, Eq. 16)
 
 
@@ -103,3 +105,17 @@ def hybrid_vb_term(posterior: DiscretePosterior, num_timesteps: int, index: Tens
                    x0_hat: Tensor, v: Tensor) -> Tensor:
     """λ·T·L_t per sample: this sample's share of λ L_vlb in L_hybrid (x̂0 detached by the caller)."""
     return HYBRID_VB_WEIGHT * num_timesteps * posterior.vb_bits(index, x0, z, x0_hat, v)
+
+
+def check_settings(learn_sigma: bool, timesteps: int | None, ddpm_variance: dict[str, str]) -> None:
+    """IDDPM's variational bound lives on the discrete T-step grid; sampling with the learned variance needs a
+    model that learns it."""
+    if learn_sigma and timesteps is None:
+        raise ConfigError("model.learn_sigma=true trains the variance with IDDPM's variational bound, defined on the "
+                          "discrete T-step grid, but schedule.timesteps=null (continuous t); allowed "
+                          "schedule.timesteps=1000 (DiT, SpeeD: schedule=linear) or model.learn_sigma=false")
+    for section, variance in ddpm_variance.items():       # sample, eval
+        if variance == "learned" and not learn_sigma:
+            raise ConfigError(f"{section}.ddpm_variance=learned needs a model that learns its variance, and "
+                              f"model.learn_sigma=false; allowed {section}.ddpm_variance=fixed_large|fixed_small "
+                              f"or model.learn_sigma=true")

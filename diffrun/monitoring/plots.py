@@ -321,9 +321,9 @@ def effective_weighting(spec: str, logsnr):
     import torch
     from omegaconf import OmegaConf
 
-    from diffrun import conf_dir
-    from diffrun.building import build
-    from diffrun.schedules import CosineSchedule
+    from diffrun import conf_dir  # deferred: torch, only for --weighting curves
+    from diffrun.building import build  # deferred
+    from diffrun.schedules import CosineSchedule  # deferred
 
     path = Path(spec) if spec.endswith((".yaml", ".yml")) else conf_dir() / "weighting" / f"{spec}.yaml"
     if not path.is_file():

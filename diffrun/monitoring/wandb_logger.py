@@ -20,15 +20,15 @@ import math
 
 import numpy as np
 
+from diffrun.checks import POSITIVE, Interval, check_number
 from diffrun.files import unlock
+from diffrun.monitoring.stats_writer import load_stats
 from diffrun.monitoring.wandb_mode import mode_reason
 from diffrun.monitoring.wandb_run import STEP_METRIC, restore_environment, start_run
 from diffrun.monitoring.wandb_stats import plots_data, statistics_data
+from diffrun.run_folder.metrics import read_metrics
 from diffrun.training.callbacks import Callback
 from diffrun.training.run_view import RunView
-from diffrun.checks import POSITIVE, Interval, check_number
-from diffrun.monitoring.stats_writer import load_stats
-from diffrun.run_folder.metrics import read_metrics
 
 log = logging.getLogger(__name__)
 

@@ -78,7 +78,7 @@ def heatmap(steps: np.ndarray, edges: np.ndarray, loss_var: np.ndarray, run_name
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from diffrun.monitoring.plots import draw_variance_heatmap
+    from diffrun.monitoring.plots import draw_variance_heatmap  # deferred: matplotlib
 
     try:
         fig = Figure(figsize=(7, 4.2), dpi=100, layout="constrained")

@@ -17,11 +17,11 @@ from typing import Optional
 from diffrun.errors import DiffrunError
 from diffrun.reporting import stats
 from diffrun.reporting.collect import ReportError, collect_sweep
-from diffrun.reporting.wandb_runs import collect_wandb
 from diffrun.reporting.figures import make_figures
 from diffrun.reporting.markdown import write_report
-from diffrun.reporting.summary import wandb_summary
 from diffrun.reporting.stats import MAX_SEEDS, analyse
+from diffrun.reporting.summary import wandb_summary
+from diffrun.reporting.wandb_runs import collect_wandb
 
 log = logging.getLogger("diffrun.report")
 

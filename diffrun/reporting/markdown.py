@@ -11,8 +11,7 @@ from typing import Optional
 from diffrun import conf_dir
 from diffrun.reporting.collect import RunRecord, dotted, first_line, to_float
 from diffrun.reporting.figures import Plot
-from diffrun.reporting.significance import (ALPHA, BOOTSTRAP_SAMPLES, BOOTSTRAP_SEED, POWER, RELABEL_SEED,
-                                            RELABEL_SPLITS)
+from diffrun.reporting.significance import ALPHA, BOOTSTRAP_SAMPLES, BOOTSTRAP_SEED, POWER, RELABEL_SEED, RELABEL_SPLITS
 from diffrun.reporting.stats import Analysis, Comparison, mean, std
 from diffrun.reporting.summary import JOBS_CSV, RESULTS_CSV, jobs_rows, results_rows, summary_dict, write_csv
 

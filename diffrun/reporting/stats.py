@@ -24,7 +24,6 @@ from diffrun.reporting.significance import (ALPHA, MAX_SEEDS, bootstrap_ci, min_
                                             relabel_false_positive_rate, seeds_needed, welch)
 
 
-
 def mean(values) -> float:
     values = [v for v in values if v is not None and math.isfinite(v)]
     return float(np.mean(values)) if values else math.nan

@@ -8,10 +8,10 @@ import torch
 from torch import nn
 
 from diffrun.data import balanced_labels
-from diffrun.schedules import NoiseSchedule
 from diffrun.sampling.images import to_uint8
 from diffrun.sampling.options import SamplerOptions, autocast_dtype
 from diffrun.sampling.samplers import PerImageGenerator, run_sampler
+from diffrun.schedules import NoiseSchedule
 
 
 @dataclass(frozen=True)

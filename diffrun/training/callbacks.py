@@ -30,10 +30,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from diffrun.building import build
 from diffrun.errors import ConfigError
 from diffrun.training.environment import isolated_rng
 from diffrun.training.run_view import RunView
-from diffrun.building import build
 
 log = logging.getLogger(__name__)
 

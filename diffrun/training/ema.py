@@ -22,7 +22,6 @@ from torch import Tensor, nn
 
 from diffrun.errors import ConfigError
 
-
 LERP_CHUNK_ELEMENTS = 1 << 24   # the update's temporary: at most this many elements (64 MB in float32)
 
 

@@ -29,8 +29,8 @@ import yaml
 
 from diffrun.errors import CheckpointError, ConfigError
 from diffrun.files import atomic_write
-from diffrun.training import checkpoint as ckpt
 from diffrun.run_folder.metrics import read_metrics
+from diffrun.training import checkpoint as ckpt
 
 FORMAT = "diffrun-ema-1"
 SUFFIX = ".safetensors"

@@ -13,14 +13,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from diffrun import distributed
-from diffrun.training.logsnr_stats import LogSNRStats
+from diffrun.fingerprint import fingerprint, trained_config
 from diffrun.training import checkpoint as ckpt
 from diffrun.training.environment import rng_state, seed_everything, set_rng_state
-from diffrun.fingerprint import fingerprint, trained_config
+from diffrun.training.export import load_into
 from diffrun.training.identity import check_checkpoint
 from diffrun.training.interrupt import GracefulInterrupt
+from diffrun.training.logsnr_stats import LogSNRStats
 from diffrun.training.setup import Components
-from diffrun.training.export import load_into
 
 log = logging.getLogger(__name__)
 

@@ -10,10 +10,10 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from diffrun import distributed
 from diffrun.building import build
 from diffrun.data import InMemoryImages, StreamingData, place
 from diffrun.data.augment import AugmentPipe
-from diffrun import distributed
 from diffrun.errors import ConfigError
 from diffrun.models.learned_variance import DiscretePosterior
 from diffrun.models.parameterization import Denoiser

@@ -20,9 +20,9 @@ from torch import Tensor
 
 from diffrun.data.labels import drop_labels
 from diffrun.models.learned_variance import hybrid_vb_term
-from diffrun.training.logsnr_stats import LogSNRStats
 from diffrun.schedules import alpha_sigma
 from diffrun.strategies import NoiseDraw
+from diffrun.training.logsnr_stats import LogSNRStats
 from diffrun.training.setup import Components
 
 

@@ -22,14 +22,14 @@ from diffrun import distributed
 from diffrun.config import option
 from diffrun.errors import DiffrunError
 from diffrun.files import atomic_write, atomic_write_json
+from diffrun.fingerprint import fingerprint
 from diffrun.run_folder import status
 from diffrun.sampling.generate import ImageSampler
-from diffrun.training.logsnr_stats import LogSNRStats
 from diffrun.training.callbacks import Callback, Events, build_callbacks
 from diffrun.training.capture import step_function
 from diffrun.training.environment import provenance
-from diffrun.fingerprint import fingerprint
 from diffrun.training.interrupt import GracefulInterrupt, StopRequested
+from diffrun.training.logsnr_stats import LogSNRStats
 from diffrun.training.nonfinite import nonfinite_hint
 from diffrun.training.run_directory import RunDirectory
 from diffrun.training.run_state import NonFiniteWeightsError, RunState
