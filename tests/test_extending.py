@@ -106,3 +106,34 @@ def test_the_callback_gets_its_arguments_from_its_node(tmp_path, monkeypatch, ca
     train(cfg, tmp_path / "run")
     lines = [line for line in capsys.readouterr().out.splitlines() if ": loss " in line]
     assert [line.split(":")[0] for line in lines] == [f"{cfg.name} step 5", f"{cfg.name} step 10"]
+
+
+def test_the_dataset_checks_itself_and_trains(tmp_path, monkeypatch):
+    """The page's loader: its own checks refuse before any work, its folder is not part of the run's identity,
+    and it trains."""
+    from diffrun.errors import DataError
+    from diffrun.fingerprint import fingerprint
+
+    example_files(tmp_path, ("my_data.py", "my_conf/dataset/mine.yaml"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    torch.save(torch.randint(0, 256, (24, 3, 32, 32), dtype=torch.uint8), folder / "images.pt")
+
+    def composed(*overrides):
+        GlobalHydra.instance().clear()
+        try:
+            with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+                return compose("config", overrides=[*FAST, f"hydra.searchpath=[file://{tmp_path}/my_conf]",
+                                                    "dataset=mine", "sample.num_images=0", *overrides])
+        finally:
+            GlobalHydra.instance().clear()
+
+    with pytest.raises(ConfigError, match=r"^dataset.channels=1: mine is RGB; allowed 3$"):
+        validate(composed(f"dataset.root={folder}", "dataset.channels=1"))
+    with pytest.raises(DataError, match=r"dataset.root='.*elsewhere' holds no images.pt"):
+        validate(composed(f"dataset.root={tmp_path / 'elsewhere'}"))
+    cfg = composed(f"dataset.root={folder}")
+    validate(cfg)
+    assert fingerprint(cfg) == fingerprint(composed(f"dataset.root={tmp_path / 'moved'}"))
+    assert train(cfg, tmp_path / "run")["step"] == 6
