@@ -114,6 +114,17 @@ def try_lock(path: str | Path) -> int | None:
     return fd
 
 
+def append_locked(path: str | Path, data: bytes) -> None:
+    """Append `data` to `path` (created if missing) in one `write` under an exclusive `flock`, waiting for it:
+    concurrent writers on several nodes each add whole lines (NFS included)."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.write(fd, data)
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def unlock(fd: int) -> None:
     with contextlib.suppress(OSError):
         fcntl.flock(fd, fcntl.LOCK_UN)

@@ -91,9 +91,10 @@ def test_one_atomic_write_helper():
         assert "fsync" not in text and "mkstemp" not in text and '".tmp"' not in text, path
 
 
-def test_one_ownership_lock():
-    """The non-blocking exclusive lock a process owns a run (or its W&B id) with is `files.try_lock`, nowhere else."""
-    holders = sorted(str(path.relative_to(PACKAGE)) for path in PACKAGE.rglob("*.py") if "LOCK_NB" in path.read_text())
+def test_one_lock_implementation():
+    """`flock` lives in diffrun/files.py: `try_lock` (a process owns a run or its W&B id) and `append_locked`
+    (index.jsonl's concurrent appends); every other module calls them."""
+    holders = sorted(str(path.relative_to(PACKAGE)) for path in PACKAGE.rglob("*.py") if "fcntl" in path.read_text())
     assert holders == ["files.py"], holders
 
 

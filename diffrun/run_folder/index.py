@@ -7,11 +7,10 @@ appends another line for the same folder; readers keep the lines per folder in t
 """
 from __future__ import annotations
 
-import fcntl
 import json
-import os
 from pathlib import Path
 
+from diffrun.files import append_locked
 from diffrun.run_folder import INDEX
 from diffrun.run_folder.jsonl import read_jsonl
 
@@ -20,13 +19,7 @@ def append_entry(sweep_dir: str | Path, entry: dict) -> Path:
     """Append one line to `<sweep_dir>/index.jsonl` (safe with concurrent writers, also on NFS)."""
     path = Path(sweep_dir) / INDEX
     path.parent.mkdir(parents=True, exist_ok=True)
-    line = (json.dumps(entry, default=str) + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        os.write(fd, line)
-    finally:
-        os.close(fd)  # releases the lock
+    append_locked(path, (json.dumps(entry, default=str) + "\n").encode())
     return path
 
 
