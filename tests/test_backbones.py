@@ -138,7 +138,7 @@ def test_unet_without_classes_is_unchanged():
     """Same state-dict keys, same initial weights for a seed, same outputs as the U-Net before conditioning."""
     ref = torch.load(DATA / "unet_unconditional_reference.pt")
     torch.manual_seed(0)
-    net = UNet(**ref["config"]).eval()
+    net = UNet(**ref["config"]).eval()      # the default padding (symmetric) is the one the fixture was written with
     sd = net.state_dict()
     assert list(sd) == ref["keys"]
     for key, moments in ref["seed0_init_moments"].items():
@@ -302,3 +302,29 @@ def test_minsnr_vit_step_lookup_picks_the_nearest_sigma_as_the_official_round_si
     by_logsnr = (table[None] - lam[:, None]).abs().argmin(1)
     assert torch.equal(by_sigma, k) and torch.equal(by_logsnr, k + 1)       # the two rules disagree here
     assert torch.equal(net.timestep((-lam / 8).float()), k)
+
+
+def test_unet_downsampling_pads_as_ddpm_in_every_preset():
+    """DDPM's TF 'SAME' stride-2 convs pad bottom/right only (scripts/crosscheck/ddpm_unet.py); the presets say so,
+    and the constructor's default stays the earlier symmetric padding for configs written before the key."""
+    from diffrun.errors import ConfigError
+    from diffrun.models.unet import StridedConv
+
+    from conftest import compose_config
+
+    for model in ("unet_tiny", "unet_small", "ddpm_cifar10"):
+        assert compose_config([f"model={model}"], fast=False).model.net.downsample_padding == "same"
+    same, symmetric = StridedConv(1, "same"), StridedConv(1, "symmetric")
+    with torch.no_grad():
+        for conv in (same, symmetric):
+            conv.weight.zero_()
+            conv.weight[0, 0, 1, 1] = 1.0                    # the centre tap copies the pixel under it
+            conv.bias.zero_()
+        for row in (0, 1):
+            x = torch.zeros(1, 1, 4, 4)
+            x[0, 0, row, row] = 1.0
+            # the first window is centred on pixel (1, 1) with DDPM's padding, on (0, 0) with one pixel all round
+            assert same(x)[0, 0, 0, 0] == float(row == 1) and symmetric(x)[0, 0, 0, 0] == float(row == 0)
+            assert same(x).shape == symmetric(x).shape == (1, 1, 2, 2)
+    with pytest.raises(ConfigError, match=r"model.net.downsample_padding='valid': allowed same, symmetric"):
+        UNet(in_channels=1, image_size=8, channels=8, channel_mult=(1, 2), downsample_padding="valid")

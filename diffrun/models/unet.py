@@ -76,6 +76,22 @@ class AttentionBlock(nn.Module):
         return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
 
 
+class StridedConv(nn.Conv2d):
+    """The 3×3, stride-2 down-sampling convolution. `same` is DDPM's: TensorFlow's `conv2d(stride=2,
+    padding='SAME')` in Ho et al.'s code pads an even-sized input by one row and column at the bottom and right
+    only (tqch/ddpm-torch and pesser/pytorch_diffusion do the same); `symmetric` pads one pixel on every side, as
+    improved-diffusion and ADM do. A Conv2d, so the parameter names are a plain convolution's either way."""
+
+    PADDINGS = ("same", "symmetric")
+
+    def __init__(self, channels: int, padding: str):
+        super().__init__(channels, channels, 3, stride=2, padding=0 if padding == "same" else 1)
+        self.pad_bottom_right = padding == "same"
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(F.pad(x, (0, 1, 0, 1)) if self.pad_bottom_right else x)
+
+
 class UNet(nn.Module):
     def __init__(
         self,
@@ -88,6 +104,9 @@ class UNet(nn.Module):
         dropout: float = 0.1,
         num_classes: int = 0,               # 0: unconditional; else labels in [0, num_classes], num_classes = NULL
         learn_sigma: bool = False,          # twice the output channels: the prediction and IDDPM's variance v
+        # same: DDPM's (bottom/right only), what every preset says; symmetric: ADM's, the default only so that a
+        # config without the key (a checkpoint written before it existed) builds the network it trained
+        downsample_padding: str = "symmetric",
     ):
         super().__init__()
         for key, value in (("in_channels", in_channels), ("image_size", image_size), ("channels", channels),
@@ -97,6 +116,9 @@ class UNet(nn.Module):
         require_ints("attention_resolutions", attention_resolutions, allow_empty=True)
         require_float("dropout", dropout, 0.0, 1.0)
         check_num_classes(num_classes)
+        if downsample_padding not in StridedConv.PADDINGS:
+            raise ConfigError(f"model.net.downsample_padding={downsample_padding!r}: allowed "
+                              f"{', '.join(StridedConv.PADDINGS)}")
         levels = len(channel_mult)
         if image_size % (2 ** (levels - 1)) != 0:
             raise ConfigError(
@@ -121,7 +143,7 @@ class UNet(nn.Module):
                 self.down.append(nn.ModuleList(blocks))
                 skip_channels.append(ch)
             if level != levels - 1:
-                self.down.append(nn.ModuleList([nn.Conv2d(ch, ch, 3, stride=2, padding=1)]))
+                self.down.append(nn.ModuleList([StridedConv(ch, downsample_padding)]))
                 skip_channels.append(ch)
                 res //= 2
 

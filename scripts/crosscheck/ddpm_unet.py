@@ -16,12 +16,11 @@ Linear–SiLU–Linear. To compare everything after the features, the script han
 """
 from __future__ import annotations
 
+import math
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import command_line, compare, load_reference, parser, reference_commit, report  # noqa: E402
@@ -97,9 +96,13 @@ def rows_for(unet_module, name: str, config: tuple, seed: int) -> list:
             p.normal_(0, 0.05)
             if p.ndim == 1 and "norm" in pname and pname.endswith("weight"):
                 p.add_(1.0)
-    ours = UNet(in_channels=3, image_size=8, channels=128, channel_mult=mult, num_res_blocks=blocks,
-                attention_resolutions=[8 // 2 ** level for level in attention_levels], dropout=0.0).eval()
-    ours.load_state_dict(convert(theirs.state_dict(), len(mult), blocks, attention_levels), strict=True)
+    shape = dict(in_channels=3, image_size=8, channels=128, channel_mult=mult, num_res_blocks=blocks,
+                 attention_resolutions=[8 // 2 ** level for level in attention_levels], dropout=0.0)
+    ours = UNet(**shape, downsample_padding="same").eval()             # DDPM's down-sampling padding (the presets')
+    symmetric = UNet(**shape, downsample_padding="symmetric").eval()   # ADM's, for the information row
+    weights = convert(theirs.state_dict(), len(mult), blocks, attention_levels)
+    ours.load_state_dict(weights, strict=True)
+    symmetric.load_state_dict(weights, strict=True)
 
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(4, 3, 8, 8, generator=g)
@@ -112,30 +115,13 @@ def rows_for(unet_module, name: str, config: tuple, seed: int) -> list:
         with torch.no_grad():
             out = ours(x, c_noise)
             ref = theirs(x, c_noise)
-            with same_padding(ours):
-                out_same = ours(x, c_noise)
+            out_symmetric = symmetric(x, c_noise)
     finally:
         hook.remove()
         unet_module.get_timestep_embedding = original
-    return [compare(f"{name}: outputs as built (their sinusoid replaced by our features)", out, ref, TOLERANCE),
-            compare(f"{name}: outputs with our down-sampling padded as theirs (bottom/right only)", out_same, ref,
-                    TOLERANCE)]
-
-
-@contextmanager
-def same_padding(ours: UNet):
-    """Our stride-2 convs padded as TensorFlow's 'SAME' (DDPM; ddpm-torch's SamePad2d): 0 rows/columns before, 1
-    after, instead of our 1 on every side. Only for the row that shows this is the one remaining difference."""
-    convs = [m for m in ours.modules() if isinstance(m, torch.nn.Conv2d) and m.stride == (2, 2)]
-    hooks = [m.register_forward_pre_hook(lambda module, args: (F.pad(args[0], (0, 1, 0, 1)),)) for m in convs]
-    for m in convs:
-        m.padding = (0, 0)
-    try:
-        yield
-    finally:
-        for m, h in zip(convs, hooks):
-            m.padding = (1, 1)
-            h.remove()
+    return [compare(f"{name}: outputs (their sinusoid replaced by our features)", out, ref, TOLERANCE),
+            compare(f"{name}: information: model.net.downsample_padding=symmetric (ADM's)", out_symmetric, ref,
+                    math.inf)]
 
 
 def main(argv: list[str] | None = None) -> int:
