@@ -1,4 +1,5 @@
-"""Read a sweep into one `RunRecord` per job: from a sweep directory (W&B: wandb_runs.py).
+"""Read a sweep into one `RunRecord` per job: from a sweep directory (W&B: wandb_runs.py). One cohesive reader (a
+job's folder → its record), hence a little over ~350 lines.
 
 A sweep directory holds one folder per job, `<job_num>_<weighting>_seed<seed>/`, each with
 `config.yaml`, `status.json`, `metrics.jsonl` and (optionally) `logsnr_stats.npz`. A job whose
