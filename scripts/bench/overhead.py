@@ -6,7 +6,6 @@ import argparse
 import collections
 import copy
 import datetime
-import json
 import platform
 import shutil
 import statistics
@@ -21,7 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from bench.compose import base_overrides, build_strategies, changed_state, compose, strategy_state
 from bench.measure import device_name, error_text, ratio
-from bench.report import format_overhead_report
+from bench.report import emit, format_overhead_report
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -315,9 +314,4 @@ def run(args: argparse.Namespace, argv, device: torch.device) -> dict:
         },
         "overhead": rows,
     }
-    if not args.quiet:
-        print(format_overhead_report(result))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2))
-    return result
+    return emit(result, format_overhead_report(result), args.quiet, args.json)

@@ -1,7 +1,9 @@
 """The printed tables of the benchmark."""
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 # Column headers of the printed tables (tests check them; keep them stable).
 
@@ -108,3 +110,13 @@ def format_overhead_report(result: dict) -> str:
             parts += [f"  {s['ops_per_step']:7.1f}  {s['line']}" for s in row["sources"][:15]]
     parts.append(f"\ntotal {meta['seconds_total']:.1f} s")
     return "\n".join(parts)
+
+
+def emit(result: dict, text: str, quiet: bool, json_path: str | None) -> dict:
+    """Print the table (unless `quiet`) and write the result as JSON (with `json_path`); returns the result."""
+    if not quiet:
+        print(text)
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(result, indent=2))
+    return result

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import platform
 import shutil
 import sys
@@ -18,7 +17,7 @@ from bench.compose import base_overrides, build_strategies, changed_state, compo
 from bench.fid import bench_inception, bench_sampler
 from bench.measure import Clock, Memory, count_flops, device_name, error_text, peak_bf16_tflops, run_steps, window_row
 from bench.peer import PeerLoop
-from bench.report import format_report
+from bench.report import emit, format_report
 
 
 def run(args: argparse.Namespace, argv, device: torch.device) -> dict:
@@ -150,9 +149,4 @@ def run(args: argparse.Namespace, argv, device: torch.device) -> dict:
         "fid": fid,
     }
     result["meta"]["seconds_total"] = time.perf_counter() - started
-    if not args.quiet:
-        print(format_report(result))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2))
-    return result
+    return emit(result, format_report(result), args.quiet, args.json)
