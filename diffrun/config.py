@@ -87,20 +87,26 @@ class OnUnavailable(str, Enum):
 
 @dataclass
 class TrainConfig:
-    steps: int = setting(600, POSITIVE, trained=False)  # optimizer steps (with `kimg`: ${diffrun.kimg_to_steps:${train.kimg},${train.batch_size}})
-    kimg: Optional[float] = setting(None, Interval(0, low_open=True, note="or null: the budget is train.steps"), trained=False)  # budget in thousands of training images (EDM's unit); set, it decides the length:
-                                      # steps = ⌈kimg·1000 / batch_size⌉, and a train.steps that disagrees is refused
+    # optimizer steps (with `kimg`: ${diffrun.kimg_to_steps:${train.kimg},${train.batch_size}})
+    steps: int = setting(600, POSITIVE, trained=False)
+    # budget in thousands of training images (EDM's unit); set, it decides the length: steps = ⌈kimg·1000 /
+    # batch_size⌉, and a train.steps that disagrees is refused
+    kimg: Optional[float] = setting(None, Interval(0, low_open=True, note="or null: the budget is train.steps"),
+                                    trained=False)
     batch_size: int = setting(64, POSITIVE)  # global batch (split across ranks under DDP)
     log_every: int = setting(50, POSITIVE, trained=False)  # host reads metrics / NaN counters only every N steps
     grad_clip: float = setting(1.0, Interval(0, note="0 disables clipping"))  # max global grad-norm; 0 disables
     compile: bool = setting(False, trained=False)  # torch.compile the denoiser
-    capture: Capture = setting(Capture.none, trained=False)  # compile: the whole step (sampling … optimizer, EMA, bookkeeping) as one graph
+    # compile: the whole step (sampling … optimizer, EMA, bookkeeping) as one graph
+    capture: Capture = setting(Capture.none, trained=False)
     channels_last: bool = setting(False, trained=False)  # memory format (helps convolutions on CUDA)
     nan_policy: NanPolicy = setting(NanPolicy.skip, trained=False)
-    max_skipped_fraction: float = setting(0.1, FRACTION, trained=False)  # halt anyway if more than this fraction of steps were non-finite
+    # halt anyway if more than this fraction of steps were non-finite
+    max_skipped_fraction: float = setting(0.1, FRACTION, trained=False)
     progress: bool = setting(True, trained=False)  # tqdm progress bar
-    label_dropout: float = setting(0.0, FRACTION)  # class-conditional models: P(label → null label), for classifier-free guidance; 0
-                                      # unless the recipe trains for guidance (DiT 0.1, Min-SNR 0.15; EDM 0)
+    # class-conditional models: P(label → null label), for classifier-free guidance; 0 unless the recipe trains for
+    # guidance (DiT 0.1, Min-SNR 0.15; EDM 0)
+    label_dropout: float = setting(0.0, FRACTION)
     tf32: Optional[bool] = None       # CUDA TF32: null keeps PyTorch's defaults (cuDNN convolutions on, matmuls off);
                                       # false turns both off (EDM training_loop.py), true both on
 
@@ -108,10 +114,15 @@ class TrainConfig:
 @dataclass
 class EMAConfig:
     """Either a decay per step (`decay`, DDPM's 0.9999) or a half-life in images (`halflife_kimg`, EDM's 500 kimg)."""
-    decay: Optional[float] = setting(0.999, Interval(0, 1, high_open=True, note="or null with ema.halflife_kimg"))  # EMA decay per step; null with halflife_kimg
+    # EMA decay per step; null with halflife_kimg
+    decay: Optional[float] = setting(0.999, Interval(0, 1, high_open=True, note="or null with ema.halflife_kimg"))
     warmup: bool = True               # decay_n = min(decay, (1+n)/(10+n)) (Tarvainen & Valpola 2017 style); per-step decay only
-    halflife_kimg: Optional[float] = setting(None, Interval(0, low_open=True, note="or null: a decay per step (ema.decay)"))  # EDM: β = 0.5^(batch / half-life), the half-life in thousands of images
-    rampup_ratio: Optional[float] = setting(None, Interval(0, low_open=True, note="or null: no ramp-up of the half-life"))  # EDM: half-life ≤ ratio × images seen (0.05); null: no ramp-up
+    # EDM: β = 0.5^(batch / half-life), the half-life in thousands of images
+    halflife_kimg: Optional[float] = setting(None, Interval(0, low_open=True,
+                                                            note="or null: a decay per step (ema.decay)"))
+    # EDM: half-life ≤ ratio × images seen (0.05); null: no ramp-up
+    rampup_ratio: Optional[float] = setting(None, Interval(0, low_open=True,
+                                                           note="or null: no ramp-up of the half-life"))
 
 
 MULTIPLIER = Interval(0, note="probability multiplier; 0: transform off")
@@ -122,8 +133,10 @@ class AugmentConfig:
     """EDM's non-leaking augmentation (diffrun/data/augment.py; NVlabs/edm train.py's CIFAR-10 values). Each
     transform is applied with probability p × its multiplier and its parameters are given to the network
     (`model.net.augment_dim` = 9 with every transform on)."""
-    p: float = setting(0.0, Interval(0, 1, note="0: no augmentation; EDM CIFAR-10: 0.12"))  # overall probability (EDM CIFAR-10: 0.12); 0: no augmentation
-    xflip: float = setting(1e8, MULTIPLIER)  # probability multipliers (EDM train.py: xflip 1e8, i.e. a flip in 50 % of images)
+    # overall probability (EDM CIFAR-10: 0.12); 0: no augmentation
+    p: float = setting(0.0, Interval(0, 1, note="0: no augmentation; EDM CIFAR-10: 0.12"))
+    # probability multipliers (EDM train.py: xflip 1e8, i.e. a flip in 50 % of images)
+    xflip: float = setting(1e8, MULTIPLIER)
     yflip: float = setting(1.0, MULTIPLIER)
     scale: float = setting(1.0, MULTIPLIER)
     rotate_frac: float = setting(1.0, MULTIPLIER)
@@ -160,7 +173,7 @@ class SamplerConfig:
 @dataclass
 class SampleConfig(SamplerConfig):
     num_images: int = setting(64, Interval(0, note="0: no sample grid"))  # images in the sample grid
-    every_steps: int = setting(0, Interval(0, note="0: only at the end"))  # also sample during training every N steps (0: only at the end)
+    every_steps: int = setting(0, Interval(0, note="0: only at the end"))  # also sample during training every N steps
     seed: int = setting(0, SEED)  # sample seed (grids comparable across runs)
 
 
@@ -176,14 +189,17 @@ class CheckpointConfig:
 @dataclass
 class EvalConfig(SamplerConfig):
     enabled: bool = True
-    every_steps: int = setting(0, Interval(0, note="0: only at the end"))  # FID during training every N steps (0: only at the end)
+    every_steps: int = setting(0, Interval(0, note="0: only at the end"))  # FID during training every N steps
     num_samples: int = setting(200, POSITIVE)  # generated images per FID; 50,000 for paper numbers (FID-50k)
-    num_reference: Optional[int] = setting(None, Interval(0, low_open=True, note="or null: the whole training set"))  # training images as reference; None: all of them, whatever num_samples
+    # training images as reference; None: all of them, whatever num_samples
+    num_reference: Optional[int] = setting(None, Interval(0, low_open=True, note="or null: the whole training set"))
     reference_stats: Optional[str] = None  # FID against this statistics file instead (.npz with mu, sigma: EDM,
     #                                   ADM, TTUR; torch-fidelity's *-stat-fid-2048.pt); no KID then
-    repeats: int = setting(1, Interval(1, note="FID evaluations with different sample seeds"))  # FIDs with different sample seeds; `fid` is their min (EDM), `fid_mean` the mean
+    # FIDs with different sample seeds; `fid` is their min (EDM), `fid_mean` the mean
+    repeats: int = setting(1, Interval(1, note="FID evaluations with different sample seeds"))
     batch_size: int = setting(100, POSITIVE)
-    kid_subset_size: int = setting(1000, POSITIVE)  # KID subset size (torch-fidelity's default); bounded by the sample and
+    # KID subset size (torch-fidelity's default); bounded by the sample and
+    kid_subset_size: int = setting(1000, POSITIVE)
     #                                   reference counts, and the record says so
     seed: int = setting(12345, SEED)  # sample seed for FID (same images across runs and steps)
     inception_weights: Optional[str] = None  # path to torch-fidelity-format Inception weights
@@ -225,16 +241,20 @@ class WandbConfig:
 @dataclass
 class ReportConfig:
     baseline: str = "uniform"         # strategy the others are compared against
-    target_fid: Optional[float] = setting(None, Interval(0, low_open=True, note="or null"))  # "steps to reach FID ≤ target" column (convergence speed)
+    # the "steps to reach FID ≤ target" column (convergence speed)
+    target_fid: Optional[float] = setting(None, Interval(0, low_open=True, note="or null"))
 
 
 @dataclass
 class DistConfig:
     """Data-parallel training (torch DDP); see diffrun/distributed.py and docs/sweeps.md."""
-    devices: int = setting(1, POSITIVE)  # ranks this process starts on its machine (1: no DDP); torchrun/srun set their own
+    # ranks this process starts on its machine (1: no DDP); torchrun/srun set their own
+    devices: int = setting(1, POSITIVE)
     backend: str = "auto"             # auto: nccl on CUDA, gloo on CPU
-    timeout_s: float = setting(1800.0, Interval(0, low_open=True, note="seconds"))  # a collective waiting longer than this fails the run (a rank died or hangs)
-    interrupt_check_every: int = setting(10, POSITIVE)  # steps between the ranks' agreement on a pending signal (a host sync)
+    # a collective waiting longer than this fails the run (a rank died or hangs)
+    timeout_s: float = setting(1800.0, Interval(0, low_open=True, note="seconds"))
+    # steps between the ranks' agreement on a pending signal (a host sync)
+    interrupt_check_every: int = setting(10, POSITIVE)
 
 
 @dataclass
@@ -244,7 +264,8 @@ class RunConfig:
     device: str = setting("auto", trained=False)  # auto | cpu | cuda | cuda:N
     precision: Precision = Precision.auto
     deterministic: bool = setting(False, trained=False)  # torch deterministic algorithms (bit-identical resume on CPU)
-    resume: str = setting("auto", trained=False)  # auto | never | force (continue a run whose config changed) | /path/to/ckpt.pt
+    # auto | never | force (continue a run whose config changed) | /path/to/ckpt.pt
+    resume: str = setting("auto", trained=False)
     sweep_name: str = setting("sweep", trained=False)
     experiment: Optional[str] = setting(None, trained=False)  # name of the conf/experiment preset, if any
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -262,7 +283,8 @@ class RunConfig:
     weighting: Any = None
     model: Any = None
     optimizer: Any = None
-    callbacks: Any = setting(None, trained=False)  # conf/callbacks: what a run does besides training (diffrun/training/callbacks.py)
+    # conf/callbacks: what a run does besides training (diffrun/training/callbacks.py)
+    callbacks: Any = setting(None, trained=False)
 
 
 GROUPS = ("dataset", "schedule", "weighting", "model", "optimizer")
@@ -300,7 +322,8 @@ class OptimizerNode:
     optim: Any = setting()                      # torch.optim's node, `_partial_: true`
     name: str = ""
     warmup_steps: int = setting(0, Interval(0, note="linear warm-up steps; 0: none"))
-    warmup_kimg: float = setting(0.0, Interval(0, note="learning-rate ramp in thousands of images (EDM: 10000); 0: none"))
+    warmup_kimg: float = setting(0.0, Interval(0, note="learning-rate ramp in thousands of images (EDM: 10000); "
+                                                        "0: none"))
     decay: str = "constant"                     # diffrun/training/optim.py
     min_lr_ratio: float = setting(0.0, FRACTION)
     no_decay_norms_biases_embeddings: bool = False
