@@ -236,8 +236,8 @@ def check_batch(batch_size: int, world_size: int, ranks: str) -> None:
     """`train.batch_size` is the global batch: each of the `world_size` ranks (`ranks` says whose) draws
     batch_size / world_size."""
     if world_size > 1 and batch_size % world_size:
-        raise ConfigError(f"train.batch_size={batch_size} is the global batch and must be divisible by the "
-                          f"{world_size} ranks of {ranks}: each draws batch_size / {world_size}")
+        raise ConfigError(f"train.batch_size={batch_size} is the global batch and must be divisible by {ranks}: "
+                          f"each of the {world_size} ranks draws batch_size / {world_size}")
 
 
 def check_backend(name: str, device: torch.device, devices: int) -> None:
@@ -263,6 +263,6 @@ def check_run_batch(batch_size: int, devices: int) -> None:
     """The batch rule for the ranks this process will be one of: those a launcher started, else `dist.devices`."""
     launched = env_info()
     if launched.enabled:
-        check_batch(batch_size, launched.world_size, "the launcher (torchrun, srun)")
+        check_batch(batch_size, launched.world_size, f"the {launched.world_size} ranks the launcher started")
     else:
         check_batch(batch_size, devices, f"dist.devices={devices}")

@@ -197,7 +197,8 @@ def check_launcher_resources(job: DictConfig, launcher: DictConfig, name: str) -
     if gpus and job.dist.devices > gpus and not device.startswith("cpu"):
         raise ConfigError(f"dist.devices={job.dist.devices}: one GPU per rank, and hydra/launcher={name} asks for "
                           f"hydra.launcher.gpus_per_node={gpus}; allowed dist.devices <= {gpus}")
-    check_batch(job.train.batch_size, world, f"hydra/launcher={name} ({nodes} node(s) × {tasks} task(s))")
+    check_batch(job.train.batch_size, world, f"the {world} ranks hydra/launcher={name} starts ({nodes} node(s) × "
+                                             f"{tasks} task(s))")
     for key in ("eval.inception_weights", "eval.reference_stats"):
         value = OmegaConf.select(job, key)
         if job.eval.enabled and value is not None and not Path(str(value)).expanduser().exists():

@@ -87,7 +87,7 @@ def build_denoiser(cfg: DictConfig, device: torch.device) -> Denoiser:
 
 def build_components(cfg: DictConfig, ranks: distributed.DistInfo) -> Components:
     # --- device, precision, seeds ------------------------------------------------------------------
-    distributed.check_batch(cfg.train.batch_size, ranks.world_size, "this run")
+    distributed.check_batch(cfg.train.batch_size, ranks.world_size, f"this run's {ranks.world_size} ranks")
     device, autocast_dtype, use_scaler = prepare_device(cfg, ranks)
 
     # --- data ------------------------------------------------------------------------------------
