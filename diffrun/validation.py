@@ -12,12 +12,10 @@ and what is allowed. Cheapest first:
                  variance); the rule between groups written here (class conditioning);
     groups       the schedule (λ(t) probed), the strategy bound to it, the network run on a meta batch, the
                  optimizer and its learning-rate schedule on one dummy parameter, the step capture;
-    environment  devices and backends on this machine, the files the run will read. Skipped
-                 (`environment=False`) where a sweep is checked by the machine that submits it.
+    environment  devices, backends, the files the run reads (not with `environment=False`: a sweep's submitter).
 
-It runs once per process entry (docs/architecture.md): before Hydra makes a single run's folder, for every job
-of a multirun before the first starts (diffrun/launching/preflight.py), and in a job that starts in a process
-of its own (a SLURM job on its node).
+Once per process entry (docs/architecture.md): before Hydra makes a single run's folder, for each job of a multirun
+before the first starts (launching/preflight.py), in a job started in a process of its own (a SLURM job).
 """
 from __future__ import annotations
 
@@ -105,7 +103,8 @@ def check_keys(cfg: DictConfig) -> None:
             if item.default is item.default_factory and item.name not in node:    # both MISSING: required
                 raise ConfigError(f"{group}.{item.name} is required: {chosen} does not set it; add "
                                   f"{group}.{item.name}=<value>")
-        interpolated = set(re.findall(rf"\$\{{(?:\.\.|{group}\.)(\w+)\}}", json.dumps(OmegaConf.to_container(node, resolve=False))))
+        text = json.dumps(OmegaConf.to_container(node, resolve=False))
+        interpolated = set(re.findall(rf"\$\{{(?:\.\.|{group}\.)(\w+)\}}", text))   # `root: ${..root}` reads root
         allowed = {item.name for item in declared
                    if not item.metadata.get("only_if_interpolated") or item.name in interpolated} | set(META_KEYS)
         for key in node.keys():
@@ -197,8 +196,8 @@ def check_groups(cfg: DictConfig) -> None:
         warnings.simplefilter("ignore")
         schedule = build_schedule(spec_without_meta(cfg, "schedule"))
         prediction, sigma_data = cfg.model.prediction, cfg.model.get("sigma_data", 0.5)
-        check_forward(spec_without_meta(cfg, "model.net"), prediction, sigma_data, cfg.dataset.channels, cfg.dataset.image_size,
-                      bool(cfg.model.get("learn_sigma", False)))
+        check_forward(spec_without_meta(cfg, "model.net"), prediction, sigma_data, cfg.dataset.channels,
+                      cfg.dataset.image_size, bool(cfg.model.get("learn_sigma", False)))
         weighting = spec_without_meta(cfg, "weighting", keep_meta=("name", "citation"))
         strategy = build_spec(weighting, "weighting")
         try:
@@ -206,18 +205,20 @@ def check_groups(cfg: DictConfig) -> None:
         except DiffrunError:
             raise
         except Exception as exc:
-            raise build_failure("weighting", weighting, f"binding to schedule={cfg.schedule.get('name')}", exc) from None
+            use = f"binding to schedule={cfg.schedule.get('name')}"
+            raise build_failure("weighting", weighting, use, exc) from None
         try:
             optimizer = optim.build_optimizer(cfg.optimizer, [torch.nn.Parameter(torch.zeros(1))], torch.device("cpu"))
             optim.build_lr_schedule(cfg.optimizer, optimizer, cfg.train.steps, cfg.train.batch_size)
         except DiffrunError:
             raise
         except Exception as exc:
-            raise build_failure("optimizer.optim", spec_without_meta(cfg, "optimizer.optim"), "building the optimizer", exc) from None
+            optim_spec = spec_without_meta(cfg, "optimizer.optim")
+            raise build_failure("optimizer.optim", optim_spec, "building the optimizer", exc) from None
     if option(cfg.train.capture) == "compile":
-        reason = capture.refusal(strategy, fp16=option(cfg.precision) == "fp16", compiled_network=bool(cfg.train.compile),
-                                 world_size=cfg.dist.devices, fused_optimizer=bool(optimizer.defaults.get("fused")),
-                                 augment=float(cfg.augment.p) > 0)
+        reason = capture.refusal(strategy, fp16=option(cfg.precision) == "fp16", augment=float(cfg.augment.p) > 0,
+                                 compiled_network=bool(cfg.train.compile), world_size=cfg.dist.devices,
+                                 fused_optimizer=bool(optimizer.defaults.get("fused")))
         if reason is not None:
             raise ConfigError(reason)
 
