@@ -8,6 +8,7 @@ Default run names get a short suffix of it when the command line changed what th
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import typing
@@ -38,15 +39,20 @@ UNTRAINED = ("hydra", *schema_untrained(),            # the hydra node is Hydra'
              *(key for group, node in GROUP_NODES.items() for key in schema_untrained(node, group + ".")))
 
 
-def untrained_arguments(target: Any) -> set[str]:
+def untrained_arguments(target: Any) -> frozenset[str]:
     """The arguments a `_target_` marks `Annotated[..., NOT_TRAINED]` (none when it cannot be imported here)."""
+    return _untrained_arguments(str(target))
+
+
+@functools.lru_cache(maxsize=None)   # every status write fingerprints the config; a target's marks never change
+def _untrained_arguments(target: str) -> frozenset[str]:
     try:
-        function = get_object(str(target))
+        function = get_object(target)
         hints = typing.get_type_hints(function.__init__ if isinstance(function, type) else function,
                                       include_extras=True)
     except Exception:
-        return set()
-    return {name for name, hint in hints.items() if NOT_TRAINED in getattr(hint, "__metadata__", ())}
+        return frozenset()
+    return frozenset(name for name, hint in hints.items() if NOT_TRAINED in getattr(hint, "__metadata__", ()))
 
 
 def _drop(tree: dict, dotted: str) -> None:

@@ -13,7 +13,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from diffrun import distributed
-from diffrun.fingerprint import fingerprint, trained_config
+from diffrun.fingerprint import fingerprint_of, trained_config
 from diffrun.training import checkpoint as ckpt
 from diffrun.training.environment import rng_state, seed_everything, set_rng_state
 from diffrun.training.export import load_into
@@ -62,8 +62,8 @@ class RunState:
             "rng": rng_state(),
             "rng_per_rank": distributed.gather_objects(rng_state()) if self.world_size > 1 else None,
             "config": OmegaConf.to_container(self.cfg, resolve=True, enum_to_str=True),
-            "trained_config": trained_config(self.cfg),
-            "fingerprint": fingerprint(self.cfg),
+            "trained_config": (trained := trained_config(self.cfg)),
+            "fingerprint": fingerprint_of(trained),
         }
 
     def load_state_dict(self, state: dict) -> None:
